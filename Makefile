@@ -1,0 +1,35 @@
+# Two commands on a fresh machine:  make demo   |   make test
+# Every target installs first (idempotent: skips what is done; see launch/install.sh).
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+HOROVODRUN := $(VENV)/bin/horovodrun
+NP        ?= 2
+# Open MPI refuses root unless told; horovodrun has no flag for it.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install demo test test-unit test-mpi bench clean
+
+install:
+	VENV=$(VENV) bash launch/install.sh
+
+demo: install
+	NP=$(NP) bash launch/demo.sh
+
+test: install
+	$(MAKE) --no-print-directory test-unit test-mpi
+
+test-unit:
+	$(PY) -m pytest tests --ignore=tests/mpi -q -p no:cacheprovider
+
+# Real ranks: every test in tests/mpi runs on 2 ranks (and the ones marked for it on 3).
+test-mpi:
+	$(HOROVODRUN) -np 2 -H localhost:2 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m "not np3"
+	$(HOROVODRUN) -np 3 -H localhost:3 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m np3
+
+bench: install
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf demo_out bench_out .pytest_cache

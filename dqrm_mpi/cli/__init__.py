@@ -1,0 +1,1 @@
+"""Console entry points (thin Click layers over the library)."""

@@ -1,0 +1,62 @@
+"""``dqrm-train``: data-parallel DLRM training under horovodrun / mpirun."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from ..data.schema import SchemaError
+from ..model.config import PRESETS
+from ..train.config import DEVICES, TrainConfig
+from .options import LayerWidths
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset directory written by `dqrm-prep` (meta.json + train/val/test shards).")
+@click.option("--out", type=click.Path(file_okay=False), required=True,
+              help="Run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="kaggle",
+              help="Architecture: kaggle (dim 16, 13-512-256-64-16, 367-512-256-1), "
+                   "terabyte (dim 64, 13-512-256-64, 415-512-512-256-1), tiny (tests).")
+@click.option("--embedding-dim", type=click.IntRange(min=1), default=None, help="Override the preset's embedding dim.")
+@click.option("--bottom-mlp", type=LayerWidths(), default=None,
+              help="Override bottom-MLP widths after the 13 inputs, e.g. 512-256-64-16 (last = embedding dim).")
+@click.option("--top-mlp", type=LayerWidths(), default=None,
+              help="Override top-MLP widths after the interaction, e.g. 512-256-1 (last = 1).")
+@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--batch-size", type=click.IntRange(min=1), default=128,
+              help="GLOBAL batch, split evenly across ranks (must be divisible by the number of ranks).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Plain SGD learning rate.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=0,
+              help="Evaluate on test and val every N steps (0: only at the end of each epoch).")
+@click.option("--eval-batch-size", type=click.IntRange(min=1), default=16384, help="Rows per evaluation batch per rank.")
+@click.option("--seed", type=int, default=0, help="Seeds initialisation (rank 0's, broadcast) and batch order.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto",
+              help="auto: one GPU per local rank when torch sees CUDA, else CPU.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
+def main(**options) -> None:
+    """Train a DLRM click model data-parallel with Horovod.
+
+    Run one process per rank under horovodrun (or mpirun); a plain `dqrm-train`
+    is a single rank.  Rank 0 writes the run directory and shows progress.
+
+    \b
+    Example (2 ranks on this machine, then 8 ranks on two nodes):
+      horovodrun -np 2 -H localhost:2 dqrm-train --data data/kaggle --out runs/fp32
+      horovodrun -np 8 -H a:4,b:4 dqrm-train --data data/kaggle --out runs/fp32 --batch-size 512
+    """
+    try:
+        config = TrainConfig(**options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    from ..train.loop import train  # imports Horovod: after the options are known to be good
+
+    try:
+        summary = train(config)
+    except (SchemaError, ValueError, OSError, FloatingPointError) as e:
+        raise click.ClickException(str(e)) from None
+    if summary.get("world_size") is not None:
+        click.echo(json.dumps({k: summary[k] for k in ("steps", "samples_per_second", "best_test")}, default=str))

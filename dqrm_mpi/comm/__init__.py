@@ -1,0 +1,2 @@
+"""Communication layer: the Horovod backend (the only place Horovod is imported),
+traffic accounting and the gradient synchronizer."""

@@ -1,0 +1,127 @@
+"""Horovod backend: the one module that imports Horovod.
+
+Every collective goes through here so that its bytes and seconds are counted in
+``self.traffic`` from the tensors actually handed to Horovod.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from .traffic import TrafficMeter
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class HorovodBackend:
+    """Initialises Horovod (``hvd.init()``) and wraps the collectives we use.
+
+    Works in a plain process too (world size 1), which is what single-rank runs and
+    in-process tests get.
+    """
+
+    def __init__(self) -> None:
+        import horovod.torch as hvd
+
+        hvd.init()
+        self._hvd = hvd
+        self.rank = hvd.rank()
+        self.size = hvd.size()
+        self.local_rank = hvd.local_rank()
+        self.local_size = hvd.local_size()
+        self.traffic = TrafficMeter()
+        # Horovod built for CPU only cannot take CUDA tensors: stage them through host memory.
+        self._host_staging = not hvd.cuda_built()
+
+    # -- helpers ----------------------------------------------------------
+    def _to_comm(self, t: torch.Tensor) -> torch.Tensor:
+        return t.cpu() if (self._host_staging and t.is_cuda) else t
+
+    @staticmethod
+    def _like(result: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return result.to(ref.device) if result.device != ref.device else result
+
+    # -- collectives --------------------------------------------------------
+    def allreduce_average(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[torch.Tensor]:
+        """Average float tensors across ranks in one grouped negotiation."""
+        if not tensors:
+            return []
+        for t in tensors:
+            if not t.is_floating_point():
+                raise TypeError(f"{name}: allreduce is for float tensors, got {t.dtype}: never sum quantized integers")
+        start = time.perf_counter()
+        out = self._hvd.grouped_allreduce([self._to_comm(t) for t in tensors], op=self._hvd.Average, name=name)
+        elapsed = time.perf_counter() - start
+        size = sum(_nbytes(t) for t in tensors)
+        self.traffic.record(kind, "allreduce", size, size, elapsed)
+        return [self._like(o, t) for o, t in zip(out, tensors)]
+
+    def allgather(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[list[torch.Tensor]]:
+        """Gather each tensor from every rank (dim 0 may differ); returns [tensor][rank] parts."""
+        if not tensors:
+            return []
+        start = time.perf_counter()
+        # Dim-0 sizes per rank, to split the gathered result back into per-rank parts.
+        counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+        all_counts = self._hvd.allgather(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
+        gathered = self._hvd.grouped_allgather([self._to_comm(t) for t in tensors], name=name)
+        elapsed = time.perf_counter() - start
+        own = sum(_nbytes(t) for t in tensors) + _nbytes(counts)
+        total = sum(_nbytes(g) for g in gathered) + _nbytes(all_counts)
+        self.traffic.record(kind, "allgather", own, total - own, elapsed)
+        return [
+            [self._like(p, t) for p in torch.split(g, all_counts[:, i].tolist(), dim=0)]
+            for i, (g, t) in enumerate(zip(gathered, tensors))
+        ]
+
+    def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str, kind: str) -> tuple[torch.Tensor, list[int]]:
+        """Send ``splits[r]`` rows of ``tensor`` to rank r; returns (received rows, rows per source rank)."""
+        start = time.perf_counter()
+        received, received_splits = self._hvd.alltoall(
+            self._to_comm(tensor), splits=torch.tensor(splits, dtype=torch.int32), name=name)
+        elapsed = time.perf_counter() - start
+        row = _nbytes(tensor[:1]) if tensor.shape[0] else 0
+        rsplits = received_splits.tolist()
+        self.traffic.record(kind, "alltoall", row * (sum(splits) - splits[self.rank]),
+                            row * (sum(rsplits) - rsplits[self.rank]), elapsed)
+        return self._like(received, tensor), rsplits
+
+    # -- set-up and bookkeeping (not counted as step traffic) ---------------
+    def broadcast_module(self, module: torch.nn.Module, root: int = 0) -> None:
+        """Copy every parameter and buffer of ``module`` from ``root`` to all ranks."""
+        state = module.state_dict()
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor) and value.numel():
+                value.copy_(self._like(self._hvd.broadcast(self._to_comm(value), root, name=f"bcast.{name}"), value))
+
+    def broadcast_object(self, obj: Any, root: int = 0, name: str = "object") -> Any:
+        return self._hvd.broadcast_object(obj, root_rank=root, name=name)
+
+    def allgather_object(self, obj: Any, name: str = "object") -> list[Any]:
+        return self._hvd.allgather_object(obj, name=name)
+
+    def allgather_array(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """Concatenate ``t`` (dim 0 may differ) from all ranks in rank order (evaluation)."""
+        return self._like(self._hvd.allgather(self._to_comm(t), name=name), t)
+
+    def barrier(self) -> None:
+        self._hvd.barrier()
+
+    def shutdown(self) -> None:
+        self._hvd.shutdown()
+
+
+def default_threads(local_size: int) -> int:
+    """Threads per rank: OMP_NUM_THREADS if set, else the cores shared among local ranks."""
+    env = os.environ.get("OMP_NUM_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS={env!r} is not an integer") from None
+    return max(1, (os.cpu_count() or 1) // max(1, local_size))

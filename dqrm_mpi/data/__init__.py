@@ -1,0 +1,1 @@
+"""On-disk dataset contract (schema), batch reader and synthetic data."""

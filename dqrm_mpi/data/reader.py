@@ -1,0 +1,152 @@
+"""Batch reader over a dataset's HDF5 shards.
+
+Training: an epoch is cut into global batches of consecutive rows (training rows were
+shuffled across shards by ``dqrm-prep``); the batch order and a start offset are drawn
+from (seed, epoch), so every rank agrees without communication.  Rank r reads rows
+[r*B/W, (r+1)*B/W) of each global batch of B rows, so every rank runs the same number
+of steps and 1 rank with batch B sees exactly what W ranks see together.  The
+``N mod B`` rows left over each epoch differ from epoch to epoch (and are reported).
+
+Evaluation: each rank reads a disjoint contiguous share of the split, every row once.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+
+from .schema import DENSE, LABEL, SPARSE, SchemaError, list_shards, read_meta
+
+
+@dataclass
+class Batch:
+    """dense float32 [b, 13], sparse int64 [b, 26], label float32 [b]."""
+
+    dense: torch.Tensor
+    sparse: torch.Tensor
+    label: torch.Tensor
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.dense.to(device, non_blocking=True), self.sparse.to(device, non_blocking=True),
+                     self.label.to(device, non_blocking=True))
+
+
+class SplitReader:
+    """The shards of one split seen as one array of rows; ``read(start, stop)`` spans shards."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        self.root, self.split = Path(root), split
+        meta = read_meta(root)
+        self.paths = list_shards(root, split)
+        self.files = [h5py.File(p, "r") for p in self.paths]
+        sizes = [int(f[LABEL].shape[0]) for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self.num_rows = int(self.starts[-1])
+        expected = meta.rows.get(split, 0)
+        if self.num_rows != expected:
+            raise SchemaError(f"{self.root / split}: shards hold {self.num_rows} rows, meta.json says {expected}")
+
+    def read(self, start: int, stop: int) -> Batch:
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) outside {self.split} of {self.num_rows} rows")
+        parts = []
+        first = int(np.searchsorted(self.starts, start, side="right")) - 1
+        for s in range(max(first, 0), len(self.files)):
+            lo, hi = max(start, self.starts[s]), min(stop, self.starts[s + 1])
+            if lo >= hi:
+                if self.starts[s] >= stop:
+                    break
+                continue
+            f, a, b = self.files[s], int(lo - self.starts[s]), int(hi - self.starts[s])
+            parts.append((f[DENSE][a:b], f[SPARSE][a:b], f[LABEL][a:b]))
+        if not parts:
+            return Batch(torch.empty(0, 13), torch.empty(0, 26, dtype=torch.int64), torch.empty(0))
+        dense, sparse, label = (np.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        return Batch(torch.from_numpy(dense), torch.from_numpy(sparse.astype(np.int64, copy=False)),
+                     torch.from_numpy(label.astype(np.float32, copy=False)))
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+
+def _prefetch(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``items`` in a background thread, ``depth`` batches ahead."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+class TrainBatches:
+    """This rank's share of each global batch of an epoch (see module docstring)."""
+
+    def __init__(self, reader: SplitReader, global_batch: int, rank: int, world: int, seed: int,
+                 prefetch: int = 4) -> None:
+        if global_batch % world:
+            raise ValueError(f"--batch-size {global_batch} is the global batch; it must be divisible "
+                             f"by the number of ranks ({world})")
+        if reader.num_rows < global_batch:
+            raise ValueError(f"{reader.root / reader.split}: {reader.num_rows} rows, fewer than one "
+                             f"global batch of {global_batch}")
+        self.reader, self.global_batch, self.rank, self.world = reader, global_batch, rank, world
+        self.local_batch = global_batch // world
+        self.seed, self.prefetch = seed, prefetch
+        self.steps_per_epoch = reader.num_rows // global_batch
+        self.dropped_per_epoch = reader.num_rows - self.steps_per_epoch * global_batch
+
+    def batch_starts(self, epoch: int) -> np.ndarray:
+        """First row of every global batch of ``epoch``, in visiting order (same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        shift = int(rng.integers(0, self.dropped_per_epoch + 1))
+        return shift + rng.permutation(self.steps_per_epoch) * self.global_batch
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        offset = self.rank * self.local_batch
+        starts = self.batch_starts(epoch)[start_step:]
+        items = (self.reader.read(int(s) + offset, int(s) + offset + self.local_batch) for s in starts)
+        return _prefetch(items, self.prefetch)
+
+
+def eval_batches(reader: SplitReader, batch: int, rank: int, world: int, prefetch: int = 2) -> Iterator[Batch]:
+    """This rank's contiguous share of the split (every row read by exactly one rank)."""
+    lo = reader.num_rows * rank // world
+    hi = reader.num_rows * (rank + 1) // world
+    items = (reader.read(s, min(s + batch, hi)) for s in range(lo, hi, batch))
+    return _prefetch(items, prefetch)

@@ -1,0 +1,1 @@
+"""Training loop, evaluation metrics, run directory and checkpoints."""

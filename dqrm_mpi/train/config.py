@@ -1,0 +1,60 @@
+"""Training run configuration (validated on construction)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ..model.config import PRESETS
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run.
+
+    batch_size is the global batch (split evenly across ranks); eval_every is in steps
+    (0: only at the end of each epoch); max_steps (None: no limit) counts steps over all
+    epochs; threads None means OMP_NUM_THREADS or cores / local ranks.
+    """
+
+    data: Path
+    out: Path
+    preset: str = "kaggle"
+    embedding_dim: int | None = None
+    bottom_mlp: tuple[int, ...] | None = None
+    top_mlp: tuple[int, ...] | None = None
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 0.1
+    eval_every: int = 0
+    eval_batch_size: int = 16384
+    eval_splits: tuple[str, ...] = ("test", "val")
+    seed: int = 0
+    max_steps: int | None = None
+    device: str = "auto"
+    threads: int | None = None
+    prefetch: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data", Path(self.data))
+        object.__setattr__(self, "out", Path(self.out))
+        checks = [
+            (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}"),
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+
+from dqrm_mpi.data.reader import SplitReader, TrainBatches, eval_batches
+from dqrm_mpi.data.schema import (SchemaError, DatasetMeta, list_shards, read_meta, write_meta,
+                                  write_shard)
+from dqrm_mpi.data.synthetic import PlantedClickModel, planted_metrics, transform_dense
+
+
+def test_meta_round_trip_and_version(tmp_path, small_dataset):
+    meta = read_meta(small_dataset)
+    assert meta.rows == {"train": 12000, "val": 2000, "test": 2000}
+    assert len(meta.cardinalities) == 26 and 0.15 < meta.ctr < 0.35
+    d = meta.to_dict()
+    d["schema_version"] = 99
+    (tmp_path / "meta.json").write_text(json.dumps(d))
+    with pytest.raises(SchemaError, match="schema_version 99"):
+        read_meta(tmp_path)
+
+
+def test_missing_meta_names_the_path(tmp_path):
+    with pytest.raises(SchemaError, match=str(tmp_path / "meta.json")):
+        read_meta(tmp_path)
+
+
+def test_write_shard_rejects_bad_arrays_and_leaves_nothing(tmp_path):
+    with pytest.raises(SchemaError, match="dense must be float32"):
+        write_shard(tmp_path / "train" / "part-00000.h5", np.zeros((3, 13)), np.zeros((3, 26), np.int32),
+                    np.zeros(3, np.float32))
+    assert list((tmp_path).rglob("*.h5")) == [] and list(tmp_path.rglob("*.tmp")) == []
+
+
+def test_reader_spans_shards(small_dataset):
+    reader = SplitReader(small_dataset, "train")
+    assert [p.name for p in list_shards(small_dataset, "train")] == ["part-00000.h5", "part-00001.h5", "part-00002.h5"]
+    whole = reader.read(4990, 5010)
+    a, b = reader.read(4990, 5000), reader.read(5000, 5010)
+    assert whole.dense.shape == (20, 13) and whole.sparse.dtype.is_floating_point is False
+    assert np.array_equal(whole.sparse.numpy(), np.concatenate([a.sparse.numpy(), b.sparse.numpy()]))
+    with pytest.raises(IndexError):
+        reader.read(0, 12001)
+
+
+def test_reader_checks_row_count_against_meta(tmp_path, small_dataset):
+    meta = read_meta(small_dataset)
+    meta.rows["test"] = 1999
+    import shutil
+    shutil.copytree(small_dataset, tmp_path / "ds")
+    write_meta(tmp_path / "ds", meta)
+    with pytest.raises(SchemaError, match="shards hold 2000 rows, meta.json says 1999"):
+        SplitReader(tmp_path / "ds", "test")
+
+
+def test_two_ranks_read_exactly_the_one_rank_batches(small_dataset):
+    reader = SplitReader(small_dataset, "train")
+    one = TrainBatches(reader, 1000, rank=0, world=1, seed=3, prefetch=0)
+    two = [TrainBatches(reader, 1000, rank=r, world=2, seed=3, prefetch=2) for r in range(2)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 12
+    for b1, b20, b21 in zip(one.epoch(0), two[0].epoch(0), two[1].epoch(0)):
+        assert np.array_equal(b1.sparse.numpy(), np.concatenate([b20.sparse.numpy(), b21.sparse.numpy()]))
+    # a new epoch visits batches in another order
+    assert not np.array_equal(one.batch_starts(0), one.batch_starts(1))
+
+
+def test_left_over_rows_change_with_the_epoch(small_dataset):
+    reader = SplitReader(small_dataset, "train")
+    batches = TrainBatches(reader, 5000, 0, 1, seed=0)
+    assert batches.steps_per_epoch == 2 and batches.dropped_per_epoch == 2000
+    covered = [set() for _ in range(6)]
+    for e in range(6):
+        for s in batches.batch_starts(e):
+            covered[e].update(range(s, s + 5000))
+    assert len({frozenset(c) for c in covered}) > 1
+
+
+def test_batch_size_must_divide_across_ranks(small_dataset):
+    with pytest.raises(ValueError, match="divisible by the number of ranks"):
+        TrainBatches(SplitReader(small_dataset, "train"), 1001, 0, 2, seed=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_shares_cover_every_row_once(small_dataset, world):
+    reader = SplitReader(small_dataset, "test")
+    labels = np.concatenate([b.label.numpy() for r in range(world) for b in eval_batches(reader, 300, r, world)])
+    assert np.array_equal(labels, reader.read(0, reader.num_rows).label.numpy())
+
+
+def test_prefetch_thread_propagates_errors(small_dataset):
+    reader = SplitReader(small_dataset, "train")
+    reader.files[1].close()  # make the second shard unreadable mid-epoch
+    with pytest.raises(Exception):
+        for _ in eval_batches(reader, 4000, 0, 1):
+            pass
+
+
+def test_planted_model_is_deterministic_and_calibrated():
+    m = PlantedClickModel(seed=5)
+    a, b = m.sample(20_000, 3), PlantedClickModel(seed=5).sample(20_000, 3)
+    assert np.array_equal(a.ids, b.ids) and np.array_equal(a.label, b.label)
+    assert abs(a.label.mean() - 0.256) < 0.02
+    assert 0.75 < planted_metrics(a.label, a.prob)["auc"] < 0.9
+    x = transform_dense(np.array([[-3, 0, 9]]), np.array([[False, True, False]]))
+    assert np.allclose(x, [[0.0, 0.0, np.log(10.0)]])

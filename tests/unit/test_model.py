@@ -1,0 +1,67 @@
+import math
+
+import pytest
+import torch
+
+from dqrm_mpi.model import DLRM, PairwiseDotInteraction, model_config_from_preset
+
+CARDS = [5, 7, 3] + [4] * 23
+
+
+def test_preset_interaction_widths_match_reference():
+    assert model_config_from_preset("kaggle", CARDS).num_interactions == 367
+    assert model_config_from_preset("terabyte", CARDS).num_interactions == 415
+
+
+def test_bottom_width_must_equal_embedding_dim():
+    with pytest.raises(ValueError, match="bottom MLP output width 8 must equal the embedding dim 16"):
+        model_config_from_preset("kaggle", CARDS, bottom_mlp=(64, 8))
+
+
+def test_top_mlp_must_end_in_one_and_cardinalities_count():
+    with pytest.raises(ValueError, match="top_mlp must end in 1"):
+        model_config_from_preset("tiny", CARDS, top_mlp=(32, 2))
+    with pytest.raises(ValueError, match="26 cardinalities"):
+        model_config_from_preset("tiny", CARDS[:25])
+
+
+def test_forward_shapes_and_sparse_gradients():
+    torch.manual_seed(0)
+    model = DLRM(model_config_from_preset("tiny", CARDS))
+    dense = torch.rand(6, 13)
+    sparse = torch.stack([torch.randint(0, c, (6,)) for c in CARDS], dim=1)
+    logit = model(dense, sparse)
+    assert logit.shape == (6,)
+    logit.sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.is_sparse == (name in model.embedding_parameter_names()), name
+
+
+def test_interaction_is_lower_triangle_of_dots_after_bottom():
+    inter = PairwiseDotInteraction(3)
+    bottom = torch.tensor([[1.0, 2.0]])
+    emb = torch.tensor([[[3.0, 4.0], [5.0, 6.0]]])
+    out = inter(bottom, emb)
+    # vectors v0=(1,2) v1=(3,4) v2=(5,6): pairs (1,0) (2,0) (2,1)
+    assert out.tolist() == [[1.0, 2.0, 11.0, 17.0, 39.0]]
+
+
+def test_reference_initialisation_ranges():
+    torch.manual_seed(0)
+    cards = [1000] * 26
+    model = DLRM(model_config_from_preset("kaggle", cards))
+    w = model.embeddings.tables[0].weight
+    assert w.abs().max() <= math.sqrt(1 / 1000) + 1e-7
+    first = model.bottom.layers[0].weight  # 512 x 13
+    assert abs(first.std().item() - math.sqrt(2 / (13 + 512))) < 0.01
+
+
+def test_row_transform_sees_only_batch_rows():
+    model = DLRM(model_config_from_preset("tiny", CARDS))
+    seen = []
+    model.embeddings.row_transform = lambda t, rows, ids: (seen.append((t, rows.shape, ids.tolist())), rows * 0)[1]
+    sparse = torch.zeros(2, 26, dtype=torch.int64)
+    out = model.embeddings(sparse)
+    assert len(seen) == 26 and seen[0] == (0, (2, 8), [0, 0])
+    assert out.abs().sum() == 0
