@@ -18,11 +18,17 @@ class BadLineError(InputError):
     line; value: what was found; expected: what was expected.
     """
 
-    def __init__(self, path: str, line: int, field: str | None, value: str, expected: str) -> None:
+    def __init__(self, path: str, line: int, field: str | None, value: str, expected: str,
+                 found: str | None = None) -> None:
         self.path, self.line, self.field, self.value, self.expected = str(path), int(line), field, value, expected
+        self.found = found
         where = f"{self.path}:{self.line}"
         what = f"field {field} ({field_position(field)}): " if field else ""
-        super().__init__(f"{where}: {what}expected {expected}, got {value!r}")
+        got = f"{found}: {value!r}" if found else repr(value)
+        super().__init__(f"{where}: {what}expected {expected}, got {got}")
+
+    def __reduce__(self):  # picklable across worker processes
+        return (type(self), (self.path, self.line, self.field, self.value, self.expected, self.found))
 
     def to_dict(self) -> dict:
         return {"path": self.path, "line": self.line, "field": self.field, "value": self.value,

@@ -1,14 +1,14 @@
 """``dqrm-train``: data-parallel DLRM training under horovodrun / mpirun."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..data.schema import SchemaError
 from ..model.config import PRESETS
 from ..train.config import DEVICES, TrainConfig
+from .compression_options import compression_options, pop_compression_config
 from .options import LayerWidths
+from .quant_options import pop_quant_config, qat_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -37,6 +37,8 @@ from .options import LayerWidths
               help="auto: one GPU per local rank when torch sees CUDA, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
+@qat_options
+@compression_options
 def main(**options) -> None:
     """Train a DLRM click model data-parallel with Horovod.
 
@@ -49,14 +51,14 @@ def main(**options) -> None:
       horovodrun -np 8 -H a:4,b:4 dqrm-train --data data/kaggle --out runs/fp32 --batch-size 512
     """
     try:
-        config = TrainConfig(**options)
+        quant = pop_quant_config(options)
+        compression = pop_compression_config(options)
+        config = TrainConfig(**options, quant=quant, compression=compression)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..train.loop import train  # imports Horovod: after the options are known to be good
 
     try:
-        summary = train(config)
+        train(config)
     except (SchemaError, ValueError, OSError, FloatingPointError) as e:
         raise click.ClickException(str(e)) from None
-    if summary.get("world_size") is not None:
-        click.echo(json.dumps({k: summary[k] for k in ("steps", "samples_per_second", "best_test")}, default=str))

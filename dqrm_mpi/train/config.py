@@ -1,11 +1,14 @@
 """Training run configuration (validated on construction)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..model.config import PRESETS
+from ..data.schema import NUM_SPARSE
+from ..model.config import PRESETS, model_config_from_preset
+from ..quant.config import QuantConfig
+from ..compression.config import CompressionConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -36,6 +39,8 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     prefetch: int = 4
+    quant: QuantConfig = field(default_factory=QuantConfig)  # default: FP32, nothing quantized
+    compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -51,10 +56,18 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
+            (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),
+            (isinstance(self.compression, CompressionConfig),
+             f"compression must be a CompressionConfig, got {type(self.compression).__name__}"),
+            (getattr(self.quant, "pretrain_epochs", 0) < self.epochs,
+             f"pretrain_epochs ({self.quant.pretrain_epochs}) must be below epochs ({self.epochs}): "
+             "quantization-aware training starts after the FP32 pretraining epochs"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # The architecture fields are checked now, before any rank starts (cardinalities come later).
+        model_config_from_preset(self.preset, [1] * NUM_SPARSE, self.embedding_dim, self.bottom_mlp, self.top_mlp)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

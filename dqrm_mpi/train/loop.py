@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,13 +13,21 @@ from torch import nn
 from tqdm import tqdm
 
 from ..comm.backend import HorovodBackend, default_threads
+from ..comm.overhead import CommOverheadLog
 from ..comm.sync import GradientSynchronizer
 from ..data.reader import SplitReader, TrainBatches, eval_batches
 from ..data.schema import read_meta
 from ..model import DLRM, model_config_from_preset
+from ..quant.qat import prepare_qat
 from .config import TrainConfig
 from .metrics import binary_metrics
-from .run_dir import RunDir
+from .report import format_summary
+from .run_dir import RunDir, json_safe
+
+
+def _bar_interval() -> float:
+    """Seconds between progress-bar refreshes: live on a terminal, every 10 s in logs (horovodrun pipes)."""
+    return 0.1 if sys.stderr.isatty() else 10.0
 
 
 def select_device(name: str, local_rank: int) -> torch.device:
@@ -42,7 +51,10 @@ def evaluate(model: nn.Module, reader: SplitReader, backend: HorovodBackend, bat
     was_training = model.training
     model.eval()
     probs, labels = [], []
-    for b in eval_batches(reader, batch, backend.rank, backend.size):
+    share = -(-reader.num_rows // backend.size)
+    for b in tqdm(eval_batches(reader, batch, backend.rank, backend.size), desc=f"eval {reader.split}",
+                  unit="batch", total=-(-share // batch), leave=False, disable=backend.rank != 0,
+                  mininterval=_bar_interval()):
         b = b.to(device)
         probs.append(torch.sigmoid(model(b.dense, b.sparse)).float().cpu())
         labels.append(b.label.cpu())
@@ -85,8 +97,11 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                                             config.bottom_mlp, config.top_mlp)
     torch.manual_seed(config.seed)
     model = DLRM(model_config).to(device)
+    # Before the broadcast: QAT scales, counters and modes are buffers, so rank 0's reach every rank.
+    qat = prepare_qat(model, config.quant) if config.quant.enabled else None
     backend.broadcast_module(model)  # rank 0's initialisation everywhere
-    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names())
+    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
+    comm_log = CommOverheadLog(backend)  # every rank's per-step comm figures, gathered to rank 0
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
     loss_fn = nn.BCEWithLogitsLoss()
 
@@ -121,20 +136,27 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                 tqdm.write(f"[dqrm-train] step {step} epoch {epoch} {split}: acc {result['accuracy']:.4f} "
                            f"auc {result['auc']:.4f} logloss {result['log_loss']:.4f}")
 
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not rank0, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not rank0, dynamic_ncols=True,
+               mininterval=_bar_interval())
     epoch = 0
     model.train()
     for epoch in range(config.epochs):
         if stats.steps >= total_steps:
             break
+        if qat is not None:
+            qat.on_epoch(epoch)  # FP32 during --pretrain-epochs, quantization-aware after
         for batch in batches.epoch(epoch):
             t0 = time.perf_counter()
+            if qat is not None:
+                qat.on_step(stats.steps)  # full-table scale pass only at multiples of --scale-period
             batch = batch.to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(batch.dense, batch.sparse), batch.label)
             loss.backward()
             sync.synchronize()
             optimizer.step()
+            if qat is not None:
+                qat.average_activation_scales(backend)  # --act-bits only: keeps replicas identical
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {stats.steps}; lower --lr")
@@ -145,6 +167,8 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
             stats.comm_bytes_sent.append(traffic["comm_bytes_sent"])
             stats.comm_bytes_received.append(traffic["comm_bytes_received"])
             stats.comm_seconds.append(traffic["comm_seconds"])
+            comm_log.add(stats.steps, traffic)
+            comm_log.maybe_flush(stats.steps, run.log if run else None)  # collective, same steps everywhere
             if run:
                 run.log({"event": "step", "step": stats.steps, "epoch": epoch, "loss": loss_value,
                          "seconds": seconds, **traffic})
@@ -156,6 +180,7 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                 break
         run_eval(epoch, stats.steps)
     bar.close()
+    comm_log.flush(run.log if run else None)
 
     samples = stats.steps * config.batch_size
     summary = {
@@ -171,12 +196,16 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
         "comm_bytes_sent_per_step": _dist(stats.comm_bytes_sent),
         "comm_bytes_received_per_step": _dist(stats.comm_bytes_received),
         "comm_seconds_per_step": _dist(stats.comm_seconds),
+        "comm_per_rank": comm_log.summary() if rank0 else None,
         "planted": meta.extra.get("planted"),
+        "qat": qat.summary() if qat is not None else None,
     }
     if run:
         run.write_json("summary.json", summary)
+        tqdm.write("[dqrm-train] communication per step and rank:\n" + comm_log.format_summary())
+        tqdm.write(format_summary(summary))
         run.save_checkpoint({"model": model.state_dict(), "model_config": model_config.to_dict(),
-                             "train_config": config.to_dict(), "step": stats.steps, "epoch": epoch})
+                             "train_config": json_safe(config.to_dict()), "step": stats.steps, "epoch": epoch})
         run.close()
     for reader in (train_reader, *eval_readers.values()):
         reader.close()

@@ -12,14 +12,14 @@ import torch
 from ..data.schema import write_atomic_text
 
 
-def _clean(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null, paths and tuples become strings and lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, os.PathLike):
         return str(obj)
     return obj
@@ -37,10 +37,10 @@ class RunDir:
         self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        write_atomic_text(self.path / name, json.dumps(_clean(obj), indent=2, sort_keys=True) + "\n")
+        write_atomic_text(self.path / name, json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
 
     def log(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(_clean(record), sort_keys=True) + "\n")
+        self._metrics.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
 
     def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> Path:
         final = self.path / name

@@ -1,0 +1,312 @@
+"""Communication benchmark: bytes and time per step of the gradient exchange at Kaggle
+dimensions (26 tables with Kaggle's cardinalities, dim 16, MLPs 13-512-256-64-16 and
+367-512-256-1, 128 samples per rank and step, Zipf(1.1) ids), 2 and 4 ranks, on loopback
+and on the emulated cluster (launch/netns_cluster.sh, one rank per network namespace).
+
+Configurations: uncompressed dense embedding gradients (tables up to 100k rows only: the
+whole Kaggle model is 2.16 GB a step), sparse FP32, sparse + INT8, sparse + INT4 (MLP at
+the same width, with error feedback), MLP INT8 with and without error feedback.  Bytes are
+measured (TrafficMeter: tensors handed to Horovod); time is the wall time of the exchange
+(collectives + compression), mean over steps, slowest rank.  ``--accuracy`` adds 4-rank
+dqrm-train runs on planted synthetic data (uncompressed / INT8 + MLP error feedback / INT8
+without).
+
+    python benchmarks/comm.py --np 2 4 --net loopback
+    python benchmarks/comm.py --np 4 --net emulated --rates 1gbit 10gbit     # as root
+    python benchmarks/comm.py --np 4 --accuracy
+    python benchmarks/comm.py --codec --np 2 4 --out bench_out/comm_codec.json   # codec only, in-process
+Writes bench_out/comm.json (override with --out) and prints it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import KAGGLE_CARDINALITIES, VENV_BIN, env, machine  # noqa: E402
+
+CONFIGS = {  # name -> (emb, mlp, error_feedback, collective)
+    "dense_emb_small_tables": None,
+    "sparse_fp32": ("none", "none", "none", "allgather"),
+    "sparse_int8": ("int8", "int8", "mlp", "allgather"),
+    "sparse_int4": ("int4", "int4", "mlp", "allgather"),
+    "mlp_int8_ef": ("none", "int8", "mlp", "allgather"),
+    "mlp_int8_no_ef": ("none", "int8", "none", "allgather"),
+    "sparse_int8_two_phase": ("int8", "int8", "mlp", "two-phase"),
+}
+SMALL_TABLE_ROWS = 100_000
+
+
+def _zipf_ids(gen, card: int, n: int, a: float = 1.1):
+    """n ids in [0, card) with P(rank r) ~ r^-a, scattered over the table by a fixed bijection."""
+    import torch
+    u = torch.rand(n, generator=gen, dtype=torch.float64)
+    hi = card ** (1 - a)
+    r = torch.floor((1 + u * (hi - 1)) ** (1 / (1 - a))).clamp(1, card).to(torch.int64) - 1
+    return (r * 2654435761 + 12345) % card
+
+
+def worker(steps: int, out: str, configs: list[str]) -> None:
+    import torch
+
+    from dqrm_mpi.comm.backend import HorovodBackend
+    from dqrm_mpi.comm.sync import DenseExchange, SparseExchange
+    from dqrm_mpi.compression import get_compressor
+    from dqrm_mpi.model.dlrm import BottomMLP, TopMLP
+    from dqrm_mpi.model.config import model_config_from_preset
+
+    backend = HorovodBackend()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = model_config_from_preset("kaggle", KAGGLE_CARDINALITIES)
+    mlp_shapes = {f"bottom.{n}": p.shape for n, p in BottomMLP(13, cfg.bottom_mlp).named_parameters()}
+    mlp_shapes.update({f"top.{n}": p.shape for n, p in TopMLP(cfg.num_interactions, cfg.top_mlp).named_parameters()})
+    dim, batch, cards = cfg.embedding_dim, 128, KAGGLE_CARDINALITIES
+    offsets = torch.tensor([0, *torch.tensor(cards).cumsum(0).tolist()])
+    names = [f"embeddings.tables.{t}.weight" for t in range(26)]
+    results = {}
+    for name in configs:
+        spec = CONFIGS[name]
+        if spec is None:
+            small = [t for t, c in enumerate(cards) if c <= SMALL_TABLE_ROWS]
+            mlp = DenseExchange(backend, mlp_shapes, get_compressor("none"))
+        else:
+            emb_c, mlp_c, ef, collective = spec
+            two = collective == "two-phase"
+            mlp = DenseExchange(backend, mlp_shapes, get_compressor(mlp_c), "channel", ef in ("mlp", "both"), two)
+            emb = SparseExchange(backend, names, list(cards), dim, get_compressor(emb_c), "table",
+                                 ef in ("emb", "both"), two)
+        backend.traffic.take()
+        backend.barrier()
+        per_step = []
+        for step in range(steps + 2):  # 2 warm-up steps
+            gen = torch.Generator().manual_seed(10_000 * step + backend.rank)
+            grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in mlp_shapes.items()}
+            ids = torch.stack([_zipf_ids(gen, c, batch) for c in cards], dim=1)  # [batch, 26]
+            backend.barrier()
+            t0 = time.perf_counter()
+            if spec is None:
+                tables = [torch.zeros(cards[t], dim) for t in small]
+                for tab, t in zip(tables, small):
+                    tab.index_add_(0, ids[:, t], torch.randn(batch, dim, generator=gen) * 1e-3)
+                t0 = time.perf_counter()
+                backend.allreduce_average(tables, name="grad.emb.dense", kind="emb")
+                mlp.exchange(grads)
+            else:
+                gid = torch.unique(ids + offsets[:-1])  # coalesced rows, sorted
+                vals = torch.randn(gid.numel(), dim, generator=gen) * 1e-3
+                t0 = time.perf_counter()
+                mlp.exchange(grads)
+                emb.exchange(gid, vals)
+            wall = time.perf_counter() - t0
+            t = backend.traffic.take()
+            if step >= 2:
+                br = t["comm_breakdown"]
+                kind = lambda k, f: sum(v[f] for key, v in br.items() if key.startswith(k + "/"))  # noqa: E731
+                per_step.append({"wall": wall, "comm_seconds": t["comm_seconds"], "codec_seconds": t["codec_seconds"],
+                                 "sent": t["comm_bytes_sent"], "received": t["comm_bytes_received"],
+                                 "emb_sent": kind("emb", "sent"), "mlp_sent": kind("mlp", "sent"),
+                                 "emb_received": kind("emb", "received"), "mlp_received": kind("mlp", "received")})
+        mean = {k: sum(s[k] for s in per_step) / len(per_step) for k in per_step[0]}
+        results[name] = backend.allgather_object(mean, name=f"bench.{name}")
+    if backend.rank == 0:
+        Path(out).write_text(json.dumps(results))
+
+
+class _LocalBackend:
+    """In-process stand-in for ``world`` ranks (codec micro benchmark): collectives return
+    ``world`` copies of this rank's payload, so the codec does every rank's decoding work."""
+
+    def __init__(self, world: int) -> None:
+        from dqrm_mpi.comm.traffic import TrafficMeter
+        self.rank, self.size, self.traffic = 0, world, TrafficMeter()
+
+    def allgather_stacked(self, t, name, kind):
+        return t.unsqueeze(0).expand(self.size, *t.shape).clone()
+
+    def allgather(self, tensors, name, kind, equal_sizes=False):
+        return [[t.clone() for _ in range(self.size)] for t in tensors]
+
+    def allreduce_average(self, tensors, name, kind):
+        return [t.clone() for t in tensors]
+
+
+def codec(world: int, steps: int, configs: list[str], batch: int) -> dict:
+    """Codec seconds per step (compress + decompress + error feedback, no network) at Kaggle
+    dimensions, in this process, as one of ``world`` ranks; OMP threads as set."""
+    import torch
+
+    from dqrm_mpi.comm.sync import DenseExchange, SparseExchange
+    from dqrm_mpi.compression import get_compressor
+    from dqrm_mpi.model.config import model_config_from_preset
+    from dqrm_mpi.model.dlrm import BottomMLP, TopMLP
+
+    cfg = model_config_from_preset("kaggle", KAGGLE_CARDINALITIES)
+    mlp_shapes = {f"bottom.{n}": p.shape for n, p in BottomMLP(13, cfg.bottom_mlp).named_parameters()}
+    mlp_shapes.update({f"top.{n}": p.shape for n, p in TopMLP(cfg.num_interactions, cfg.top_mlp).named_parameters()})
+    cards, dim = KAGGLE_CARDINALITIES, cfg.embedding_dim
+    offsets = torch.tensor([0, *torch.tensor(cards).cumsum(0).tolist()])
+    names = [f"embeddings.tables.{t}.weight" for t in range(26)]
+    backend = _LocalBackend(world)
+    out = {"world": world, "batch": batch, "threads": torch.get_num_threads(),
+           "mlp_params": sum(torch.Size(s).numel() for s in mlp_shapes.values()), "configs": {}}
+    for name in configs:
+        spec = CONFIGS[name]
+        if spec is None:
+            continue
+        emb_c, mlp_c, ef, collective = spec
+        if collective == "two-phase":
+            continue  # needs real alltoall
+        mlp = DenseExchange(backend, mlp_shapes, get_compressor(mlp_c), "channel", ef in ("mlp", "both"))
+        emb = SparseExchange(backend, names, list(cards), dim, get_compressor(emb_c), "table", ef in ("emb", "both"))
+        times = {"mlp": [], "emb": []}
+        rows = []
+        for step in range(steps + 2):
+            gen = torch.Generator().manual_seed(step)
+            grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in mlp_shapes.items()}
+            gid = torch.unique(torch.stack([_zipf_ids(gen, c, batch) for c in cards], dim=1) + offsets[:-1])
+            vals = torch.randn(gid.numel(), dim, generator=gen) * 1e-3
+            t0 = time.perf_counter()
+            mlp.exchange(grads)
+            t1 = time.perf_counter()
+            emb.exchange(gid, vals)
+            t2 = time.perf_counter()
+            if step >= 2:
+                times["mlp"].append(t1 - t0)
+                times["emb"].append(t2 - t1)
+                rows.append(gid.numel())
+        backend.traffic.take()
+        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+        out["configs"][name] = {"mlp_codec_ms_p50": round(med(times["mlp"]) * 1e3, 3),
+                                "emb_codec_ms_p50": round(med(times["emb"]) * 1e3, 3),
+                                "codec_ms_p50": round(med([a + b for a, b in zip(times["mlp"], times["emb"])]) * 1e3, 3),
+                                "emb_rows_per_rank": round(sum(rows) / len(rows))}
+    return out
+
+
+def summarize(per_rank: dict[str, list[dict]]) -> dict:
+    out = {}
+    for name, ranks in per_rank.items():
+        mean = lambda k: sum(r[k] for r in ranks) / len(ranks)  # noqa: E731
+        out[name] = {"step_ms_slowest_rank": round(max(r["wall"] for r in ranks) * 1e3, 3),
+                     "comm_ms_mean": round(mean("comm_seconds") * 1e3, 3),
+                     "codec_ms_mean": round(mean("codec_seconds") * 1e3, 3),
+                     **{f"{k}_bytes_per_rank": round(mean(k)) for k in
+                        ("sent", "received", "emb_sent", "mlp_sent", "emb_received", "mlp_received")}}
+    base = out.get("sparse_fp32")
+    if base:
+        for name, r in out.items():
+            r["sent_ratio_vs_sparse_fp32"] = round(r["sent_bytes_per_rank"] / base["sent_bytes_per_rank"], 4)
+            r["emb_sent_ratio_vs_sparse_fp32"] = round(r["emb_sent_bytes_per_rank"] / base["emb_sent_bytes_per_rank"], 4)
+    return out
+
+
+def launch_worker(np_: int, net: str, rate: str | None, steps: int, configs: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "r.json"
+        args = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps),
+                "--json", str(out), "--configs", *configs]
+        e = env()
+        e["OMP_NUM_THREADS"] = "1"
+        e["PYTHONPATH"] = str(ROOT)
+        if net == "loopback":
+            cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", *args]
+        else:
+            cmd = ["bash", str(ROOT / "launch/netns_cluster.sh"), "session", str(np_), rate, "0", "--", *args]
+        proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=1800)
+        if proc.returncode:
+            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        return summarize(json.loads(out.read_text()))
+
+
+def accuracy(np_: int, rows: int, epochs: int) -> dict:
+    """Best test AUC of dqrm-train on planted synthetic data: uncompressed vs INT8 +/- MLP error feedback."""
+    from dqrm_mpi.data.synthetic import PlantedClickModel, write_synthetic_dataset
+
+    cards = (1460, 583, 5000, 5000, 305, 24, 5000, 633, 3, 5000, 5000, 5000, 3194, 27, 5000, 5000, 10,
+             5000, 2173, 4, 5000, 18, 15, 5000, 105, 5000)
+    runs = {"uncompressed": [], "int8_mlp_ef": ["--emb-compress", "int8", "--mlp-compress", "int8"],
+            "int8_no_ef": ["--emb-compress", "int8", "--mlp-compress", "int8", "--error-feedback", "none"]}
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        write_synthetic_dataset(data, {"train": rows, "val": rows // 10, "test": rows // 5},
+                                PlantedClickModel(cards, seed=5))
+        e = env()
+        e["OMP_NUM_THREADS"] = "1"
+        for name, extra in runs.items():
+            out = Path(tmp) / name
+            cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", str(VENV_BIN / "dqrm-train"),
+                   "--data", str(data), "--out", str(out), "--preset", "kaggle", "--batch-size", "512",
+                   "--epochs", str(epochs), "--eval-splits", "test", *extra]
+            t0 = time.time()
+            proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=3600)
+            if proc.returncode:
+                sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            s = json.loads((out / "summary.json").read_text())
+            res[name] = {"test_auc": s["final"]["test"]["auc"], "best_test_auc": s["best_test"]["auc"],
+                         "steps": s["steps"], "seconds": round(time.time() - t0, 1),
+                         "comm_bytes_sent_per_step_rank0": s["comm_bytes_sent_per_step"]["mean"]}
+    base = res["uncompressed"]["test_auc"]
+    for r in res.values():
+        r["auc_delta_vs_uncompressed"] = round(r["test_auc"] - base, 5)
+    res["setup"] = {"ranks": np_, "train_rows": rows, "epochs": epochs, "preset": "kaggle (small tables)",
+                    "batch": 512, "dataset": "planted synthetic"}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--np", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--net", choices=["loopback", "emulated", "both", "none"], default="loopback")
+    ap.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--accuracy", action="store_true")
+    ap.add_argument("--accuracy-rows", type=int, default=200_000)
+    ap.add_argument("--accuracy-epochs", type=int, default=1)
+    ap.add_argument("--out", default=str(ROOT / "bench_out/comm.json"))
+    ap.add_argument("--codec", action="store_true",
+                    help="codec micro benchmark only: in-process, no network, seconds per step spent "
+                         "compressing/decompressing at Kaggle dimensions as one of each --np ranks")
+    ap.add_argument("--batch", type=int, default=128, help="per-rank batch of the --codec benchmark")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        worker(a.steps, a.json, a.configs)
+        return
+    if a.codec:
+        import torch
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        res = {"benchmark": "comm --codec", "machine": machine(),
+               "runs": [codec(np_, a.steps, a.configs, a.batch) for np_ in a.np]}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        print(json.dumps(res, indent=2))
+        return
+    result = {"benchmark": "comm", "machine": machine(), "steps": a.steps, "per_rank_batch": 128,
+              "note": "bytes per step and rank; sent = tensors handed to Horovod", "runs": []}
+    nets = {"both": ["loopback", "emulated"], "none": []}.get(a.net, [a.net])
+    for net in nets:
+        for rate in ([None] if net == "loopback" else a.rates):
+            for np_ in a.np:
+                r = launch_worker(np_, net, rate, a.steps, a.configs)
+                result["runs"].append({"net": net if rate is None else f"emulated {rate}", "ranks": np_, "configs": r})
+                print(f"{net} {rate or ''} np={np_} done", file=sys.stderr)
+    if a.accuracy:
+        result["accuracy"] = accuracy(max(a.np), a.accuracy_rows, a.accuracy_epochs)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

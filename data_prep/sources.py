@@ -1,0 +1,229 @@
+"""Finding the raw input files, cutting them into pieces, reading whole-line blocks.
+
+Kaggle: one file (``train.txt`` or any single file), plain or gzip.  Terabyte: a
+directory of ``day_0`` .. ``day_23`` (each plain or ``.gz``).  The dataset kind is
+detected from the path unless forced.
+
+Splits (reference DLRM): Kaggle is cut into 7 equal consecutive "days" (the first
+``lines % 7`` days get one more line), days 0-5 train, day 6 first half (rounded up)
+test, second half val.  Terabyte: every day but the last present (``day_23`` in the
+full set) is train; the last is halved into test (first half, rounded up) and val.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .criteo_format import count_lines
+from .errors import InputError
+
+KINDS = ("auto", "kaggle", "terabyte")
+_DAY = re.compile(r"^day_(\d+)(\.gz)?$")
+NEVER = 1 << 62  # a line index past any file
+
+
+@dataclass
+class Source:
+    """One raw input file.  ``train_end`` / ``test_end``: 0-based line indices where the
+    test and val parts of this file start (``NEVER`` when the file is all train)."""
+
+    index: int
+    path: str
+    size: int
+    gz: bool
+    holdout: bool  # has test/val rows; its total line count is needed before parsing
+    lines: int = -1  # known after counting (-1: not counted)
+    train_end: int = NEVER
+    test_end: int = NEVER
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def _check_file(path: Path) -> int:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise InputError(f"{path}: cannot read input ({e.strerror or e})") from None
+    if size == 0:
+        raise InputError(f"{path}: input file is empty")
+    return size
+
+
+def discover(raw: str | os.PathLike, dataset: str = "auto") -> tuple[str, list[Source]]:
+    """(kind, sources) for RAW; raises InputError when it is missing, empty or ambiguous."""
+    if dataset not in KINDS:
+        raise InputError(f"--dataset must be one of {KINDS}, got {dataset!r}")
+    raw = Path(raw)
+    if not raw.exists():
+        raise InputError(f"{raw}: no such file or directory")
+    if raw.is_dir():
+        days = {}
+        for p in raw.iterdir():
+            m = _DAY.match(p.name)
+            if m and p.is_file():
+                d = int(m.group(1))
+                if d in days:
+                    raise InputError(f"{raw}: both {days[d].name} and {p.name}; keep one of them")
+                days[d] = p
+        kaggle_files = [raw / n for n in ("train.txt", "train.txt.gz") if (raw / n).is_file()]
+        if dataset == "kaggle" or (dataset == "auto" and not days):
+            if len(kaggle_files) != 1:
+                raise InputError(f"{raw}: expected exactly one train.txt or train.txt.gz (Kaggle), "
+                                 f"or day_0 .. day_23 files (Terabyte); found "
+                                 f"{[p.name for p in kaggle_files] or 'neither'}")
+            return "kaggle", _kaggle(kaggle_files[0])
+        if not days:
+            raise InputError(f"{raw}: no day_N or day_N.gz files (Terabyte layout)")
+        order = sorted(days)
+        if order != list(range(len(order))):
+            missing = sorted(set(range(order[-1] + 1)) - set(order))
+            raise InputError(f"{raw}: Terabyte days must be day_0 .. day_K without gaps; missing "
+                             f"{['day_%d' % d for d in missing]}")
+        if len(order) < 2:
+            raise InputError(f"{raw}: need at least two days (train days, then the last day for test/val)")
+        sources = []
+        for i, d in enumerate(order):
+            p = days[d]
+            size = _check_file(p)
+            sources.append(Source(i, str(p), size, _is_gzip(p), holdout=(i == len(order) - 1)))
+        return "terabyte", sources
+    if dataset == "terabyte":
+        raise InputError(f"{raw}: --dataset terabyte needs a directory of day_0 .. day_23 files")
+    return "kaggle", _kaggle(raw)
+
+
+def _kaggle(path: Path) -> list[Source]:
+    size = _check_file(path)
+    return [Source(0, str(path), size, _is_gzip(path), holdout=True)]
+
+
+def assign_splits(kind: str, sources: list[Source]) -> None:
+    """Set train_end / test_end from the line counts (reference DLRM split rules)."""
+    for s in sources:
+        if not s.holdout:
+            s.train_end = s.test_end = NEVER
+            continue
+        if s.lines < 0:
+            raise AssertionError(f"{s.path}: lines not counted")
+        if kind == "kaggle":
+            per, extra = divmod(s.lines, 7)
+            days = [per + 1] * extra + [per] * (7 - extra)
+            s.train_end = sum(days[:6])
+            s.test_end = s.train_end + (days[6] + 1) // 2
+        else:
+            s.train_end = 0
+            s.test_end = (s.lines + 1) // 2
+
+
+# ---------------------------------------------------------------- pieces and blocks
+
+@dataclass
+class Piece:
+    """A unit of work: bytes [start, end) of a plain file, or a whole gzip file (end=-1).
+    first_line: 0-based index of its first line in the file (-1: unknown until read)."""
+
+    index: int
+    source: int
+    start: int
+    end: int
+    first_line: int = -1
+    lines: int = -1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cut_plain(source: Source, piece_bytes: int, first_index: int) -> list[Piece]:
+    """Cut a plain file into pieces of about ``piece_bytes`` ending at newlines."""
+    cuts = [0]
+    with open(source.path, "rb") as f:
+        pos = piece_bytes
+        while pos < source.size:
+            f.seek(pos)
+            while True:
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    pos = source.size
+                    break
+                nl = chunk.find(b"\n")
+                if nl >= 0:
+                    pos += nl + 1
+                    break
+                pos += len(chunk)
+            if pos >= source.size:
+                break
+            cuts.append(pos)
+            pos += piece_bytes
+    cuts.append(source.size)
+    return [Piece(first_index + i, source.index, a, b) for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:]))]
+
+
+def read_range(path: str, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
+def iter_gzip_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
+    """Whole-line blocks of about ``block_bytes`` from a gzip file; InputError if it is
+    truncated or corrupt."""
+    carry = b""
+    try:
+        with gzip.open(path, "rb") as f:
+            while True:
+                chunk = f.read(block_bytes)
+                if not chunk:
+                    break
+                buf = carry + chunk
+                nl = buf.rfind(b"\n")
+                if nl < 0:
+                    carry = buf
+                    continue
+                carry = buf[nl + 1:]
+                yield buf[:nl + 1]
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+        raise InputError(f"{path}: truncated or corrupt gzip file ({e})") from None
+    if carry:
+        yield carry
+
+
+def count_piece_lines(path: str, start: int, end: int, gz: bool, block_bytes: int = 1 << 25) -> int:
+    if gz:
+        return sum(count_lines(b) for b in iter_gzip_blocks(path, block_bytes))
+    n = 0
+    last_nl = True
+    buf = bytearray(min(block_bytes, max(1, end - start)))
+    with open(path, "rb") as f:
+        f.seek(start)
+        left = end - start
+        while left > 0:
+            if left < len(buf):
+                del buf[left:]
+            got = f.readinto(buf)
+            if not got:
+                break
+            if got < len(buf):
+                del buf[got:]
+            n += buf.count(b"\n")
+            last_nl = buf.endswith(b"\n")
+            left -= got
+    if not last_nl:
+        n += 1
+    return n

@@ -1,0 +1,121 @@
+"""`dqrm-prep synth`: a raw Criteo-format file drawn from the planted click model.
+
+Rows have the 40 Criteo fields (missing values empty, some negative integers,
+Zipf-distributed categories as 8-digit hex hashes).  Beside the file,
+``OUT_FILE.planted.json`` holds the planted model's own AUC and log loss on the rows
+that become the test and val splits under the Kaggle rule (7 equal consecutive days;
+day 6 first half test, second half val): the best any model trained on the file can do.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE, write_atomic_text
+from dqrm_mpi.data.synthetic import DEFAULT_CARDINALITIES, PlantedClickModel, planted_metrics
+
+from .criteo_format import DENSE_NAMES, FIELD_NAMES, SPARSE_NAMES, encode_hex
+from .errors import InputError, OutputError
+
+PRESETS = {
+    "tiny": tuple(max(3, c // 50) for c in DEFAULT_CARDINALITIES),
+    "small": DEFAULT_CARDINALITIES,
+    "large": tuple(c * 200 for c in DEFAULT_CARDINALITIES),
+}
+CHUNK_ROWS = 100_000
+
+
+def kaggle_bounds(rows: int) -> tuple[int, int]:
+    """(train_end, test_end) row indices under the Kaggle split rule."""
+    per, extra = divmod(rows, 7)
+    days = [per + 1] * extra + [per] * (7 - extra)
+    train_end = sum(days[:6])
+    return train_end, train_end + (days[6] + 1) // 2
+
+
+def planted_path(out_file: str | os.PathLike) -> Path:
+    return Path(str(out_file) + ".planted.json")
+
+
+def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
+                cardinalities: tuple[int, ...] = DEFAULT_CARDINALITIES, chunk_rows: int = CHUNK_ROWS,
+                progress=None) -> dict:
+    """Write ``rows`` Criteo-format lines to ``out_file`` (gzip when it ends in ``.gz``),
+    atomically, in chunks; returns (and writes beside it) the planted metrics."""
+    if rows < 1:
+        raise InputError(f"--rows must be >= 1, got {rows}")
+    if len(cardinalities) != NUM_SPARSE:
+        raise InputError(f"--cardinalities needs {NUM_SPARSE} values, got {len(cardinalities)}")
+    out = Path(out_file)
+    if out.is_dir():
+        raise OutputError(f"{out}: is a directory; give a file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out.parent}: cannot create directory ({e.strerror or e})") from None
+    model = PlantedClickModel(tuple(cardinalities), seed=seed)
+    train_end, test_end = kaggle_bounds(rows)
+    tmp = out.with_name(f".{out.name}.tmp")
+    held_label, held_prob, positives = [], [], 0
+    gz = out.name.endswith(".gz")
+    wopts = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    try:
+        sink = pa.CompressedOutputStream(str(tmp), "gzip") if gz else pa.OSFile(str(tmp), "wb")
+        with sink:
+            for ci, start in enumerate(range(0, rows, chunk_rows)):
+                n = min(chunk_rows, rows - start)
+                b = model.sample(n, ci)
+                cols = [pa.array(b.label.astype(np.int64))]
+                for j in range(NUM_DENSE):
+                    cols.append(pa.array(b.dense_raw[:, j], mask=b.dense_missing[:, j]))
+                for t in range(NUM_SPARSE):
+                    ids = b.ids[:, t]
+                    cols.append(encode_hex(model.category_hashes(t, ids), ids != 0))
+                pacsv.write_csv(pa.table(cols, names=FIELD_NAMES), sink, wopts)
+                idx = np.arange(start, start + n)
+                held = idx >= train_end
+                held_label.append(b.label[held])
+                held_prob.append(b.prob[held])
+                positives += int(b.label[idx < train_end].sum())
+                if progress:
+                    progress(n)
+        os.replace(tmp, out)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{out}: cannot write ({e.strerror or e})") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    label = np.concatenate(held_label)
+    prob = np.concatenate(held_prob)
+    n_test = test_end - train_end
+    info = {
+        "file": out.name, "rows": rows, "seed": seed, "cardinalities": list(model.cardinalities),
+        "split_rule": "kaggle: 7 equal consecutive days; day 6 first half test, second half val",
+        "train": {"rows": train_end, "ctr": positives / max(1, train_end)},
+        "test": planted_metrics(label[:n_test], prob[:n_test]),
+        "val": planted_metrics(label[n_test:], prob[n_test:]),
+    }
+    write_atomic_text(planted_path(out), json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def parse_cardinalities(text: str | None, preset: str) -> tuple[int, ...]:
+    if not text:
+        return PRESETS[preset]
+    try:
+        vals = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise InputError(f"--cardinalities: expected {NUM_SPARSE} comma-separated integers, got {text!r}") from None
+    if len(vals) != NUM_SPARSE or min(vals) < 2:
+        raise InputError(f"--cardinalities: expected {NUM_SPARSE} integers >= 2, got {len(vals)} values")
+    return vals
+
+
+__all__ = ["write_synth", "PRESETS", "kaggle_bounds", "planted_path", "parse_cardinalities",
+           "DENSE_NAMES", "SPARSE_NAMES"]

@@ -1,0 +1,122 @@
+"""Vocabularies: values seen per categorical column, merged across pieces, and the
+mapping from values to contiguous ids.
+
+Without a frequency threshold (``T = 0``, the reference DLRM) the vocabulary of a
+column is every value seen in any kept row of any split; ids are the ranks of the
+values in sorted order, ``0 .. K-1``.  With ``T >= 1`` only values seen at least ``T``
+times in the training split get their own id ``1 .. K``; every other value (rare, or
+never seen in train) shares id 0 (as NVIDIA's and torchrec's pipelines do).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+LUT_MAX = 1 << 25  # hash mode: a direct look-up table per column when max_ind_range <= this
+
+
+def union_sorted(values: list[np.ndarray], counts: list[np.ndarray] | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Union of sorted unique uint32 arrays (with their counts added when given).
+
+    A stable sort of the concatenation finds the sorted runs (timsort), so merging k
+    arrays of n values in all costs about n log k."""
+    if len(values) == 1:
+        return values[0], (counts[0] if counts is not None else None)
+    vals = np.concatenate(values)
+    if len(vals) == 0:
+        return vals.astype(np.uint32), (np.zeros(0, np.int64) if counts is not None else None)
+    if counts is None:
+        vals = np.sort(vals, kind="stable")
+        keep = np.empty(len(vals), dtype=bool)
+        keep[0] = True
+        np.not_equal(vals[1:], vals[:-1], out=keep[1:])
+        return vals[keep], None
+    order = np.argsort(vals, kind="stable")
+    vals = vals[order]
+    cnts = np.concatenate(counts)[order]
+    start = np.empty(len(vals), dtype=bool)
+    start[0] = True
+    np.not_equal(vals[1:], vals[:-1], out=start[1:])
+    first = np.flatnonzero(start)
+    return vals[first], np.add.reduceat(cnts, first).astype(np.int64)
+
+
+class CountAccumulator:
+    """Union of sorted unique value arrays (with counts added when given), compacted lazily
+    so the cost stays near-linear in what is added."""
+
+    def __init__(self, with_counts: bool) -> None:
+        self.with_counts = with_counts
+        self.values = np.zeros(0, np.uint32)
+        self.counts = np.zeros(0, np.int64) if with_counts else None
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_size = 0
+
+    def add(self, values: np.ndarray, counts: np.ndarray | None = None) -> None:
+        """values: sorted, unique; counts: int64 aligned with values (when with_counts)."""
+        if len(values) == 0:
+            return
+        self._pending.append((values, counts))
+        self._pending_size += len(values)
+        if self._pending_size > max(len(self.values), 1 << 22):
+            self._compact()
+
+    def _compact(self) -> None:
+        if not self._pending:
+            return
+        parts = ([(self.values, self.counts)] if len(self.values) else []) + self._pending
+        vals, cnts = union_sorted([p[0] for p in parts], [p[1] for p in parts] if self.with_counts else None)
+        self.values = vals.astype(np.uint32, copy=False)
+        if self.with_counts:
+            self.counts = cnts.astype(np.int64, copy=False)
+        self._pending, self._pending_size = [], 0
+
+    def result(self) -> tuple[np.ndarray, np.ndarray | None]:
+        self._compact()
+        return self.values, self.counts
+
+
+def build_vocab(values: np.ndarray, counts: np.ndarray | None, threshold: int) -> tuple[np.ndarray, int]:
+    """(sorted vocabulary, cardinality)."""
+    if threshold <= 0:
+        return values.astype(np.uint32), max(1, len(values))
+    keep = values[counts >= threshold].astype(np.uint32)
+    return keep, len(keep) + 1
+
+
+class Mapper:
+    """Maps raw (hashed, modulo) values of one column to contiguous ids."""
+
+    def __init__(self, vocab: np.ndarray, threshold: int, lut: np.ndarray | None = None) -> None:
+        self.vocab, self.threshold, self.lut = vocab, threshold, lut
+
+    def __call__(self, v: np.ndarray) -> np.ndarray:
+        if self.lut is not None:
+            return self.lut[v]
+        idx = np.searchsorted(self.vocab, v)
+        if self.threshold <= 0:
+            return idx
+        k = len(self.vocab)
+        if k == 0:
+            return np.zeros(len(v), dtype=np.int64)
+        found = self.vocab[np.minimum(idx, k - 1)] == v
+        return np.where(found, idx + 1, 0)
+
+
+def make_lut(vocab: np.ndarray, threshold: int, size: int) -> np.ndarray:
+    lut = np.zeros(size, dtype=np.int32)
+    lut[vocab] = np.arange(len(vocab), dtype=np.int32) + (1 if threshold > 0 else 0)
+    return lut
+
+
+def load_mappers(folder: Path, threshold: int, use_lut: bool) -> list[Mapper]:
+    from dqrm_mpi.data.schema import NUM_SPARSE
+
+    out = []
+    for j in range(NUM_SPARSE):
+        vocab = np.load(folder / f"vocab_{j:02d}.npy", mmap_mode="r")
+        lut = np.load(folder / f"lut_{j:02d}.npy", mmap_mode="r") if use_lut else None
+        out.append(Mapper(np.asarray(vocab), threshold, lut))
+    return out

@@ -1,0 +1,52 @@
+"""``dqrm-train`` options for compressed gradient communication (a shared option bundle)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from ..compression import CompressionConfig, compressor_names
+from ..compression.config import COLLECTIVES, EMB_SCALES, ERROR_FEEDBACK, MLP_SCALES
+
+_OPTIONS = [
+    click.option("--emb-compress", type=click.Choice(compressor_names()), default="none",
+                 help="Embedding gradients always travel sparse: each rank merges duplicate rows, then "
+                      "sends row ids (int32) plus the values compressed with this codec: none (FP32, "
+                      "lossless), fp16, int16, int8 or int4 (two values per byte).  Received rows are "
+                      "summed per id and averaged."),
+    click.option("--emb-grad-scale", type=click.Choice(EMB_SCALES), default="table",
+                 help="Scale granularity of quantized embedding gradients: one FP32 scale per table "
+                      "(DQRM; 104 bytes a message), per row (4 bytes a row) or per message."),
+    click.option("--mlp-compress", type=click.Choice(compressor_names()), default="none",
+                 help="MLP gradients: none or fp16 are averaged by allreduce; int16/int8/int4 are "
+                      "quantized and never summed as integers (see --collective)."),
+    click.option("--mlp-grad-scale", type=click.Choice(MLP_SCALES), default="channel",
+                 help="Scale granularity of quantized MLP gradients: one per output channel (row of "
+                      "a weight; a bias gets one) or one per tensor."),
+    click.option("--error-feedback", type=click.Choice(ERROR_FEEDBACK), default="mlp",
+                 help="Which quantized gradients keep a residual (what compression dropped is added "
+                      "to the next step's gradient).  mlp costs one FP32 copy of the MLP (about 2 MB "
+                      "for Kaggle).  emb costs one FP32 copy of EVERY embedding table per rank (the "
+                      "size of the model: 2.16 GB for Kaggle, 12.6 GB for Terabyte), allocated as "
+                      "tables are touched.  Ignored for none."),
+    click.option("--collective", type=click.Choice(COLLECTIVES), default="auto",
+                 help="How quantized payloads are reduced: allgather (every rank decodes every "
+                      "rank's payload: receive grows with ranks), two-phase (alltoall of one chunk "
+                      "per rank, the owner decodes, averages and re-quantizes it, allgather of the "
+                      "chunks: about 2x the payload per rank at any world size, one extra "
+                      "quantization) or auto (allgather below 5 ranks, two-phase from 5)."),
+]
+
+
+def compression_options(fn: Callable) -> Callable:
+    for option in reversed(_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def pop_compression_config(options: dict[str, Any]) -> CompressionConfig:
+    """Remove the compression options from ``options`` and build the validated config."""
+    return CompressionConfig(
+        emb=options.pop("emb_compress"), mlp=options.pop("mlp_compress"),
+        error_feedback=options.pop("error_feedback"), collective=options.pop("collective"),
+        emb_scale=options.pop("emb_grad_scale"), mlp_scale=options.pop("mlp_grad_scale"))

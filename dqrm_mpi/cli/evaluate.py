@@ -1,0 +1,54 @@
+"""``dqrm-eval``: metrics of a packed model (or a checkpoint) on a dataset split."""
+from __future__ import annotations
+
+import json
+import os
+
+import click
+
+from ..data.schema import SchemaError
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--data", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Dataset directory written by `dqrm-prep` (meta.json + shards).")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default="test", help="Split to evaluate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16384, help="Rows per inference batch.")
+@click.option("--predictions", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also save the click probabilities (float64, file order) to this .npy file.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's].")
+def main(model: str, data: str, split: str, batch_size: int, predictions: str | None, threads: int | None) -> None:
+    """Evaluate MODEL on a split: accuracy, ROC AUC, log loss and the model size.
+
+    MODEL is a packed file from dqrm-export (inference from the packed integers,
+    embedding rows dequantized at lookup) or a dqrm-train checkpoint.pt (the
+    fake-quantized QAT model itself; the size reported is then its packed size).
+
+    \b
+    Example:
+      dqrm-export runs/int4/checkpoint.pt int4.dqrm
+      dqrm-eval int4.dqrm --data data/kaggle
+    """
+    import numpy as np
+    import torch
+
+    from ..quant.export import is_packed_file, load_checkpoint, load_packed, packed_size, predict
+    from ..train.metrics import binary_metrics
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if is_packed_file(model):
+            net, source, size = load_packed(model), "packed", os.path.getsize(model)
+        else:
+            net, quant, _ = load_checkpoint(model)
+            source, size = "checkpoint", packed_size(net.config, quant)
+        prob, label = predict(net, data, split, batch_size)
+        metrics = binary_metrics(label, prob)
+    except (SchemaError, ValueError, OSError, RuntimeError) as e:
+        raise click.ClickException(str(e)) from None
+    if predictions:
+        np.save(predictions, prob)
+    click.echo(json.dumps({"model": model, "source": source, "split": split, **metrics,
+                           "model_bytes": size, "model_mb": size / 2**20}))

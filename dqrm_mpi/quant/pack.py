@@ -1,0 +1,67 @@
+"""Bit packing of signed b-bit integers (2 <= b <= 16) along the last dimension.
+
+Each value q in [-2^(b-1), 2^(b-1) - 1] is stored as u = q + 2^(b-1) in b bits,
+little-endian: value k of a row occupies bits [k*b, (k+1)*b) of the row's byte string,
+counting from bit 0 of byte 0.  INT4 holds two values per byte (the first in the low
+nibble), INT2 four.  Every row (last dimension) starts on a byte boundary and is padded
+with zero bits to ceil(n * b / 8) bytes, so a row can be read on its own (lookup).
+"""
+from __future__ import annotations
+
+import torch
+
+from .quantizer import qrange
+
+
+def packed_row_bytes(n: int, bits: int) -> int:
+    """Bytes one packed row of n b-bit values takes."""
+    qrange(bits)
+    return (n * bits + 7) // 8
+
+
+def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """q int [..., n] -> uint8 [..., ceil(n*b/8)]; ValueError if a value is out of range."""
+    qmin, qmax = qrange(bits)
+    if q.is_floating_point():
+        raise TypeError(f"pack takes integers, got {q.dtype}")
+    n = q.shape[-1]
+    if q.numel() and (int(q.min()) < qmin or int(q.max()) > qmax):
+        raise ValueError(f"values outside [{qmin}, {qmax}] cannot be packed in {bits} bits")
+    u = q.to(torch.int32) - qmin  # [..., n] in [0, 2^b)
+    lead = q.shape[:-1]
+    if bits == 16:
+        return torch.stack([u & 0xFF, u >> 8], dim=-1).reshape(*lead, 2 * n).to(torch.uint8)
+    if 8 % bits == 0:  # 2, 4, 8: a whole number of values per byte
+        per = 8 // bits
+        u = torch.nn.functional.pad(u, (0, -n % per)).reshape(*lead, -1, per)
+        shifts = torch.arange(per, dtype=torch.int32, device=q.device) * bits
+        return (u << shifts).sum(dim=-1).to(torch.uint8)
+    # Any other width: through a bit array [..., n*b] padded to whole bytes.
+    shifts = torch.arange(bits, dtype=torch.int32, device=q.device)
+    bit_array = ((u.unsqueeze(-1) >> shifts) & 1).reshape(*lead, n * bits)
+    bit_array = torch.nn.functional.pad(bit_array, (0, -(n * bits) % 8)).reshape(*lead, -1, 8)
+    return (bit_array << torch.arange(8, dtype=torch.int32, device=q.device)).sum(dim=-1).to(torch.uint8)
+
+
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """uint8 [..., ceil(n*b/8)] -> int16 [..., n] (the inverse of ``pack``)."""
+    qmin, _ = qrange(bits)
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack takes uint8, got {packed.dtype}")
+    if packed.shape[-1] != packed_row_bytes(n, bits):
+        raise ValueError(f"{n} values of {bits} bits take {packed_row_bytes(n, bits)} bytes per row, "
+                         f"got {packed.shape[-1]}")
+    p = packed.to(torch.int32)
+    lead = packed.shape[:-1]
+    if bits == 16:
+        pairs = p.reshape(*lead, n, 2)
+        u = pairs[..., 0] | (pairs[..., 1] << 8)
+    elif 8 % bits == 0:
+        per = 8 // bits
+        shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+        u = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(*lead, -1)[..., :n]
+    else:
+        bit_array = ((p.unsqueeze(-1) >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1)
+        bit_array = bit_array.reshape(*lead, -1)[..., :n * bits].reshape(*lead, n, bits)
+        u = (bit_array << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(dim=-1)
+    return (u + qmin).to(torch.int16)

@@ -1,0 +1,314 @@
+"""Quantization-aware training of a DLRM (DQRM).
+
+``prepare_qat(model, config)`` installs, in place:
+
+- ``EmbeddingFakeQuant`` as ``model.embeddings.row_transform``: only the rows looked up
+  in the batch are fake-quantized; the FP32 master tables keep receiving sparse
+  gradients through the straight-through estimator.  Per-table scales (DQRM) are
+  refreshed by a full pass over every table only at steps that are multiples of
+  ``scale_period``; between refreshes a step costs 26 small fake-quant ops on [B, d]
+  rows.  Rowwise scales come from the looked-up rows themselves (no table pass).
+- ``QuantLinear`` in place of every ``nn.Linear`` of the bottom and top MLPs (same
+  ``weight``/``bias`` parameters, so parameter names and optimizers are unchanged):
+  weights fake-quantized per matrix or per output channel at every forward (cheap:
+  the MLPs are small); the bias stays FP32 (in integer inference it would be INT32 at
+  scale s_w * s_x, a negligible share of the model); inputs optionally fake-quantized
+  with a running scale (``act_bits``).
+
+Scales, counters and modes are registered buffers: they are in ``state_dict()`` (so
+checkpoints restore them and ``broadcast_module`` copies rank 0's), and loading a state
+whose modes (bits, granularity) differ from the prepared model's is an error.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import QuantConfig
+from .quantizer import fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
+
+# Activation scales: exponential moving average of the batch max, this weight on the new batch.
+ACT_MOMENTUM = 0.1
+
+
+class _ModeChecked(nn.Module):
+    """Buffers listed in ``_modes`` describe how the module quantizes; a state_dict that
+    disagrees with them cannot be loaded.  ``_flags`` buffers mirror into Python bools
+    (read on every forward without a tensor read)."""
+
+    _modes: tuple[str, ...] = ()
+    _flags: tuple[str, ...] = ()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        for name in self._modes:
+            key = prefix + name
+            if key in state_dict and int(state_dict[key]) != int(getattr(self, name)):
+                error_msgs.append(f"{key}: the state has {int(state_dict[key])}, this model is prepared with "
+                                  f"{int(getattr(self, name))} (quantization settings differ)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._sync_flags()
+
+    def _sync_flags(self) -> None:
+        for name in self._flags:
+            setattr(self, "_" + name, bool(getattr(self, name)))
+
+    def set_enabled(self, on: bool) -> None:
+        self.enabled.fill_(int(on))
+        self._sync_flags()
+
+
+class EmbeddingFakeQuant(_ModeChecked):
+    """``row_transform`` hook: (table t, rows float32 [B, d], ids [B]) -> fake-quantized rows [B, d].
+
+    Buffers: scales float32 [T] (per-table scale, table mode), scales_valid uint8,
+    refreshes int64 (full-table passes so far), last_refresh_step int64 (-1: none),
+    enabled uint8; modes bits, rowwise, period.
+    """
+
+    _modes = ("bits", "rowwise", "period")
+    _flags = ("enabled", "scales_valid")
+
+    def __init__(self, num_tables: int, bits: int, rowwise: bool, period: int) -> None:
+        super().__init__()
+        qrange(bits)
+        self.num_bits = bits
+        self.is_rowwise = rowwise
+        self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
+        self.register_buffer("rowwise", torch.tensor(int(rowwise), dtype=torch.uint8))
+        self.register_buffer("period", torch.tensor(period, dtype=torch.int64))
+        self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(num_tables, dtype=torch.float32))
+        self.register_buffer("scales_valid", torch.tensor(0, dtype=torch.uint8))
+        self.register_buffer("refreshes", torch.tensor(0, dtype=torch.int64))
+        self.register_buffer("last_refresh_step", torch.tensor(-1, dtype=torch.int64))
+        self.register_buffer("_zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
+        self._qmin, self._qmax = qrange(bits)
+        self._sync_flags()
+
+    @torch.no_grad()
+    def refresh(self, weights: list[torch.Tensor], step: int) -> None:
+        """The full-table pass: scales[t] = max|W_t| / (2^(b-1) - 1) for every table."""
+        for t, w in enumerate(weights):
+            self.scales[t] = tensor_scale(w, self.num_bits)[0]
+        self.scales_valid.fill_(1)
+        self.refreshes += 1
+        self.last_refresh_step.fill_(step)
+        self._sync_flags()
+
+    def invalidate(self) -> None:
+        """Force a refresh at the next ``QATState.on_step``."""
+        self.scales_valid.fill_(0)
+        self._sync_flags()
+
+    def table_scale(self, t: int) -> torch.Tensor:
+        """float32 [1], the scale table t is quantized with now."""
+        return self.scales[t:t + 1]
+
+    def forward(self, t: int, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if not self._enabled:
+            return rows
+        if self.is_rowwise:
+            return fake_quant_own_scale(rows, row_scales(rows, self.num_bits), self.num_bits)
+        if not self._scales_valid:
+            raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
+                               "forward pass (or refresh() them)")
+        # The hot path (26 calls a step): PyTorch's fused per-tensor kernel on the detached rows (the
+        # same values as quantizer.fake_quant with a [1] scale), with an identity STE: between refreshes
+        # rows may outgrow the stored scale and are clamped in the forward pass, but they keep their
+        # gradient (a masked STE would freeze them until the next refresh; as in DQRM's quantizer).
+        detached = rows.detach()
+        quantized = torch.fake_quantize_per_tensor_affine(detached, self.scales[t], self._zero_point,
+                                                          self._qmin, self._qmax)
+        return rows + (quantized - detached)
+
+
+class QuantLinear(nn.Linear, _ModeChecked):
+    """``nn.Linear`` with fake-quantized weights and optionally fake-quantized inputs.
+
+    input [B, in] -> [B, out].  Buffers: weight_scale float32 [out] (channel) or [1]
+    (matrix), the last scale used; act_scale float32 [1] (0: not observed yet), a running
+    max of |input| / qmax updated in training mode and frozen in eval mode; enabled
+    uint8; modes weight_bits (0: FP32), per_channel, act_bits (0: FP32).
+    """
+
+    _modes = ("weight_bits", "per_channel", "act_bits")
+    _flags = ("enabled",)
+
+    def __init__(self, in_features: int, out_features: int, weight_bits: int | None, per_channel: bool,
+                 act_bits: int | None, device=None) -> None:
+        super().__init__(in_features, out_features, device=device)
+        for b in (weight_bits, act_bits):
+            if b is not None:
+                qrange(b)
+        self.w_bits = weight_bits
+        self.a_bits = act_bits
+        self.is_per_channel = per_channel
+        self.register_buffer("weight_bits", torch.tensor(weight_bits or 0, dtype=torch.int64))
+        self.register_buffer("per_channel", torch.tensor(int(per_channel), dtype=torch.uint8))
+        self.register_buffer("act_bits", torch.tensor(act_bits or 0, dtype=torch.int64))
+        self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
+        self.register_buffer("weight_scale", torch.zeros(out_features if per_channel else 1))
+        self.register_buffer("act_scale", torch.zeros(1))
+        self._sync_flags()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight_bits: int | None, per_channel: bool,
+                    act_bits: int | None) -> "QuantLinear":
+        """A QuantLinear sharing ``linear``'s weight and bias Parameters."""
+        q = cls(linear.in_features, linear.out_features, weight_bits, per_channel, act_bits, device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q._init_buffers(linear.weight.device)
+        return q
+
+    def _init_buffers(self, device: torch.device) -> None:
+        self.weight_bits = torch.tensor(self.w_bits or 0, dtype=torch.int64, device=device)
+        self.per_channel = torch.tensor(int(self.is_per_channel), dtype=torch.uint8, device=device)
+        self.act_bits = torch.tensor(self.a_bits or 0, dtype=torch.int64, device=device)
+        self.enabled = torch.tensor(1, dtype=torch.uint8, device=device)
+        self.weight_scale = torch.zeros(self.out_features if self.is_per_channel else 1, device=device)
+        self.act_scale = torch.zeros(1, device=device)
+        self._sync_flags()
+
+    @torch.no_grad()
+    def quantized_weight_scale(self) -> torch.Tensor:
+        """float32 [out] or [1]: the scale of the current weights."""
+        if self.is_per_channel:
+            return row_scales(self.weight, self.w_bits)
+        return tensor_scale(self.weight, self.w_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.a_bits:
+            observed = bool(self.act_scale[0] > 0)
+            if self.training:
+                batch_scale = tensor_scale(x, self.a_bits)
+                scale = self.act_scale if observed else batch_scale
+                x_q = fake_quant(x, scale, self.a_bits)
+                with torch.no_grad():
+                    self.act_scale.copy_(batch_scale if not observed else
+                                         (1 - ACT_MOMENTUM) * self.act_scale + ACT_MOMENTUM * batch_scale)
+                x = x_q
+            else:
+                if not observed:
+                    raise RuntimeError("activation scale never observed: train (or calibrate) before evaluating")
+                x = fake_quant(x, self.act_scale, self.a_bits)
+        w = self.weight
+        if self.w_bits:
+            scale = self.quantized_weight_scale()
+            with torch.no_grad():
+                self.weight_scale.copy_(scale)
+            if self.is_per_channel:
+                w = fake_quant_own_scale(w, scale, self.w_bits)  # cheap path: the scale comes from w
+            else:
+                w = fake_quant(w, scale, self.w_bits)
+        return F.linear(x, w, self.bias)
+
+
+class QATState:
+    """What the training loop drives: ``on_epoch(epoch)`` at the start of each epoch,
+    ``on_step(step)`` before each step's forward pass (step counts from 0 over the run).
+
+    ``scale_seconds`` accumulates the wall time of full-table scale passes.
+    """
+
+    def __init__(self, model: nn.Module, config: QuantConfig, emb: EmbeddingFakeQuant | None,
+                 linears: list[QuantLinear]) -> None:
+        self.model = model
+        self.config = config
+        self.emb = emb
+        self.linears = linears
+        self.scale_seconds = 0.0
+
+    @property
+    def modules(self) -> list[_ModeChecked]:
+        return ([self.emb] if self.emb is not None else []) + list(self.linears)
+
+    @property
+    def enabled(self) -> bool:
+        return any(m._enabled for m in self.modules)
+
+    @property
+    def table_passes(self) -> int:
+        """Full-table scale passes so far (0 without per-table embedding scales)."""
+        return int(self.emb.refreshes) if self.emb is not None else 0
+
+    def set_enabled(self, on: bool) -> None:
+        for m in self.modules:
+            m.set_enabled(on)
+        if on and self.emb is not None:
+            self.emb.invalidate()
+
+    def on_epoch(self, epoch: int) -> None:
+        """FP32 for the first ``pretrain_epochs`` epochs, quantization-aware from then on."""
+        on = epoch >= self.config.pretrain_epochs
+        if on != self.enabled:
+            self.set_enabled(on)
+
+    def on_step(self, step: int) -> None:
+        """Refresh per-table embedding scales at multiples of the period (and when none are valid)."""
+        emb = self.emb
+        if emb is None or emb.is_rowwise or not emb._enabled:
+            return
+        if step % self.config.scale_period == 0 or not emb._scales_valid:
+            t0 = time.perf_counter()
+            emb.refresh([table.weight for table in self.model.embeddings.tables], step)
+            self.scale_seconds += time.perf_counter() - t0
+
+    def activation_scales(self) -> list[torch.Tensor]:
+        """The running activation scales (float32 [1] each): average them across ranks to keep
+        replicas identical."""
+        return [m.act_scale for m in self.linears if m.a_bits]
+
+    def average_activation_scales(self, backend) -> None:
+        """Average the running activation scales over ranks (``backend.allreduce_average``), so
+        every replica quantizes the next batch with the same scales.  No-op without act_bits
+        or on one rank."""
+        scales = self.activation_scales()
+        if not scales or backend.size == 1 or not self.enabled:
+            return
+        for s, avg in zip(scales, backend.allreduce_average(scales, name="qat.act_scale", kind="qat")):
+            s.copy_(avg)
+
+    def summary(self) -> dict[str, object]:
+        """For summary.json: the configuration, full-table passes and their seconds."""
+        return {**self.config.to_dict(), "enabled": self.enabled, "table_passes": self.table_passes,
+                "scale_seconds": self.scale_seconds}
+
+
+def _swap_linears(seq: nn.Sequential, config: QuantConfig) -> list[QuantLinear]:
+    out = []
+    for i, layer in enumerate(seq):
+        if isinstance(layer, nn.Linear) and not isinstance(layer, QuantLinear):
+            q = QuantLinear.from_linear(layer, config.mlp_bits, config.mlp_quant == "channel", config.act_bits)
+            seq[i] = q
+            out.append(q)
+    return out
+
+
+def prepare_qat(model: nn.Module, config: QuantConfig) -> QATState:
+    """Make ``model`` (a DLRM) quantization-aware in place as ``config`` says; returns its QATState.
+
+    Call it after building the model and before broadcasting it or creating the optimizer
+    (parameters stay the same objects, so either order works for the optimizer).
+    Quantization starts switched off when ``config.pretrain_epochs`` > 0.
+    """
+    if isinstance(model.embeddings.row_transform, EmbeddingFakeQuant) or any(
+            isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model is already prepared for quantization-aware training")
+    emb = None
+    if config.emb_bits is not None:
+        emb = EmbeddingFakeQuant(len(model.embeddings.tables), config.emb_bits, config.emb_scale == "rowwise",
+                                 config.scale_period).to(model.embeddings.tables[0].weight.device)
+        model.embeddings.row_transform = emb
+    linears: list[QuantLinear] = []
+    if config.mlp_bits is not None or config.act_bits is not None:
+        linears = _swap_linears(model.bottom.layers, config) + _swap_linears(model.top.layers, config)
+    state = QATState(model, config, emb, linears)
+    state.set_enabled(config.pretrain_epochs == 0)
+    return state

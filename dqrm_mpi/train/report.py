@@ -1,0 +1,27 @@
+"""Human-readable end-of-run report from ``summary.json``'s contents."""
+from __future__ import annotations
+
+from typing import Any
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.3f} MB"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """Test metrics (final and best), throughput and communication per step."""
+    lines = [f"== dqrm-train: {summary['steps']} steps on {summary['world_size']} rank(s), "
+             f"{summary['samples_per_second']:.0f} samples/s"]
+    for label, m in (("final test", summary["final"].get("test")), ("best test", summary.get("best_test")),
+                     ("final val", summary["final"].get("val"))):
+        if m:
+            lines.append(f"   {label:<10}  accuracy {m['accuracy']:.4f}  ROC AUC {m['auc']:.4f}  "
+                         f"log loss {m['log_loss']:.4f}  ({m['rows']} rows)")
+    planted = (summary.get("planted") or {}).get("test")
+    if planted and "auc" in planted:
+        lines.append(f"   planted model's own test AUC {planted['auc']:.4f} (the best reachable)")
+    sent, recv, sec = (summary[k] for k in ("comm_bytes_sent_per_step", "comm_bytes_received_per_step",
+                                            "comm_seconds_per_step"))
+    lines.append(f"   communication per step (rank 0): sent {_mb(sent['mean'])} (p95 {_mb(sent['p95'])}), "
+                 f"received {_mb(recv['mean'])}, waiting {sec['mean'] * 1e3:.2f} ms (p95 {sec['p95'] * 1e3:.2f} ms)")
+    return "\n".join(lines)

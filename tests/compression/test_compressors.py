@@ -1,0 +1,119 @@
+"""In-process tests of the compressors, the registry, the configuration and error feedback."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dqrm_mpi.compression import (ALLGATHER, ALLREDUCE, CompressionConfig, ResidualMemory, compressor_names,
+                                  get_compressor)
+from dqrm_mpi.compression.quantize import pack_int4, unpack_int4
+
+QUANTIZED = {"int16": 32767, "int8": 127, "int4": 7}
+
+
+def test_registry_names_and_unknown_name():
+    assert set(compressor_names()) >= {"none", "fp16", "int16", "int8", "int4"}
+    with pytest.raises(ValueError, match="unknown compressor 'int3'.*int8"):
+        get_compressor("int3")
+
+
+def test_declared_collectives():
+    for name in ("none", "fp16"):
+        c = get_compressor(name)
+        assert c.linear and c.collective == ALLREDUCE
+    for name in QUANTIZED:
+        c = get_compressor(name)
+        assert not c.linear and c.collective == ALLGATHER
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "int16", "int8", "int4"])
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "row"])
+def test_round_trip_with_bounded_error(name, granularity):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 11, generator=gen) * torch.logspace(-3, 1, 37).unsqueeze(1)  # rows of very different size
+    flat = x.reshape(-1)
+    if granularity == "tensor":
+        groups, k = None, 1
+    else:  # one scale per row (an output channel of a weight, or an embedding row)
+        groups, k = torch.arange(37).repeat_interleave(11), 37
+    c = get_compressor(name)
+    packed = c.compress(flat, groups, k)
+    wire = c.to_bytes(packed)
+    assert wire.dtype == torch.uint8 and wire.numel() == c.nbytes(flat.numel(), k)
+    y = c.decompress(c.from_bytes(wire, flat.numel(), k), groups).view_as(x)
+    err = (y - x).abs()
+    if name == "none":
+        assert torch.equal(y, x)
+    elif name == "fp16":
+        assert bool((err <= 1e-3 * x.abs() + 6e-8).all())  # half precision; subnormals below 6e-5
+    else:
+        scale = (x.abs().amax() if groups is None else x.abs().amax(dim=1, keepdim=True)) / QUANTIZED[name]
+        assert bool((err <= scale * 0.51 + 1e-12).all())  # half a quantum (plus float32 rounding)
+
+
+def test_per_channel_scales_beat_one_scale_for_uneven_rows():
+    x = torch.randn(16, 64) * torch.logspace(-4, 0, 16).unsqueeze(1)
+    c = get_compressor("int4")
+    per_tensor = c.decompress(c.compress(x.reshape(-1))).view_as(x)
+    groups = torch.arange(16).repeat_interleave(64)
+    per_row = c.decompress(c.compress(x.reshape(-1), groups, 16), groups).view_as(x)
+    rel = lambda y: float(((y - x).norm(dim=1) / x.norm(dim=1)).mean())  # noqa: E731
+    assert rel(per_row) < rel(per_tensor) / 2
+
+
+def test_int4_packs_two_values_per_byte():
+    q = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int16)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == 3
+    assert torch.equal(unpack_int4(packed, 5), q)
+    assert get_compressor("int4").nbytes(1001, 1) == 501 + 4
+
+
+def test_zero_and_empty_inputs():
+    for name in compressor_names():
+        c = get_compressor(name)
+        for x in (torch.zeros(10), torch.empty(0)):
+            assert torch.equal(c.decompress(c.compress(x)), x)
+
+
+def test_error_feedback_residual_invariant_in_process():
+    """Sum of transmitted == sum of gradients - residual; the residual stays below one quantum."""
+    c = get_compressor("int4")
+    mem = ResidualMemory()
+    gen = torch.Generator().manual_seed(1)
+    sent, true = torch.zeros(200), torch.zeros(200)
+    for _ in range(100):
+        g = torch.randn(200, generator=gen) * 0.01 + 0.003
+        comp = mem.compensate("w", g)
+        tx = c.decompress(c.compress(comp))
+        mem.update("w", comp, tx)
+        sent += tx
+        true += g
+        assert float(mem.residuals["w"].abs().max()) <= float(comp.abs().max()) / 7 / 2 + 1e-9
+    torch.testing.assert_close(sent, true - mem.residuals["w"], atol=1e-5, rtol=0)
+
+
+def test_row_error_feedback_touches_only_the_rows_sent():
+    mem = ResidualMemory()
+    rows = torch.tensor([1, 4])
+    comp = mem.compensate_rows("t", (6, 2), rows, torch.ones(2, 2))
+    mem.update_rows("t", rows, comp, torch.zeros(2, 2))
+    assert mem.nbytes() == 6 * 2 * 4
+    assert torch.equal(mem.residuals["t"][[0, 2, 3, 5]], torch.zeros(4, 2))
+    assert torch.equal(mem.compensate_rows("t", (6, 2), rows, torch.ones(2, 2)), torch.full((2, 2), 2.0))
+
+
+def test_config_validation_and_defaults():
+    cfg = CompressionConfig()
+    assert (cfg.emb, cfg.mlp, cfg.error_feedback, cfg.collective) == ("none", "none", "mlp", "auto")
+    assert not cfg.mlp_error_feedback  # nothing to feed back for a lossless compressor
+    assert CompressionConfig(mlp="int8").mlp_error_feedback
+    assert CompressionConfig(emb="int8", error_feedback="both").emb_error_feedback
+    assert not CompressionConfig(emb="int8").emb_error_feedback
+    assert CompressionConfig().use_two_phase(8) and not CompressionConfig().use_two_phase(4)
+    assert CompressionConfig(collective="two-phase").use_two_phase(2)
+    for bad in (dict(emb="int2"), dict(error_feedback="all"), dict(collective="allreduce"),
+                dict(emb_scale="channel"), dict(mlp_scale="row")):
+        with pytest.raises(ValueError):
+            CompressionConfig(**bad)
+    assert CompressionConfig(emb="int4").to_dict()["emb"] == "int4"
