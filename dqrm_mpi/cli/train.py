@@ -31,6 +31,8 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--eval-every", type=click.IntRange(min=0), default=0,
               help="Evaluate on test and val every N steps (0: only at the end of each epoch).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=16384, help="Rows per evaluation batch per rank.")
+@click.option("--eval-splits", type=click.Choice(["test", "val"]), multiple=True, default=("test", "val"),
+              help="Splits to evaluate (repeat the option for both); best_test is tracked on test.")
 @click.option("--seed", type=int, default=0, help="Seeds initialisation (rank 0's, broadcast) and batch order.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto",

@@ -27,6 +27,7 @@ def test_help_lists_every_option_with_defaults():
     (["--preset", "huge"], "'huge' is not one of"),
     (["--bottom-mlp", "512-x"], "not a dash-separated list of integers"),
     (["--device", "tpu"], "Invalid value for '--device'"),
+    (["--eval-splits", "train"], "Invalid value for '--eval-splits'"),
     (["--bottom-mlp", "64-8"], "bottom MLP output width 8 must equal the embedding dim 16"),
 ])
 def test_bad_options_are_clear_errors(small_dataset, tmp_path, args, message):
