@@ -164,7 +164,7 @@ def _count_task(args: tuple[str, int, int, bool]) -> int:
     return count_piece_lines(*args)
 
 
-def _plan(ctx_out: str, kind: str, sources: list[Source], opts: PrepOptions, ex: Executor) -> tuple[list[Piece], int]:
+def _plan(kind: str, sources: list[Source], opts: PrepOptions, ex: Executor) -> tuple[list[Piece], int]:
     pieces: list[Piece] = []
     for s in sources:
         if s.gz:
@@ -577,7 +577,7 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
             pieces = [Piece(**p) for p in plan["pieces"]]
             buckets = int(plan["buckets"])
         else:
-            pieces, buckets = _plan(str(out), kind, sources, opts, ex)
+            pieces, buckets = _plan(kind, sources, opts, ex)
             if ex.is_root:
                 write_atomic_text(plan_file, json.dumps({"sources": [s.to_dict() for s in sources],
                                                          "pieces": [p.to_dict() for p in pieces],

@@ -197,6 +197,7 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
         "comm_bytes_received_per_step": _dist(stats.comm_bytes_received),
         "comm_seconds_per_step": _dist(stats.comm_seconds),
         "comm_per_rank": comm_log.summary() if rank0 else None,
+        "error_feedback_bytes": sync.error_feedback_nbytes(),  # residual memory per rank at the end
         "planted": meta.extra.get("planted"),
         "qat": qat.summary() if qat is not None else None,
     }

@@ -24,4 +24,6 @@ def format_summary(summary: dict[str, Any]) -> str:
                                             "comm_seconds_per_step"))
     lines.append(f"   communication per step (rank 0): sent {_mb(sent['mean'])} (p95 {_mb(sent['p95'])}), "
                  f"received {_mb(recv['mean'])}, waiting {sec['mean'] * 1e3:.2f} ms (p95 {sec['p95'] * 1e3:.2f} ms)")
+    if summary.get("error_feedback_bytes"):
+        lines.append(f"   error-feedback residuals: {_mb(summary['error_feedback_bytes'])} per rank")
     return "\n".join(lines)
