@@ -12,6 +12,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake git make \
     && rm -rf /var/lib/apt/lists/*
 
+# Set to PyTorch's CPU wheel index (docker build --build-arg TORCH_INDEX_URL=...) to install the
+# CPU build of torch 2.13.0 instead of the default index's CUDA build.
+ARG TORCH_INDEX_URL=""
+ENV TORCH_INDEX_URL=${TORCH_INDEX_URL}
+
 WORKDIR /opt/dqrm
 # The installer and package metadata first, so the slow Horovod build is cached across code edits.
 COPY launch/install.sh launch/install.sh

@@ -6,14 +6,16 @@
 #   3. torch==2.13.0 (the CPU build) and build helpers         skipped when installed
 #   4. Horovod 0.28.1 with PyTorch, MPI and Gloo              skipped when `horovodrun --check-build` shows them;
 #      the wheel is built once from the PyPI sdist (C++17 patch) and cached in WHEEL_CACHE
+#      (~/.cache/dqrm_mpi/wheels/torch-VERSION), so later installs take seconds
 #   5. this package (editable) with its dependencies          skipped when setup.cfg has not changed
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
-WHEEL_CACHE="${WHEEL_CACHE:-$HOME/.cache/dqrm_mpi/wheels}"
 HOROVOD_VERSION=0.28.1
 TORCH_VERSION=2.13.0
+# Horovod's torch extension is compiled against one torch: the cache is keyed by that version.
+WHEEL_CACHE="${WHEEL_CACHE:-$HOME/.cache/dqrm_mpi/wheels/torch-$TORCH_VERSION}"
 PY="${PYTHON:-python3}"
 
 log() { printf '[install] %s\n' "$*"; }
@@ -43,7 +45,10 @@ if python -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('$TO
   log "torch $TORCH_VERSION present"
 else
   log "installing torch==$TORCH_VERSION and build helpers"
-  pip install -q "torch==$TORCH_VERSION" numpy packaging wheel "setuptools>=64"
+  # TORCH_INDEX_URL (optional): a wheel index serving torch's CPU build, where the default index
+  # would resolve the exact pin to a multi-GB CUDA build (e.g. in a container).
+  pip install -q ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==$TORCH_VERSION"
+  pip install -q numpy packaging wheel "setuptools>=64"
   command -v cmake >/dev/null || pip install -q "cmake<4"
 fi
 
@@ -60,7 +65,7 @@ else
   mkdir -p "$WHEEL_CACHE"
   wheel="$(ls "$WHEEL_CACHE"/horovod-$HOROVOD_VERSION-*.whl 2>/dev/null | head -n1 || true)"
   if [ -z "$wheel" ]; then
-    log "building Horovod $HOROVOD_VERSION from its sdist (10-15 minutes on 2 cores, once)"
+    log "building Horovod $HOROVOD_VERSION from its sdist (about 5 minutes on 2 cores, once)"
     src="$(mktemp -d)"
     pip download -q --no-deps --no-binary :all: "horovod==$HOROVOD_VERSION" -d "$src"
     tar -xzf "$src"/horovod-$HOROVOD_VERSION.tar.gz -C "$src"
