@@ -18,7 +18,7 @@ VENV_BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
-    """12,000 train / 2,000 val / 2,000 test rows over two train shards."""
+    """12,000 train / 2,000 val / 2,000 test rows; train in three shards of up to 5,000 rows."""
     out = tmp_path_factory.mktemp("small") / "ds"
     write_synthetic_dataset(out, {"train": 12_000, "val": 2_000, "test": 2_000},
                             PlantedClickModel(SMALL_CARDINALITIES, seed=7), shard_rows=5_000)
