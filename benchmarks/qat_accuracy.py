@@ -59,7 +59,7 @@ def main() -> None:
         write_synthetic_dataset(data, {"train": args.rows, "val": args.rows // 10, "test": args.rows // 10},
                                 PlantedClickModel(DEFAULT_CARDINALITIES, seed=1))
     common = ["--data", str(data), "--preset", args.preset, "--batch-size", str(args.batch_size),
-              "--lr", str(args.lr), "--epochs", str(args.epochs), "--seed", "0"]
+              "--lr", str(args.lr), "--epochs", str(args.epochs), "--seed", "0", "--overwrite"]
     results = {}
     for name, extra in RUNS.items():
         out = work / name

@@ -35,6 +35,13 @@ from .quant_options import pop_quant_config, qat_options
               help="Splits to evaluate (repeat the option for both); best_test is tracked on test.")
 @click.option("--seed", type=int, default=0, help="Seeds initialisation (rank 0's, broadcast) and batch order.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
+              help="Also write OUT/checkpoint.pt every N steps (0: only at the end).")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out from its checkpoint.pt (same data, architecture, batch size, "
+                   "seed and quantization; lr, epochs, max-steps, evaluation and compression may change). "
+                   "Error-feedback residuals start from zero.")
+@click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto: one GPU per local rank when torch sees CUDA, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,

@@ -114,11 +114,17 @@ class HorovodBackend:
 
     # -- set-up and bookkeeping (not counted as step traffic) ---------------
     def broadcast_module(self, module: torch.nn.Module, root: int = 0) -> None:
-        """Copy every parameter and buffer of ``module`` from ``root`` to all ranks."""
-        state = module.state_dict()
-        for name, value in state.items():
-            if isinstance(value, torch.Tensor) and value.numel():
-                value.copy_(self._like(self._hvd.broadcast(self._to_comm(value), root, name=f"bcast.{name}"), value))
+        """Copy every parameter and buffer of ``module`` from ``root`` to all ranks.
+
+        Goes through ``load_state_dict`` so that modules which mirror buffers into Python
+        state (QAT flags) see the broadcast values as they would a loaded checkpoint.
+        """
+        state = {
+            name: self._like(self._hvd.broadcast(self._to_comm(value), root, name=f"bcast.{name}"), value)
+            if value.numel() else value
+            for name, value in module.state_dict().items()
+        }
+        module.load_state_dict(state)
 
     def broadcast_object(self, obj: Any, root: int = 0, name: str = "object") -> Any:
         return self._hvd.broadcast_object(obj, root_rank=root, name=name)

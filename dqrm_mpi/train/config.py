@@ -19,7 +19,8 @@ class TrainConfig:
 
     batch_size is the global batch (split evenly across ranks); eval_every is in steps
     (0: only at the end of each epoch); max_steps (None: no limit) counts steps over all
-    epochs; threads None means OMP_NUM_THREADS or cores / local ranks.
+    epochs; threads None means OMP_NUM_THREADS or cores / local ranks; checkpoint_every is
+    in steps (0: only at the end); resume continues from ``out/checkpoint.pt``.
     """
 
     data: Path
@@ -39,6 +40,9 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     prefetch: int = 4
+    checkpoint_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)  # default: FP32, nothing quantized
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
 
@@ -55,6 +59,8 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
             (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
             (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),
             (isinstance(self.compression, CompressionConfig),

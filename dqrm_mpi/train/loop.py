@@ -22,7 +22,8 @@ from ..quant.qat import prepare_qat
 from .config import TrainConfig
 from .metrics import binary_metrics
 from .report import format_summary
-from .run_dir import RunDir, json_safe
+from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
+from .run_dir import RunDir
 
 
 def _bar_interval() -> float:
@@ -99,7 +100,19 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
     model = DLRM(model_config).to(device)
     # Before the broadcast: QAT scales, counters and modes are buffers, so rank 0's reach every rank.
     qat = prepare_qat(model, config.quant) if config.quant.enabled else None
-    backend.broadcast_module(model)  # rank 0's initialisation everywhere
+    # Rank 0 checks --out (fresh, --overwrite or --resume); every rank learns the outcome.
+    error, resume = None, None
+    if rank0:
+        try:
+            resume = prepare_out_dir(config)
+        except ValueError as e:
+            error = str(e)
+        if resume is not None:
+            model.load_state_dict(resume["model"])  # weights and QAT scales/counters
+    error, start_step = backend.broadcast_object((error, resume["step"] if resume else 0), name="resume")
+    if error:
+        raise ValueError(error)
+    backend.broadcast_module(model)  # rank 0's initialisation (or checkpoint) everywhere
     sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
     comm_log = CommOverheadLog(backend)  # every rank's per-step comm figures, gathered to rank 0
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
@@ -112,17 +125,22 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
     total_steps = batches.steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
+    if start_step >= total_steps:
+        raise ValueError(f"--resume: the checkpoint is at step {start_step}, the run asks for {total_steps} steps "
+                         f"in all: raise --epochs or --max-steps")
 
     run = RunDir(config.out) if rank0 else None
     if run:
         run.write_json("config.json", {"train": config.to_dict(), "model": model_config.to_dict(),
                                        "world_size": backend.size, "dataset": meta.to_dict(),
                                        "device": str(device), "threads": torch.get_num_threads()})
+        if start_step:
+            tqdm.write(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {start_step}")
         if batches.dropped_per_epoch:
             tqdm.write(f"[dqrm-train] {batches.dropped_per_epoch} of {train_reader.num_rows} training rows "
                        f"do not fill a global batch of {config.batch_size} and are left out of each epoch "
                        f"(a different set every epoch)")
-    stats = _Stats()
+    stats = _Stats(steps=start_step)
 
     def run_eval(epoch: int, step: int) -> None:
         for split, reader in eval_readers.items():
@@ -136,16 +154,17 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                 tqdm.write(f"[dqrm-train] step {step} epoch {epoch} {split}: acc {result['accuracy']:.4f} "
                            f"auc {result['auc']:.4f} logloss {result['log_loss']:.4f}")
 
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not rank0, dynamic_ncols=True,
-               mininterval=_bar_interval())
-    epoch = 0
+    bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not rank0,
+               dynamic_ncols=True, mininterval=_bar_interval())
+    first_epoch = epoch = start_step // batches.steps_per_epoch
     model.train()
-    for epoch in range(config.epochs):
+    for epoch in range(first_epoch, config.epochs):
         if stats.steps >= total_steps:
             break
         if qat is not None:
             qat.on_epoch(epoch)  # FP32 during --pretrain-epochs, quantization-aware after
-        for batch in batches.epoch(epoch):
+        skip = start_step % batches.steps_per_epoch if epoch == first_epoch else 0
+        for batch in batches.epoch(epoch, start_step=skip):
             t0 = time.perf_counter()
             if qat is not None:
                 qat.on_step(stats.steps)  # full-table scale pass only at multiples of --scale-period
@@ -176,16 +195,19 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                 bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
             if config.eval_every and stats.steps % config.eval_every == 0:
                 run_eval(epoch, stats.steps)
+            if run and config.checkpoint_every and stats.steps % config.checkpoint_every == 0:
+                run.save_checkpoint(checkpoint_state(model, model_config.to_dict(), config, stats.steps, epoch))
             if stats.steps >= total_steps:
                 break
         run_eval(epoch, stats.steps)
     bar.close()
     comm_log.flush(run.log if run else None)
 
-    samples = stats.steps * config.batch_size
+    samples = (stats.steps - start_step) * config.batch_size
     summary = {
         "world_size": backend.size,
         "steps": stats.steps,
+        "resumed_from_step": start_step,
         "epochs_started": epoch + 1,
         "samples": samples,
         "train_seconds": stats.train_seconds,
@@ -205,8 +227,7 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
         run.write_json("summary.json", summary)
         tqdm.write("[dqrm-train] communication per step and rank:\n" + comm_log.format_summary())
         tqdm.write(format_summary(summary))
-        run.save_checkpoint({"model": model.state_dict(), "model_config": model_config.to_dict(),
-                             "train_config": json_safe(config.to_dict()), "step": stats.steps, "epoch": epoch})
+        run.save_checkpoint(checkpoint_state(model, model_config.to_dict(), config, stats.steps, epoch))
         run.close()
     for reader in (train_reader, *eval_readers.values()):
         reader.close()

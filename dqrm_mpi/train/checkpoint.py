@@ -1,0 +1,53 @@
+"""Checkpoints and the run directory's life cycle: fresh, overwritten or resumed."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .run_dir import json_safe
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
+# Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
+# max_steps, evaluation and compression settings, may change on resume).
+RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")
+
+
+def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: TrainConfig, step: int,
+                     epoch: int) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds: weights and QAT buffers, configurations, global step."""
+    return {"model": model.state_dict(), "model_config": model_config, "train_config": json_safe(config.to_dict()),
+            "step": step, "epoch": epoch}
+
+
+def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
+    """Check (on rank 0) what ``--out`` holds against --resume / --overwrite.
+
+    Returns the checkpoint to resume from, or None for a fresh run.  Raises ValueError
+    when a previous run would be mixed with this one or cannot be resumed.
+    """
+    out = Path(config.out)
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if config.overwrite:
+        for name in previous:
+            (out / name).unlink()
+        return None
+    if config.resume:
+        path = out / CHECKPOINT
+        if not path.exists():
+            raise ValueError(f"--resume: {path} does not exist (nothing to resume)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        now = json_safe(config.to_dict())
+        changed = [k for k in RESUME_KEYS if state["train_config"].get(k) != now.get(k)]
+        if changed:
+            details = ", ".join(f"{k}: {state['train_config'].get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise ValueError(f"--resume: {path} was trained with other settings ({details})")
+        return state
+    if previous:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(previous)}): pass --resume to continue "
+                         f"it from its checkpoint or --overwrite to start afresh")
+    return None
