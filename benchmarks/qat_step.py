@@ -57,7 +57,6 @@ def main() -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     step_of = {name: 0 for name in modes}
     times = {name: [] for name in modes}
-    scale_seconds = {name: 0.0 for name in modes}
 
     def run(name: str, steps: int) -> None:
         model, qat, opt = models[name], states[name], opts[name]

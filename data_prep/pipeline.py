@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from dqrm_mpi.data.schema import (
 from .criteo_format import MAX_EXAMPLES, parse_block
 from .errors import InputError, OptionsMismatchError, OutputError
 from .executor import Executor
-from .sources import NEVER, Piece, Source, assign_splits, count_piece_lines, cut_plain, discover, iter_gzip_blocks, read_range
+from .sources import Piece, Source, assign_splits, count_piece_lines, cut_plain, discover, iter_gzip_blocks, read_range
 from .vocab import LUT_MAX, CountAccumulator, build_vocab, load_mappers, make_lut
 
 PREP_VERSION = 1

@@ -128,7 +128,7 @@ class _IntCompressor(Compressor):
             scale_rows_(transmitted.view(1, -1), scales.view(1, -1), layout)
 
     def decode_many(self, bufs, layout, out):
-        n, nd = out.shape[1], self.data_nbytes(out.shape[1])
+        nd = self.data_nbytes(out.shape[1])
         scales = torch.empty(bufs.shape[0], 4 * layout.num_groups, dtype=torch.uint8)
         scales.copy_(bufs[:, nd:nd + 4 * layout.num_groups])
         scales = scales.view(torch.float32)

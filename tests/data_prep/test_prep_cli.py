@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from data_prep.cli import cli
 from dqrm_mpi.data.schema import list_shards, read_meta
-from prep_testlib import KAGGLE, assert_same_dataset, load_all, read_lines
+from prep_testlib import KAGGLE, assert_same_dataset, read_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import shutil
 
-import pytest
 import torch
 
 from dqrm_mpi.model import DLRM, ModelConfig

@@ -1,7 +1,6 @@
 """Data-parallel invariants on real ranks: gradient exchange and replica consistency."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dqrm_mpi.data.reader import SplitReader, TrainBatches, eval_batches
-from dqrm_mpi.data.schema import (SchemaError, DatasetMeta, list_shards, read_meta, write_meta,
+from dqrm_mpi.data.schema import (SchemaError, list_shards, read_meta, write_meta,
                                   write_shard)
 from dqrm_mpi.data.synthetic import PlantedClickModel, planted_metrics, transform_dense
 
