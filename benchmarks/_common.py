@@ -35,7 +35,12 @@ def launch(np_: int, args: list[str], threads: int) -> None:
     e["OMP_NUM_THREADS"] = str(threads)
     cmd = args if np_ == 1 else [shutil.which("horovodrun", path=e["PATH"]), "-np", str(np_),
                                   "-H", f"localhost:{np_}", *args]
-    proc = subprocess.run(cmd, env=e, capture_output=True, text=True)
+    run_checked(cmd, e)
+
+
+def run_checked(cmd: list[str], env: dict[str, str], timeout: float | None = None) -> None:
+    """Run ``cmd``; exit with the tail of its output when it fails."""
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import KAGGLE_CARDINALITIES, VENV_BIN, env, machine  # noqa: E402
+from benchmarks._common import KAGGLE_CARDINALITIES, VENV_BIN, env, machine, run_checked  # noqa: E402
 
 CONFIGS = {  # name -> (emb, mlp, error_feedback, collective)
     "dense_emb_small_tables": None,
@@ -220,9 +219,7 @@ def launch_worker(np_: int, net: str, rate: str | None, steps: int, configs: lis
             cmd = [str(VENV_BIN / "horovodrun"), "-np", str(np_), "-H", f"localhost:{np_}", *args]
         else:
             cmd = ["bash", str(ROOT / "launch/netns_cluster.sh"), "session", str(np_), rate, "0", "--", *args]
-        proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=1800)
-        if proc.returncode:
-            sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        run_checked(cmd, e, timeout=1800)
         return summarize(json.loads(out.read_text()))
 
 
@@ -247,9 +244,7 @@ def accuracy(np_: int, rows: int, epochs: int) -> dict:
                    "--data", str(data), "--out", str(out), "--preset", "kaggle", "--batch-size", "512",
                    "--epochs", str(epochs), "--eval-splits", "test", *extra]
             t0 = time.time()
-            proc = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=3600)
-            if proc.returncode:
-                sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            run_checked(cmd, e, timeout=3600)
             s = json.loads((out / "summary.json").read_text())
             res[name] = {"test_auc": s["final"]["test"]["auc"], "best_test_auc": s["best_test"]["auc"],
                          "steps": s["steps"], "seconds": round(time.time() - t0, 1),

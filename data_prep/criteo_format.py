@@ -37,10 +37,6 @@ for _i, _c in enumerate(b"0123456789abcdef"):
 for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = 10 + _i
 
-_PARSE = pacsv.ParseOptions(delimiter="\t", quote_char=False, double_quote=False, escape_char=False,
-                            newlines_in_values=False, ignore_empty_lines=False)
-
-
 def _read_options() -> pacsv.ReadOptions:
     # 4 MiB internal blocks: much faster than one huge block (cache).
     return pacsv.ReadOptions(column_names=FIELD_NAMES, use_threads=False, block_size=1 << 22)

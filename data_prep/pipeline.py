@@ -45,7 +45,9 @@ from dqrm_mpi.data.schema import (
 from .criteo_format import MAX_EXAMPLES, parse_block
 from .errors import InputError, OptionsMismatchError, OutputError
 from .executor import Executor
-from .sources import Piece, Source, assign_splits, count_piece_lines, cut_plain, discover, iter_gzip_blocks, read_range
+from .sources import (
+    Piece, Source, assign_splits, count_piece_lines, cut_plain, discover, iter_gzip_blocks, planted_path, read_range,
+)
 from .vocab import LUT_MAX, CountAccumulator, build_vocab, load_mappers, make_lut
 
 PREP_VERSION = 1
@@ -118,9 +120,6 @@ class Ctx:
 
 
 # ---------------------------------------------------------------- hashing
-
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
@@ -465,9 +464,6 @@ def _call(args: tuple) -> Any:
 
 # ---------------------------------------------------------------- driver
 
-PLANTED_SUFFIX = ".planted.json"  # written beside a raw file by `dqrm-prep synth`
-
-
 def planted_metrics_for(kind: str, sources: list[Source], totals: dict[str, int]) -> dict | None:
     """The planted model's test/val metrics from ``RAW.planted.json`` (``dqrm-prep synth``),
     in the shape ``write_synthetic_dataset`` records (``{"test": {...}, "val": {...}}``), when
@@ -476,7 +472,7 @@ def planted_metrics_for(kind: str, sources: list[Source], totals: dict[str, int]
     if kind != "kaggle" or len(sources) != 1:
         return None
     src = sources[0]
-    side = Path(src.path + PLANTED_SUFFIX)
+    side = planted_path(src.path)
     if not side.is_file():
         return None
     try:
@@ -675,7 +671,7 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
         )
         if planted is not None:
             meta.extra["planted"] = planted
-            meta.extra["planted_source"] = Path(sources[0].path).name + PLANTED_SUFFIX
+            meta.extra["planted_source"] = planted_path(sources[0].path).name
         if ex.is_root:
             write_meta(out, meta)
             if not opts.keep_temp:

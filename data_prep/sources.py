@@ -114,6 +114,19 @@ def _kaggle(path: Path) -> list[Source]:
     return [Source(0, str(path), size, _is_gzip(path), holdout=True)]
 
 
+def kaggle_bounds(lines: int) -> tuple[int, int]:
+    """(train_end, test_end) line indices under the Kaggle split rule (see the module doc)."""
+    per, extra = divmod(lines, 7)
+    days = [per + 1] * extra + [per] * (7 - extra)
+    train_end = sum(days[:6])
+    return train_end, train_end + (days[6] + 1) // 2
+
+
+def planted_path(raw_file: str | os.PathLike) -> Path:
+    """``RAW.planted.json``: the planted model's metrics, written beside a raw file by ``dqrm-prep synth``."""
+    return Path(str(raw_file) + ".planted.json")
+
+
 def assign_splits(kind: str, sources: list[Source]) -> None:
     """Set train_end / test_end from the line counts (reference DLRM split rules)."""
     for s in sources:
@@ -123,10 +136,7 @@ def assign_splits(kind: str, sources: list[Source]) -> None:
         if s.lines < 0:
             raise AssertionError(f"{s.path}: lines not counted")
         if kind == "kaggle":
-            per, extra = divmod(s.lines, 7)
-            days = [per + 1] * extra + [per] * (7 - extra)
-            s.train_end = sum(days[:6])
-            s.test_end = s.train_end + (days[6] + 1) // 2
+            s.train_end, s.test_end = kaggle_bounds(s.lines)
         else:
             s.train_end = 0
             s.test_end = (s.lines + 1) // 2

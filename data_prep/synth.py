@@ -21,6 +21,7 @@ from dqrm_mpi.data.synthetic import DEFAULT_CARDINALITIES, PlantedClickModel, pl
 
 from .criteo_format import DENSE_NAMES, FIELD_NAMES, SPARSE_NAMES, encode_hex
 from .errors import InputError, OutputError
+from .sources import kaggle_bounds, planted_path
 
 PRESETS = {
     "tiny": tuple(max(3, c // 50) for c in DEFAULT_CARDINALITIES),
@@ -28,18 +29,6 @@ PRESETS = {
     "large": tuple(c * 200 for c in DEFAULT_CARDINALITIES),
 }
 CHUNK_ROWS = 100_000
-
-
-def kaggle_bounds(rows: int) -> tuple[int, int]:
-    """(train_end, test_end) row indices under the Kaggle split rule."""
-    per, extra = divmod(rows, 7)
-    days = [per + 1] * extra + [per] * (7 - extra)
-    train_end = sum(days[:6])
-    return train_end, train_end + (days[6] + 1) // 2
-
-
-def planted_path(out_file: str | os.PathLike) -> Path:
-    return Path(str(out_file) + ".planted.json")
 
 
 def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,

@@ -108,10 +108,10 @@ class CommOverheadLog:
                                "Horovod; received: output bytes from other ranks; seconds: waiting on "
                                "collectives; codec_seconds: compress + decompress"}
 
-    def format_summary(self) -> str:
-        """A short table (rank 0) for the end of the run."""
+    def format_summary(self, summary: dict[str, Any] | None = None) -> str:
+        """A short table (rank 0) for the end of the run; ``summary``: ``self.summary()`` if already computed."""
         rows = ["rank   sent/step        received/step    comm ms/step      emb sent    mlp sent   (mean | p95)"]
-        for r, m in sorted(self._values and self.summary()["per_rank"].items(), key=lambda kv: int(kv[0])):
+        for r, m in sorted((summary or self.summary())["per_rank"].items(), key=lambda kv: int(kv[0])):
             def kb(key: str) -> str:
                 d = m.get(key, {"mean": 0.0, "p95": 0.0})
                 return f"{d['mean'] / 1e3:7.1f}|{d['p95'] / 1e3:<7.1f}"

@@ -176,15 +176,19 @@ def export_packed(model: DLRM, quant: QuantConfig, path: str | Path) -> int:
     data = _tensors(model, quant)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(head)
-        for e in entries:
-            t = data[e.name]
-            expected = (e.shape if e.dtype == "float32" else (e.shape[0], packed_row_bytes(e.shape[1], e.bits)))
-            if tuple(t.shape) != tuple(expected):
-                raise AssertionError(f"{e.name}: shape {tuple(t.shape)}, layout says {expected}")
-            f.write(t.contiguous().numpy().astype("<f4" if e.dtype == "float32" else np.uint8).tobytes())
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for e in entries:
+                t = data[e.name]
+                expected = (e.shape if e.dtype == "float32" else (e.shape[0], packed_row_bytes(e.shape[1], e.bits)))
+                if tuple(t.shape) != tuple(expected):
+                    raise AssertionError(f"{e.name}: shape {tuple(t.shape)}, layout says {expected}")
+                f.write(t.contiguous().numpy().astype("<f4" if e.dtype == "float32" else np.uint8).tobytes())
+        tmp.replace(path)
+    except BaseException:  # no half-written .tmp left beside OUT
+        tmp.unlink(missing_ok=True)
+        raise
     return path.stat().st_size
 
 

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 from .config import TrainConfig
-from .run_dir import json_safe
+from .run_dir import CHECKPOINT, json_safe
 
-CHECKPOINT = "checkpoint.pt"
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
 # Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
 # max_steps, evaluation and compression settings, may change on resume).
@@ -40,11 +39,15 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
         path = out / CHECKPOINT
         if not path.exists():
             raise ValueError(f"--resume: {path} does not exist (nothing to resume)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            saved = state["train_config"]
+        except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
+            raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
         now = json_safe(config.to_dict())
-        changed = [k for k in RESUME_KEYS if state["train_config"].get(k) != now.get(k)]
+        changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
         if changed:
-            details = ", ".join(f"{k}: {state['train_config'].get(k)!r} -> {now.get(k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise ValueError(f"--resume: {path} was trained with other settings ({details})")
         return state
     if previous:

@@ -7,13 +7,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from ..comm.backend import HorovodBackend, default_threads
-from ..comm.overhead import CommOverheadLog
+from ..comm.overhead import CommOverheadLog, dist
 from ..comm.sync import GradientSynchronizer
 from ..data.reader import SplitReader, TrainBatches, eval_batches
 from ..data.schema import read_meta
@@ -52,7 +51,7 @@ def evaluate(model: nn.Module, reader: SplitReader, backend: HorovodBackend, bat
     was_training = model.training
     model.eval()
     probs, labels = [], []
-    share = -(-reader.num_rows // backend.size)
+    share = reader.num_rows // backend.size  # rank 0's rows (eval_batches), the rank that shows the bar
     for b in tqdm(eval_batches(reader, batch, backend.rank, backend.size), desc=f"eval {reader.split}",
                   unit="batch", total=-(-share // batch), leave=False, disable=backend.rank != 0,
                   mininterval=_bar_interval()):
@@ -79,13 +78,6 @@ class _Stats:
     last: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def _dist(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"mean": 0.0, "p50": 0.0, "p95": 0.0}
-    a = np.asarray(values, dtype=np.float64)
-    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95))}
-
-
 def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[str, Any]:
     """Run training as configured; returns the summary (on every rank; rank 0 writes files)."""
     backend = backend or HorovodBackend()
@@ -105,10 +97,10 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
     if rank0:
         try:
             resume = prepare_out_dir(config)
-        except ValueError as e:
-            error = str(e)
-        if resume is not None:
-            model.load_state_dict(resume["model"])  # weights and QAT scales/counters
+            if resume is not None:
+                model.load_state_dict(resume["model"])  # weights and QAT scales/counters
+        except (ValueError, OSError, RuntimeError) as e:  # raised on every rank below, not on rank 0 alone
+            error = str(e) if isinstance(e, ValueError) else f"--out {config.out}: {e}"
     error, start_step = backend.broadcast_object((error, resume["step"] if resume else 0), name="resume")
     if error:
         raise ValueError(error)
@@ -141,6 +133,7 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                        f"do not fill a global batch of {config.batch_size} and are left out of each epoch "
                        f"(a different set every epoch)")
     stats = _Stats(steps=start_step)
+    saved_step = None  # step of the last checkpoint written
 
     def run_eval(epoch: int, step: int) -> None:
         for split, reader in eval_readers.items():
@@ -197,6 +190,7 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
                 run_eval(epoch, stats.steps)
             if run and config.checkpoint_every and stats.steps % config.checkpoint_every == 0:
                 run.save_checkpoint(checkpoint_state(model, model_config.to_dict(), config, stats.steps, epoch))
+                saved_step = stats.steps
             if stats.steps >= total_steps:
                 break
         run_eval(epoch, stats.steps)
@@ -215,9 +209,9 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
         "rows_left_out_per_epoch": batches.dropped_per_epoch,
         "final": stats.last,
         "best_test": stats.best_test,
-        "comm_bytes_sent_per_step": _dist(stats.comm_bytes_sent),
-        "comm_bytes_received_per_step": _dist(stats.comm_bytes_received),
-        "comm_seconds_per_step": _dist(stats.comm_seconds),
+        "comm_bytes_sent_per_step": dist(stats.comm_bytes_sent),
+        "comm_bytes_received_per_step": dist(stats.comm_bytes_received),
+        "comm_seconds_per_step": dist(stats.comm_seconds),
         "comm_per_rank": comm_log.summary() if rank0 else None,
         "error_feedback_bytes": sync.error_feedback_nbytes(),  # residual memory per rank at the end
         "planted": meta.extra.get("planted"),
@@ -225,9 +219,10 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
     }
     if run:
         run.write_json("summary.json", summary)
-        tqdm.write("[dqrm-train] communication per step and rank:\n" + comm_log.format_summary())
+        tqdm.write("[dqrm-train] communication per step and rank:\n" + comm_log.format_summary(summary["comm_per_rank"]))
         tqdm.write(format_summary(summary))
-        run.save_checkpoint(checkpoint_state(model, model_config.to_dict(), config, stats.steps, epoch))
+        if saved_step != stats.steps:  # else the periodic checkpoint of this very step is the final one
+            run.save_checkpoint(checkpoint_state(model, model_config.to_dict(), config, stats.steps, epoch))
         run.close()
     for reader in (train_reader, *eval_readers.values()):
         reader.close()

@@ -11,6 +11,8 @@ import torch
 
 from ..data.schema import write_atomic_text
 
+CHECKPOINT = "checkpoint.pt"
+
 
 def json_safe(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf become null, paths and tuples become strings and lists."""
@@ -42,11 +44,15 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
 
-    def save_checkpoint(self, state: dict[str, Any], name: str = "checkpoint.pt") -> Path:
-        final = self.path / name
-        tmp = final.with_name(f".{name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, final)
+    def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        final = self.path / CHECKPOINT
+        tmp = final.with_name(f".{CHECKPOINT}.tmp")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, final)
+        except BaseException:  # keep the previous checkpoint, leave no partial file
+            tmp.unlink(missing_ok=True)
+            raise
         return final
 
     def close(self) -> None:
