@@ -130,7 +130,7 @@ class _LocalBackend:
     def allgather_stacked(self, t, name, kind):
         return t.unsqueeze(0).expand(self.size, *t.shape).clone()
 
-    def allgather(self, tensors, name, kind, equal_sizes=False):
+    def allgather(self, tensors, name, kind):
         return [[t.clone() for _ in range(self.size)] for t in tensors]
 
     def allreduce_average(self, tensors, name, kind):

@@ -61,29 +61,18 @@ class HorovodBackend:
         self.traffic.record(kind, "allreduce", size, size, elapsed)
         return [self._like(o, t) for o, t in zip(out, tensors)]
 
-    def allgather(self, tensors: list[torch.Tensor], name: str, kind: str,
-                  equal_sizes: bool = False) -> list[list[torch.Tensor]]:
-        """Gather each tensor from every rank (dim 0 may differ); returns [tensor][rank] parts.
-
-        ``equal_sizes=True`` promises every rank hands tensors of the same shapes (fixed-size
-        packed payloads): the dim-0 counts are then not exchanged (one collective less).
-        """
+    def allgather(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[list[torch.Tensor]]:
+        """Gather each tensor from every rank (dim 0 may differ); returns [tensor][rank] parts."""
         if not tensors:
             return []
         start = time.perf_counter()
-        if equal_sizes:
-            counts = torch.empty(0, dtype=torch.int64)
-            all_counts = torch.tensor([[t.shape[0] for t in tensors]] * self.size, dtype=torch.int64)
-            count_bytes = (0, 0)
-        else:
-            # Dim-0 sizes per rank, to split the gathered result back into per-rank parts.
-            counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
-            all_counts = self._hvd.allgather(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
-            count_bytes = (_nbytes(counts), _nbytes(all_counts))
+        # Dim-0 sizes per rank, to split the gathered result back into per-rank parts.
+        counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
+        all_counts = self._hvd.allgather(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
         gathered = self._hvd.grouped_allgather([self._to_comm(t) for t in tensors], name=name)
         elapsed = time.perf_counter() - start
-        own = sum(_nbytes(t) for t in tensors) + count_bytes[0]
-        total = sum(_nbytes(g) for g in gathered) + count_bytes[1]
+        own = sum(_nbytes(t) for t in tensors) + _nbytes(counts)
+        total = sum(_nbytes(g) for g in gathered) + _nbytes(all_counts)
         self.traffic.record(kind, "allgather", own, total - own, elapsed)
         return [
             [self._like(p, t) for p in torch.split(g, all_counts[:, i].tolist(), dim=0)]
@@ -92,7 +81,7 @@ class HorovodBackend:
 
     def allgather_stacked(self, tensor: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         """Gather a tensor of the same shape from every rank: [size, *shape], rank order, one
-        collective (fixed-size packed payloads; counted like ``allgather(equal_sizes=True)``)."""
+        collective (fixed-size packed payloads: no dim-0 counts to exchange)."""
         start = time.perf_counter()
         gathered = self._hvd.allgather(self._to_comm(tensor.unsqueeze(0)), name=name)
         elapsed = time.perf_counter() - start

@@ -33,6 +33,15 @@ def _dense_grads(model) -> dict[str, torch.Tensor]:
     return {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone() for n, p in model.named_parameters()}
 
 
+def _after_one_backward(backend, cfg: CompressionConfig) -> tuple[DLRM, GradientSynchronizer]:
+    """A fresh model and its synchronizer, with the local gradients of batch 0 (not yet exchanged)."""
+    model = _model(backend)
+    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), cfg)
+    dense, sparse, _ = _batch(backend, 0)
+    model(dense, sparse).sum().backward()
+    return model, sync
+
+
 def _all_true(backend, ok: bool, name: str) -> bool:
     """Every rank's verdict, so all ranks assert the same thing."""
     return all(backend.allgather_object(bool(ok), name=name))
@@ -46,11 +55,8 @@ CASES = [
 
 
 def _check_exchange_equals_dense_average(backend, emb, mlp, collective):
-    model = _model(backend)
-    cfg = CompressionConfig(emb=emb, mlp=mlp, collective=collective, error_feedback="none")
-    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), cfg)
-    dense, sparse, _ = _batch(backend, 0)
-    model(dense, sparse).sum().backward()
+    model, sync = _after_one_backward(
+        backend, CompressionConfig(emb=emb, mlp=mlp, collective=collective, error_feedback="none"))
     local = _dense_grads(model)
     names = list(local)
     expected = dict(zip(names, backend.allreduce_average([local[n] for n in names], "t.avg", "test")))
@@ -196,11 +202,8 @@ def _analytic_emb_nbytes(n: int, dim: int, name: str, scale: str) -> int:
 
 
 def _check_logged_bytes(backend, emb, mlp, emb_scale):
-    model = _model(backend)
-    cfg = CompressionConfig(emb=emb, mlp=mlp, emb_scale=emb_scale, collective="allgather")
-    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), cfg)
-    dense, sparse, _ = _batch(backend, 0)
-    model(dense, sparse).sum().backward()
+    model, sync = _after_one_backward(
+        backend, CompressionConfig(emb=emb, mlp=mlp, emb_scale=emb_scale, collective="allgather"))
     n_local = sync.local_sparse_rows()[0].numel()
     n_all = backend.allgather_object(n_local, name="t.nrows")
     backend.traffic.take()
@@ -233,11 +236,7 @@ def test_logged_bytes_equal_the_analytic_payload(backend, emb, mlp, emb_scale):
 def test_two_phase_bytes_3_ranks(backend):
     """Two-phase: each rank sends about one payload and receives about 4/3 of one at 3 ranks,
     exactly as the chunk sizes say."""
-    model = _model(backend)
-    sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(),
-                                CompressionConfig(emb="int8", mlp="int8", collective="two-phase"))
-    dense, sparse, _ = _batch(backend, 0)
-    model(dense, sparse).sum().backward()
+    model, sync = _after_one_backward(backend, CompressionConfig(emb="int8", mlp="int8", collective="two-phase"))
     backend.traffic.take()
     sync.synchronize()
     t = backend.traffic.take()["comm_breakdown"]
