@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
+from data_prep.options import PrepOptions
+from data_prep.pipeline import run_prep
 from dqrm_mpi.data.schema import list_shards, read_meta
 from prep_testlib import KAGGLE, TERABYTE, assert_same_dataset, load_all, read_lines
 
