@@ -274,7 +274,7 @@ def parse_block(
         if vbad is not None and vbad.any():
             upd = vbad & (first_bad < 0)
             first_bad[upd] = 1 + NUM_DENSE + j
-    if max_ind_range:
+    if max_ind_range and max_ind_range < 2**32:  # values are 32-bit: modulo 2^32 changes nothing
         for d in cat_dict:
             np.remainder(d, np.uint32(max_ind_range), out=d)
 

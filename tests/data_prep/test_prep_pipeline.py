@@ -139,6 +139,14 @@ def test_hash_mode_and_threshold_match_reference(kaggle_file, tmp_path):
             assert all((ours[:, j][ref[keep][:, j] == 0] == 0).all() for j in range(26))
 
 
+def test_max_ind_range_2_to_the_32_keeps_every_value(kaggle_file, tmp_path):
+    """The largest --max-ind-range the CLI accepts is the identity on 32-bit hashes."""
+    prep(kaggle_file, tmp_path / "none", shard_rows=700)
+    meta = prep(kaggle_file, tmp_path / "full", shard_rows=700, max_ind_range=2**32)
+    assert_same_dataset(tmp_path / "none", tmp_path / "full")
+    assert meta.options["max_ind_range"] == 2**32
+
+
 def test_gzip_and_plain_give_identical_shards(kaggle_file, kaggle_gz, tmp_path):
     prep(kaggle_file, tmp_path / "a", shard_rows=300)
     prep(kaggle_gz, tmp_path / "b", shard_rows=300)
