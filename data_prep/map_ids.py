@@ -6,15 +6,26 @@ ids.  ``runRRRR.ids.npy`` replaces the run's idx/dict/dictoff files.
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
 from dqrm_mpi.data.schema import NUM_SPARSE
 
+from .executor import Executor
 from .options import PrepOptions
+from .parse import PieceSummary
 from .vocab import Mapper, load_mappers
 from .workdir import WorkDir, save_npy_atomic
+
+
+def map_all(ex: Executor, work: WorkDir, opts: PrepOptions, summaries: list[PieceSummary], sparse_dtype: str) -> None:
+    """Pass 4 over every piece."""
+    try:
+        ex.map(partial(map_piece, work, opts, sparse_dtype), [(s.index, len(s.runs)) for s in summaries], desc="ids",
+               total=sum(sum(s.rows) for s in summaries), unit="rows", weight=lambda rows: rows)
+    finally:
+        _mappers.cache_clear()  # tasks that ran in this process must not reuse them in a later run
 
 
 def map_piece(work: WorkDir, opts: PrepOptions, sparse_dtype: str, task: tuple[int, int]) -> int:
@@ -44,5 +55,5 @@ def map_piece(work: WorkDir, opts: PrepOptions, sparse_dtype: str, task: tuple[i
 
 @lru_cache(maxsize=1)
 def _mappers(work: WorkDir, opts: PrepOptions) -> list[Mapper]:
-    """Loaded once per worker process (every task of a run asks for the same ones)."""
+    """Loaded once per process and pass (every task of a run asks for the same ones)."""
     return load_mappers(work, opts)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -21,8 +22,10 @@ from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
 
 from .criteo_format import MAX_EXAMPLES, ParsedBlock, parse_block
 from .errors import InputError
+from .executor import Executor
 from .kill_hook import maybe_kill
 from .options import PrepOptions
+from .plan import Plan
 from .sources import Piece, Source, iter_gzip_blocks, read_range
 from .vocab import CountAccumulator
 from .workdir import WorkDir, save_npy
@@ -60,6 +63,14 @@ class SpillBlock(NamedTuple):
     dense: np.ndarray
     cat_idx: np.ndarray
     cat_dict: list[np.ndarray]
+
+
+def parse_all(ex: Executor, work: WorkDir, opts: PrepOptions, plan: Plan) -> list[PieceSummary]:
+    """Pass 2 over every piece of the plan, in piece order."""
+    counted = all(s.lines >= 0 for s in plan.sources)
+    return ex.map(partial(parse_piece, work, opts, plan.sources, plan.buckets), plan.pieces, desc="parse",
+                  total=sum(s.lines for s in plan.sources) if counted else None, unit="rows",
+                  weight=(lambda s: s.lines) if counted else None)
 
 
 def parse_piece(work: WorkDir, opts: PrepOptions, sources: tuple[Source, ...], buckets: int,

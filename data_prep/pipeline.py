@@ -19,23 +19,22 @@ import os
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from dqrm_mpi.data.schema import NUM_SPARSE, DatasetMeta, read_meta, write_meta
+from dqrm_mpi.data.schema import DatasetMeta, read_meta, write_meta
 
 from .errors import InputError
 from .executor import Executor
-from .map_ids import map_piece
+from .map_ids import map_all
 from .meta import RunRecord, build_meta, split_totals, summary_line
 from .options import PrepOptions
 from .output_dir import fingerprint, prepare_output
-from .parse import PieceSummary, parse_piece
-from .plan import Plan, load_or_make_plan
-from .shards import ShardJob, shard_jobs, split_layouts, write_shards
+from .parse import parse_all
+from .plan import load_or_make_plan
+from .shards import shard_jobs, split_layouts, write_all
 from .sources import discover
-from .vocab import merge_column
+from .vocab import merge_all
 from .workdir import WorkDir
 
 
@@ -56,19 +55,19 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
         work = WorkDir(out)
         plan = load_or_make_plan(work, kind, sources, opts, ex)
         clock.lap("plan")
-        summaries = _parse(ex, work, opts, plan)
+        summaries = parse_all(ex, work, opts, plan)
         clock.lap("parse")
-        vocab_infos = _vocabularies(ex, work, opts, len(plan.pieces))
+        vocab_infos = merge_all(ex, work, opts, len(plan.pieces))
         clock.lap("vocabularies")
         sparse_dtype = "int32" if max(i["cardinality"] for i in vocab_infos) < 2**31 else "int64"
-        _map_ids(ex, work, opts, summaries, sparse_dtype)
+        map_all(ex, work, opts, summaries, sparse_dtype)
         clock.lap("ids")
         totals = split_totals([s.rows for s in summaries])
         if sum(totals.values()) == 0:
             raise InputError(f"{raw}: no rows left to write (every line was bad or dropped)")
         jobs = shard_jobs(split_layouts(summaries, plan.buckets), totals, opts.shard_rows,
                           chunks=max(1, opts.workers * ex.size))
-        written = _shards(ex, work, opts, jobs, sparse_dtype, sum(totals.values()))
+        written = write_all(ex, work, opts, jobs, sparse_dtype, sum(totals.values()))
         clock.lap("shards")
         record = RunRecord(mpi_ranks=ex.size, resumed=status == "resume", shards_written=written,
                            stage_seconds=clock.seconds, wall_time_s=clock.total())
@@ -82,31 +81,6 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
         return meta
     finally:
         ex.close()
-
-
-def _parse(ex: Executor, work: WorkDir, opts: PrepOptions, plan: Plan) -> list[PieceSummary]:
-    counted = all(s.lines >= 0 for s in plan.sources)
-    return ex.map(partial(parse_piece, work, opts, plan.sources, plan.buckets), plan.pieces, desc="parse",
-                  total=sum(s.lines for s in plan.sources) if counted else None, unit="rows",
-                  weight=(lambda s: s.lines) if counted else None)
-
-
-def _vocabularies(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> list[dict]:
-    work.vocab_dir.mkdir(exist_ok=True)
-    return ex.map(partial(merge_column, work, opts, n_pieces), range(NUM_SPARSE), desc="vocabularies", unit="col")
-
-
-def _map_ids(ex: Executor, work: WorkDir, opts: PrepOptions, summaries: list[PieceSummary], sparse_dtype: str) -> None:
-    ex.map(partial(map_piece, work, opts, sparse_dtype), [(s.index, len(s.runs)) for s in summaries], desc="ids",
-           total=sum(sum(s.rows) for s in summaries), unit="rows", weight=lambda rows: rows)
-
-
-def _shards(ex: Executor, work: WorkDir, opts: PrepOptions, jobs: list[ShardJob], sparse_dtype: str,
-            total_rows: int) -> int:
-    """Writes the shards; returns how many were written now (not found from an earlier run)."""
-    results = ex.map(partial(write_shards, work, opts, sparse_dtype), jobs, desc="shards", total=total_rows,
-                     unit="rows", weight=lambda r: r["rows"])
-    return sum(r["written"] for r in results)
 
 
 class _StageClock:

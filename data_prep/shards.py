@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE, SPLITS, shard_name, write_shard
 
+from .executor import Executor
 from .kill_hook import maybe_kill
 from .options import PrepOptions
 from .parse import PieceSummary
@@ -78,6 +80,14 @@ def shard_jobs(layouts: dict[str, list[Unit]], totals: dict[str, int], shard_row
             if b > a:
                 jobs.append(ShardJob(split, layouts[split], int(a), int(b), totals[split]))
     return jobs
+
+
+def write_all(ex: Executor, work: WorkDir, opts: PrepOptions, jobs: list[ShardJob], sparse_dtype: str,
+              total_rows: int) -> int:
+    """Pass 5: run the jobs; returns how many shards were written now (not found from an earlier run)."""
+    results = ex.map(partial(write_shards, work, opts, sparse_dtype), jobs, desc="shards", total=total_rows,
+                     unit="rows", weight=lambda r: r["rows"])
+    return sum(r["written"] for r in results)
 
 
 def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: ShardJob) -> dict:

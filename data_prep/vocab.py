@@ -7,17 +7,19 @@ values in sorted order, ``0 .. K-1``.  With ``T >= 1`` only values seen at least
 times in the training split get their own id ``1 .. K``; every other value (rare, or
 never seen in train) shares id 0 (as NVIDIA's and torchrec's pipelines do).
 
-Pass 3 (one task per column, ``merge_column``) merges the pieces' records of a column
+Pass 3 (``merge_all``, one task per column) merges the pieces' records of a column
 into its vocabulary; the ids pass maps values with a ``Mapper`` per column.
 """
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import numpy as np
 
 from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
 
+from .executor import Executor
 from .options import PrepOptions
 from .workdir import WorkDir
 
@@ -122,6 +124,12 @@ def make_lut(vocab: np.ndarray, threshold: int, size: int) -> np.ndarray:
 def use_lut(opts: PrepOptions) -> bool:
     """Hash mode with a small enough range: map values with a direct look-up table."""
     return opts.max_ind_range is not None and opts.max_ind_range <= LUT_MAX
+
+
+def merge_all(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> list[dict]:
+    """Pass 3 over every column; the columns' {"column", "cardinality", "distinct"}."""
+    work.vocab_dir.mkdir(exist_ok=True)
+    return ex.map(partial(merge_column, work, opts, n_pieces), range(NUM_SPARSE), desc="vocabularies", unit="col")
 
 
 def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -> dict:

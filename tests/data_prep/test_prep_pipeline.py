@@ -147,6 +147,17 @@ def test_max_ind_range_2_to_the_32_keeps_every_value(kaggle_file, tmp_path):
     assert meta.options["max_ind_range"] == 2**32
 
 
+def test_second_run_in_one_process_maps_with_its_own_vocabularies(kaggle_file, tmp_path):
+    """Replacing a dataset in the same process (same OUT, same options, other input) gives the
+    same shards as a fresh run: nothing of the first run's vocabularies is reused."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(read_lines(TERABYTE)) + "\n")
+    for raw in (kaggle_file, other):
+        prep(raw, tmp_path / "out", shard_rows=500, overwrite=True)
+    prep(other, tmp_path / "fresh", shard_rows=500, overwrite=True)
+    assert_same_dataset(tmp_path / "fresh", tmp_path / "out")
+
+
 def test_gzip_and_plain_give_identical_shards(kaggle_file, kaggle_gz, tmp_path):
     prep(kaggle_file, tmp_path / "a", shard_rows=300)
     prep(kaggle_gz, tmp_path / "b", shard_rows=300)
