@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.errors import InputError
 from data_prep.options import PrepOptions
 from data_prep.pipeline import run_prep
 from dqrm_mpi.data.schema import list_shards, read_meta
@@ -137,6 +138,21 @@ def test_hash_mode_and_threshold_match_reference(kaggle_file, tmp_path):
         if T:
             # the shared id of rare values is 0
             assert all((ours[:, j][ref[keep][:, j] == 0] == 0).all() for j in range(26))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_ind_range", 0, "--max-ind-range must be in 1 .. 2^32, got 0"),
+    ("freq_threshold", -1, "--freq-threshold must be >= 0, got -1"),
+    ("sub_sample_rate", 1.0, "--sub-sample-rate must be in [0, 1), got 1.0"),
+    ("shard_rows", 0, "--shard-rows must be >= 1, got 0"),
+    ("bad_lines", "ignore", "--bad-lines must be error or skip, got 'ignore'"),
+    ("label_dtype", "int8", "--label-dtype must be uint8 or float32, got 'int8'"),
+    ("workers", 0, "--workers must be >= 1, got 0"),
+])
+def test_options_out_of_range_are_refused_when_made(field, value, message):
+    with pytest.raises(InputError) as e:
+        PrepOptions(**{field: value})
+    assert str(e.value) == message
 
 
 def test_max_ind_range_2_to_the_32_keeps_every_value(kaggle_file, tmp_path):
