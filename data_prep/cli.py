@@ -50,7 +50,8 @@ def cli() -> None:
               help="Worker processes on this machine (per MPI rank under mpirun).")
 @click.option("--bad-lines", type=click.Choice(["error", "skip"]), default="error", show_default=True,
               help="On a malformed line: stop with an error naming file, line and field, or skip and count it.")
-@click.option("--label-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True)
+@click.option("--label-dtype", type=click.Choice(["uint8", "float32"]), default="uint8", show_default=True,
+              help="Storage type of the label in the shards (dqrm-train reads either).")
 @click.option("--overwrite", is_flag=True, help="Replace whatever dqrm-prep left in OUT (other options, unfinished run).")
 @click.option("--keep-temp", is_flag=True, help="Keep OUT/.prep (spilled rows, vocabularies) after finishing.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
@@ -76,13 +77,14 @@ def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, se
           --sub-sample-rate 0.875 --shard-rows 2000000
       mpirun -np 4 dqrm-prep criteo /shared/criteo-tb /shared/tb --workers 8
     """
-    from .pipeline import PrepOptions, run_prep
+    from .options import PrepOptions
+    from .pipeline import run_prep
 
-    opts = PrepOptions(dataset=dataset, max_ind_range=max_ind_range, freq_threshold=freq_threshold,
-                       sub_sample_rate=sub_sample_rate, seed=seed, shard_rows=shard_rows, bad_lines=bad_lines,
-                       label_dtype=label_dtype, workers=workers, progress=progress, overwrite=overwrite,
-                       keep_temp=keep_temp, piece_bytes=piece_bytes)
     try:
+        opts = PrepOptions(dataset=dataset, max_ind_range=max_ind_range, freq_threshold=freq_threshold,
+                           sub_sample_rate=sub_sample_rate, seed=seed, shard_rows=shard_rows, bad_lines=bad_lines,
+                           label_dtype=label_dtype, workers=workers, progress=progress, overwrite=overwrite,
+                           keep_temp=keep_temp, piece_bytes=piece_bytes)
         meta = run_prep(raw, out, opts, log=lambda m: click.echo(m, err=True))
     except PrepError as e:
         raise click.ClickException(str(e)) from None
@@ -99,7 +101,7 @@ def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, se
               help="Cardinalities of the 26 categorical features (tiny: ~20-100, small: 3-5000, large: x200).")
 @click.option("--cardinalities", type=str, default=None,
               help="26 comma-separated cardinalities (overrides --preset).")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
 def synth(out_file, rows, seed, preset, cardinalities, progress):
     """Write a raw Criteo-format file drawn from a planted click model.
 
@@ -114,7 +116,8 @@ def synth(out_file, rows, seed, preset, cardinalities, progress):
     """
     from tqdm import tqdm
 
-    from .synth import parse_cardinalities, planted_path, write_synth
+    from .sources import planted_path
+    from .synth import parse_cardinalities, write_synth
 
     try:
         cards = parse_cardinalities(cardinalities, preset)

@@ -20,15 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE
+from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE, transform_dense
 
 from .errors import BadLineError, InputError
+from .fields import DENSE_NAMES, FIELD_NAMES, MAX_HEX_DIGITS, NUM_FIELDS, SPARSE_NAMES
 
-DENSE_NAMES = [f"I{i}" for i in range(1, NUM_DENSE + 1)]
-SPARSE_NAMES = [f"C{i}" for i in range(1, NUM_SPARSE + 1)]
-FIELD_NAMES = ["label"] + DENSE_NAMES + SPARSE_NAMES
-NUM_FIELDS = len(FIELD_NAMES)  # 40
-MAX_HEX_DIGITS = 8
 MAX_EXAMPLES = 20  # bad lines kept as examples per block / in meta.json
 
 _HEX = np.full(256, 255, dtype=np.uint8)
@@ -82,13 +78,6 @@ def count_lines(buf: bytes | memoryview) -> int:
     if not b:
         return 0
     return b.count(b"\n") + (0 if b.endswith(b"\n") else 1)
-
-
-def transform_dense(raw: np.ndarray) -> np.ndarray:
-    """int64 [n, 13] (missing already 0) -> float32 log(max(x, 0) + 1), as the reference."""
-    x = np.maximum(raw, 0).astype(np.float64)
-    x += 1.0
-    return np.log(x).astype(np.float32)
 
 
 def decode_hex(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -285,7 +274,7 @@ def parse_block(
         if vbad is not None and vbad.any():
             upd = vbad & (first_bad < 0)
             first_bad[upd] = 1 + NUM_DENSE + j
-    if max_ind_range:
+    if max_ind_range and max_ind_range < 2**32:  # values are 32-bit: modulo 2^32 changes nothing
         for d in cat_dict:
             np.remainder(d, np.uint32(max_ind_range), out=d)
 

@@ -1,6 +1,8 @@
 """Typed errors of dqrm-prep.  The library raises these; the CLI turns them into ClickException."""
 from __future__ import annotations
 
+from .fields import field_position
+
 
 class PrepError(Exception):
     """Base class: something prevents making the dataset."""
@@ -42,11 +44,3 @@ class OutputError(PrepError):
 class OptionsMismatchError(OutputError):
     """The output directory holds (part of) a dataset made with other options or inputs."""
 
-
-def field_position(field: str | None) -> str:
-    """'I1' -> 'column 2' (1-based position among the 40 tab-separated fields)."""
-    from .criteo_format import FIELD_NAMES
-
-    if field in FIELD_NAMES:
-        return f"column {FIELD_NAMES.index(field) + 1} of {len(FIELD_NAMES)}"
-    return "column ?"

@@ -15,7 +15,7 @@ import gzip
 import os
 import re
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -27,7 +27,7 @@ _DAY = re.compile(r"^day_(\d+)(\.gz)?$")
 NEVER = 1 << 62  # a line index past any file
 
 
-@dataclass
+@dataclass(frozen=True)
 class Source:
     """One raw input file.  ``train_end`` / ``test_end``: 0-based line indices where the
     test and val parts of this file start (``NEVER`` when the file is all train)."""
@@ -127,24 +127,22 @@ def planted_path(raw_file: str | os.PathLike) -> Path:
     return Path(str(raw_file) + ".planted.json")
 
 
-def assign_splits(kind: str, sources: list[Source]) -> None:
-    """Set train_end / test_end from the line counts (reference DLRM split rules)."""
-    for s in sources:
-        if not s.holdout:
-            s.train_end = s.test_end = NEVER
-            continue
-        if s.lines < 0:
-            raise AssertionError(f"{s.path}: lines not counted")
-        if kind == "kaggle":
-            s.train_end, s.test_end = kaggle_bounds(s.lines)
-        else:
-            s.train_end = 0
-            s.test_end = (s.lines + 1) // 2
+def with_splits(kind: str, source: Source) -> Source:
+    """``source`` with train_end / test_end set from its line count (reference DLRM split rules)."""
+    if not source.holdout:
+        return replace(source, train_end=NEVER, test_end=NEVER)
+    if source.lines < 0:
+        raise AssertionError(f"{source.path}: lines not counted")
+    if kind == "kaggle":
+        train_end, test_end = kaggle_bounds(source.lines)
+    else:
+        train_end, test_end = 0, (source.lines + 1) // 2
+    return replace(source, train_end=train_end, test_end=test_end)
 
 
 # ---------------------------------------------------------------- pieces and blocks
 
-@dataclass
+@dataclass(frozen=True)
 class Piece:
     """A unit of work: bytes [start, end) of a plain file, or a whole gzip file (end=-1).
     first_line: 0-based index of its first line in the file (-1: unknown until read)."""

@@ -19,11 +19,13 @@ import pyarrow.csv as pacsv
 from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE, write_atomic_text
 from dqrm_mpi.data.synthetic import DEFAULT_CARDINALITIES, PlantedClickModel, planted_metrics
 
-from .criteo_format import DENSE_NAMES, FIELD_NAMES, SPARSE_NAMES, encode_hex
+from .criteo_format import encode_hex
 from .errors import InputError, OutputError
+from .fields import FIELD_NAMES
 from .sources import kaggle_bounds, planted_path
 
-PRESETS = {
+# The 26 categorical cardinalities of a synth file, by the name `dqrm-prep synth --preset` takes.
+CARDINALITY_PROFILES = {
     "tiny": tuple(max(3, c // 50) for c in DEFAULT_CARDINALITIES),
     "small": DEFAULT_CARDINALITIES,
     "large": tuple(c * 200 for c in DEFAULT_CARDINALITIES),
@@ -94,9 +96,11 @@ def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
     return info
 
 
-def parse_cardinalities(text: str | None, preset: str) -> tuple[int, ...]:
+def parse_cardinalities(text: str | None, profile: str) -> tuple[int, ...]:
+    """The cardinalities ``--cardinalities`` gives (26 comma-separated integers), else those
+    of the named profile (``--preset``)."""
     if not text:
-        return PRESETS[preset]
+        return CARDINALITY_PROFILES[profile]
     try:
         vals = tuple(int(x) for x in text.replace(" ", "").split(",") if x)
     except ValueError:
@@ -105,6 +109,3 @@ def parse_cardinalities(text: str | None, preset: str) -> tuple[int, ...]:
         raise InputError(f"--cardinalities: expected {NUM_SPARSE} integers >= 2, got {len(vals)} values")
     return vals
 
-
-__all__ = ["write_synth", "PRESETS", "kaggle_bounds", "planted_path", "parse_cardinalities",
-           "DENSE_NAMES", "SPARSE_NAMES"]

@@ -6,12 +6,22 @@ column is every value seen in any kept row of any split; ids are the ranks of th
 values in sorted order, ``0 .. K-1``.  With ``T >= 1`` only values seen at least ``T``
 times in the training split get their own id ``1 .. K``; every other value (rare, or
 never seen in train) shares id 0 (as NVIDIA's and torchrec's pipelines do).
+
+Pass 3 (``merge_all``, one task per column) merges the pieces' records of a column
+into its vocabulary; the ids pass maps values with a ``Mapper`` per column.
 """
 from __future__ import annotations
 
-from pathlib import Path
+import json
+from functools import partial
 
 import numpy as np
+
+from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
+
+from .executor import Executor
+from .options import PrepOptions
+from .workdir import WorkDir
 
 LUT_MAX = 1 << 25  # hash mode: a direct look-up table per column when max_ind_range <= this
 
@@ -111,12 +121,43 @@ def make_lut(vocab: np.ndarray, threshold: int, size: int) -> np.ndarray:
     return lut
 
 
-def load_mappers(folder: Path, threshold: int, use_lut: bool) -> list[Mapper]:
-    from dqrm_mpi.data.schema import NUM_SPARSE
+def use_lut(opts: PrepOptions) -> bool:
+    """Hash mode with a small enough range: map values with a direct look-up table."""
+    return opts.max_ind_range is not None and opts.max_ind_range <= LUT_MAX
 
+
+def merge_all(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> list[dict]:
+    """Pass 3 over every column; the columns' {"column", "cardinality", "distinct"}."""
+    work.vocab_dir.mkdir(exist_ok=True)
+    return ex.map(partial(merge_column, work, opts, n_pieces), range(NUM_SPARSE), desc="vocabularies", unit="col")
+
+
+def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -> dict:
+    """Pass 3 for one column: merge the pieces' values into the vocabulary (and look-up
+    table) files; returns {"column", "cardinality", "distinct"}."""
+    done = work.column_done(column)
+    if done.is_file():
+        return json.loads(done.read_text())
+    threshold = opts.freq_threshold
+    acc = CountAccumulator(threshold > 0)
+    for i in range(n_pieces):
+        with np.load(work.piece_vocab(i)) as z:
+            acc.add(z[f"v{column:02d}"], z[f"c{column:02d}"] if threshold > 0 else None)
+    values, counts = acc.result()
+    vocab, card = build_vocab(values, counts, threshold)
+    np.save(work.column_vocab(column), vocab)
+    if use_lut(opts):
+        np.save(work.column_lut(column), make_lut(vocab, threshold, int(opts.max_ind_range)))
+    info = {"column": column, "cardinality": int(card), "distinct": int(len(values))}
+    write_atomic_text(done, json.dumps(info))
+    return info
+
+
+def load_mappers(work: WorkDir, opts: PrepOptions) -> list[Mapper]:
+    """The value -> id mapping of every column (files memory-mapped)."""
     out = []
     for j in range(NUM_SPARSE):
-        vocab = np.load(folder / f"vocab_{j:02d}.npy", mmap_mode="r")
-        lut = np.load(folder / f"lut_{j:02d}.npy", mmap_mode="r") if use_lut else None
-        out.append(Mapper(np.asarray(vocab), threshold, lut))
+        vocab = np.load(work.column_vocab(j), mmap_mode="r")
+        lut = np.load(work.column_lut(j), mmap_mode="r") if use_lut(opts) else None
+        out.append(Mapper(np.asarray(vocab), opts.freq_threshold, lut))
     return out

@@ -24,7 +24,7 @@ from .quant_options import pop_quant_config, qat_options
               help="Override bottom-MLP widths after the 13 inputs, e.g. 512-256-64-16 (last = embedding dim).")
 @click.option("--top-mlp", type=LayerWidths(), default=None,
               help="Override top-MLP widths after the interaction, e.g. 512-256-1 (last = 1).")
-@click.option("--epochs", type=click.IntRange(min=1), default=1)
+@click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128,
               help="GLOBAL batch, split evenly across ranks (must be divisible by the number of ranks).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Plain SGD learning rate.")

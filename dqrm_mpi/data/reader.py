@@ -76,7 +76,7 @@ class SplitReader:
             f.close()
 
 
-def _prefetch(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
+def prefetched(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
     """Run ``items`` in a background thread, ``depth`` batches ahead."""
     if depth <= 0:
         yield from items
@@ -141,7 +141,7 @@ class TrainBatches:
         offset = self.rank * self.local_batch
         starts = self.batch_starts(epoch)[start_step:]
         items = (self.reader.read(int(s) + offset, int(s) + offset + self.local_batch) for s in starts)
-        return _prefetch(items, self.prefetch)
+        return prefetched(items, self.prefetch)
 
 
 def eval_batches(reader: SplitReader, batch: int, rank: int, world: int, prefetch: int = 2) -> Iterator[Batch]:
@@ -149,4 +149,4 @@ def eval_batches(reader: SplitReader, batch: int, rank: int, world: int, prefetc
     lo = reader.num_rows * rank // world
     hi = reader.num_rows * (rank + 1) // world
     items = (reader.read(s, min(s + batch, hi)) for s in range(lo, hi, batch))
-    return _prefetch(items, prefetch)
+    return prefetched(items, prefetch)

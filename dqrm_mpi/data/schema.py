@@ -170,6 +170,14 @@ def check_arrays(dense: np.ndarray, sparse: np.ndarray, label: np.ndarray, where
     return n
 
 
+def transform_dense(raw: np.ndarray) -> np.ndarray:
+    """The dense features as stored: int64 [n, 13] raw integers (missing already 0) ->
+    float32 [n, 13] log(max(x, 0) + 1), the reference DLRM's transform."""
+    x = np.maximum(raw, 0).astype(np.float64)
+    x += 1.0
+    return np.log(x).astype(np.float32)
+
+
 def shard_rows(path: str | os.PathLike) -> int:
     with h5py.File(path, "r") as f:
         return int(f[LABEL].shape[0])

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .schema import NUM_DENSE, NUM_SPARSE, SPLITS, DatasetMeta, shard_name, write_meta, write_shard
+from .schema import (
+    NUM_DENSE, NUM_SPARSE, SPLITS, DatasetMeta, shard_name, transform_dense, write_meta, write_shard,
+)
 
 # Pairs of tables whose planted vectors interact (dot products, like DLRM's interaction).
 INTERACTING_PAIRS = ((0, 1), (2, 3), (4, 5), (1, 6), (7, 8))
@@ -38,12 +40,6 @@ class SyntheticBatch:
     ids: np.ndarray
     label: np.ndarray
     prob: np.ndarray
-
-
-def transform_dense(dense_raw: np.ndarray, dense_missing: np.ndarray) -> np.ndarray:
-    """Reference DLRM dense transform: missing -> 0, negatives -> 0, then log(x + 1) as float32."""
-    x = np.where(dense_missing, 0, np.maximum(dense_raw, 0))
-    return np.log1p(x.astype(np.float64)).astype(np.float32)
 
 
 class PlantedClickModel:
@@ -117,7 +113,7 @@ class PlantedClickModel:
 
     def _logit(self, features: tuple[np.ndarray, np.ndarray, np.ndarray]) -> np.ndarray:
         dense, missing, ids = features
-        x = transform_dense(dense, missing).astype(np.float64)
+        x = transform_dense(dense).astype(np.float64)
         logit = self.bias + (x - self.dense_mean) @ self.dense_weights
         for t in range(NUM_SPARSE):
             logit += self.table_weights[t][ids[:, t]]
@@ -170,7 +166,7 @@ def write_synthetic_dataset(
         for part, start in enumerate(range(0, n, shard_rows)):
             b = model.sample(min(shard_rows, n - start), chunk_index)
             chunk_index += 1
-            write_shard(out / split / shard_name(part), transform_dense(b.dense_raw, b.dense_missing),
+            write_shard(out / split / shard_name(part), transform_dense(b.dense_raw),
                         b.ids.astype(np.int32), b.label.astype(np.float32))
             labels.append(b.label)
             probs.append(b.prob)

@@ -15,21 +15,22 @@ import pytest
 from click.testing import CliRunner
 
 from data_prep.cli import cli
+from data_prep.synth import CARDINALITY_PROFILES
 from dqrm_mpi.data.schema import list_shards, read_meta
 from prep_testlib import KAGGLE, assert_same_dataset, read_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(*args, ok=True):
+def run(*args, code=0):
+    """`dqrm-prep ARGS`, asserting its exit code (1: a library error, 2: a usage error)."""
     r = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    if ok:
-        assert r.exit_code == 0, r.output
+    assert r.exit_code == code, r.output
     return r
 
 
-def crit(raw, out, *more, ok=True):
-    return run("criteo", raw, out, "--no-progress", "--workers", "1", "--shard-rows", "400", *more, ok=ok)
+def crit(raw, out, *more, code=0):
+    return run("criteo", raw, out, "--no-progress", "--workers", "1", "--shard-rows", "400", *more, code=code)
 
 
 def with_line(tmp_path, lineno: int, edit) -> Path:
@@ -62,8 +63,7 @@ def set_field(i, value):
 ])
 def test_bad_line_is_reported_with_file_line_field(tmp_path, edit, field, expected):
     raw = with_line(tmp_path, 777, edit)
-    r = crit(raw, tmp_path / "out", ok=False)
-    assert r.exit_code == 1
+    r = crit(raw, tmp_path / "out", code=1)
     assert f"{raw}:777:" in r.output and expected in r.output, r.output
     if field:
         assert f"field {field} " in r.output
@@ -80,47 +80,47 @@ def test_bad_line_is_reported_with_file_line_field(tmp_path, edit, field, expect
 
 def test_empty_line_is_bad(tmp_path):
     raw = with_line(tmp_path, 5, lambda l: "")
-    r = crit(raw, tmp_path / "o", ok=False)
-    assert f"{raw}:5:" in r.output
+    r = crit(raw, tmp_path / "o", code=1)
+    assert f"{raw}:5: field label (column 1 of 40): expected 0 or 1, got ''" in r.output, r.output
 
 
 def test_truncated_gzip(tmp_path):
     data = gzip.compress(KAGGLE.read_bytes())
     raw = tmp_path / "train.txt.gz"
     raw.write_bytes(data[: len(data) // 2])
-    r = crit(raw, tmp_path / "o", ok=False)
-    assert r.exit_code == 1 and str(raw) in r.output and "truncated or corrupt gzip" in r.output
+    r = crit(raw, tmp_path / "o", code=1)
+    assert str(raw) in r.output and "truncated or corrupt gzip" in r.output
 
 
 def test_empty_and_missing_input(tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
-    r = crit(tmp_path / "empty.txt", tmp_path / "o", ok=False)
-    assert r.exit_code == 1 and "empty" in r.output and "empty.txt" in r.output
-    r = crit(tmp_path / "nope.txt", tmp_path / "o2", ok=False)
-    assert r.exit_code == 1 and "no such file" in r.output
+    r = crit(tmp_path / "empty.txt", tmp_path / "o", code=1)
+    assert "empty" in r.output and "empty.txt" in r.output
+    r = crit(tmp_path / "nope.txt", tmp_path / "o2", code=1)
+    assert "no such file" in r.output
     (tmp_path / "d").mkdir()
-    r = crit(tmp_path / "d", tmp_path / "o3", ok=False)
-    assert r.exit_code == 1 and "train.txt" in r.output
+    r = crit(tmp_path / "d", tmp_path / "o3", code=1)
+    assert "train.txt" in r.output
     (tmp_path / "tb").mkdir()
     (tmp_path / "tb" / "day_0").write_text(read_lines(KAGGLE)[0] + "\n")
     (tmp_path / "tb" / "day_2").write_text(read_lines(KAGGLE)[0] + "\n")
-    r = crit(tmp_path / "tb", tmp_path / "o4", ok=False)
-    assert "day_1" in r.output
+    r = crit(tmp_path / "tb", tmp_path / "o4", code=1)
+    assert "without gaps; missing ['day_1']" in r.output, r.output
 
 
 def test_unusable_output_directory(tmp_path, kaggle_file):
     f = tmp_path / "afile"
     f.write_text("x")
-    r = crit(kaggle_file, f, ok=False)
-    assert r.exit_code != 0 and "afile" in r.output
-    r = crit(kaggle_file, f / "sub", ok=False)
-    assert r.exit_code == 1 and "cannot create output directory" in r.output
+    r = crit(kaggle_file, f, code=2)  # refused by Click's path check: a usage error
+    assert "afile" in r.output and "is a file" in r.output, r.output
+    r = crit(kaggle_file, f / "sub", code=1)
+    assert "cannot create output directory" in r.output
     if os.geteuid() != 0:  # root ignores permissions
         ro = tmp_path / "ro"
         ro.mkdir()
         ro.chmod(0o500)
-        r = crit(kaggle_file, ro, ok=False)
-        assert r.exit_code == 1 and "not writable" in r.output
+        r = crit(kaggle_file, ro, code=1)
+        assert "not writable" in r.output
 
 
 # ------------------------------------------------------------ resume, options
@@ -162,19 +162,19 @@ def test_mismatched_options_refused_unless_overwrite(kaggle_file, tmp_path):
     crit(kaggle_file, out)
     r = crit(kaggle_file, out)
     assert "nothing to do" in r.output
-    r = crit(kaggle_file, out, "--seed", "5", ok=False)
-    assert r.exit_code == 1 and "seed" in r.output and "--overwrite" in r.output
+    r = crit(kaggle_file, out, "--seed", "5", code=1)
+    assert "seed" in r.output and "--overwrite" in r.output
     r = crit(kaggle_file, out, "--seed", "5", "--overwrite")
     assert read_meta(out).options["seed"] == 5
     # an unfinished run with other options is refused too
     (out / "meta.json").unlink()
     (out / ".prep").mkdir()
     (out / ".prep" / "options.json").write_text(json.dumps({"seed": 1}))
-    r = crit(kaggle_file, out, ok=False)
+    r = crit(kaggle_file, out, code=1)
     assert "unfinished run" in r.output
     # foreign shards without state
     shutil.rmtree(out / ".prep")
-    r = crit(kaggle_file, out, ok=False)
+    r = crit(kaggle_file, out, code=1)
     assert "not made by this command" in r.output
 
 
@@ -194,15 +194,15 @@ def test_verify_and_inspect(kaggle_file, tmp_path):
     card = read_meta(out).cardinalities[4]
     with h5py.File(shard, "r+") as f:
         f["sparse"][7, 4] = card
-    r = run("verify", out, ok=False)
-    assert r.exit_code == 1 and "C5" in r.output and shard.name in r.output
+    r = run("verify", out, code=1)
+    assert "C5" in r.output and shard.name in r.output
     with h5py.File(shard, "r+") as f:
         f["sparse"][7, 4] = 0
         f["dense"][3, 0] = np.nan
-    r = run("verify", out, ok=False)
+    r = run("verify", out, code=1)
     assert "NaN" in r.output
     shard.unlink()
-    r = run("verify", out, ok=False)
+    r = run("verify", out, code=1)
     assert "meta.json says 1714" in r.output
 
 
@@ -225,7 +225,8 @@ def test_synth_file_and_planted_metrics(tmp_path):
     run("synth", tmp_path / "s2.txt.gz", "--rows", "7000", "--seed", "4", "--no-progress")
     assert gzip.decompress((tmp_path / "s2.txt.gz").read_bytes()) == raw.read_bytes()
     # prep it: test split rows == planted test rows, ctr close
-    meta = crit(raw, tmp_path / "o") and read_meta(tmp_path / "o")
+    crit(raw, tmp_path / "o")
+    meta = read_meta(tmp_path / "o")
     assert meta.rows["test"] == 500 and meta.rows["val"] == 500
     assert meta.ctr == pytest.approx(info["train"]["ctr"])
     assert max(meta.cardinalities) <= 5000
@@ -269,14 +270,19 @@ def test_synth_cardinalities_option(tmp_path):
     run("synth", tmp_path / "c.txt", "--rows", "3000", "--cardinalities", cards, "--no-progress")
     crit(tmp_path / "c.txt", tmp_path / "o")
     assert max(read_meta(tmp_path / "o").cardinalities) <= 7
-    r = run("synth", tmp_path / "d.txt", "--rows", "10", "--cardinalities", "1,2", ok=False)
-    assert r.exit_code == 1 and "26" in r.output
+    r = run("synth", tmp_path / "d.txt", "--rows", "10", "--cardinalities", "1,2", code=1)
+    assert "--cardinalities: expected 26 integers >= 2, got 2 values" in r.output, r.output
+    assert not (tmp_path / "d.txt").exists()
 
 
-def test_help():
-    for cmd in ([], ["criteo"], ["synth"], ["verify"], ["inspect"]):
-        r = run(*cmd, "-h")
-        assert "Example" in r.output or cmd == []
+@pytest.mark.parametrize("profile", sorted(CARDINALITY_PROFILES))
+def test_synth_preset_takes_each_cardinality_profile(tmp_path, profile):
+    """`--preset NAME` offers exactly the profiles and writes ids below the profile's cardinalities."""
+    choices = next(p for p in cli.commands["synth"].params if p.name == "preset").type.choices
+    assert sorted(choices) == sorted(CARDINALITY_PROFILES)
+    raw = tmp_path / "p.txt"
+    run("synth", raw, "--rows", "700", "--preset", profile, "--no-progress")
+    assert json.loads(Path(str(raw) + ".planted.json").read_text())["cardinalities"] == list(CARDINALITY_PROFILES[profile])
 
 
 # ------------------------------------------------------------ MPI

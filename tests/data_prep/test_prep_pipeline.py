@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.pipeline import PrepOptions, run_prep
+from data_prep.errors import InputError
+from data_prep.options import PrepOptions
+from data_prep.pipeline import run_prep
 from dqrm_mpi.data.schema import list_shards, read_meta
 from prep_testlib import KAGGLE, TERABYTE, assert_same_dataset, load_all, read_lines
 
@@ -136,6 +138,40 @@ def test_hash_mode_and_threshold_match_reference(kaggle_file, tmp_path):
         if T:
             # the shared id of rare values is 0
             assert all((ours[:, j][ref[keep][:, j] == 0] == 0).all() for j in range(26))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("max_ind_range", 0, "--max-ind-range must be in 1 .. 2^32, got 0"),
+    ("freq_threshold", -1, "--freq-threshold must be >= 0, got -1"),
+    ("sub_sample_rate", 1.0, "--sub-sample-rate must be in [0, 1), got 1.0"),
+    ("shard_rows", 0, "--shard-rows must be >= 1, got 0"),
+    ("bad_lines", "ignore", "--bad-lines must be error or skip, got 'ignore'"),
+    ("label_dtype", "int8", "--label-dtype must be uint8 or float32, got 'int8'"),
+    ("workers", 0, "--workers must be >= 1, got 0"),
+])
+def test_options_out_of_range_are_refused_when_made(field, value, message):
+    with pytest.raises(InputError) as e:
+        PrepOptions(**{field: value})
+    assert str(e.value) == message
+
+
+def test_max_ind_range_2_to_the_32_keeps_every_value(kaggle_file, tmp_path):
+    """The largest --max-ind-range the CLI accepts is the identity on 32-bit hashes."""
+    prep(kaggle_file, tmp_path / "none", shard_rows=700)
+    meta = prep(kaggle_file, tmp_path / "full", shard_rows=700, max_ind_range=2**32)
+    assert_same_dataset(tmp_path / "none", tmp_path / "full")
+    assert meta.options["max_ind_range"] == 2**32
+
+
+def test_second_run_in_one_process_maps_with_its_own_vocabularies(kaggle_file, tmp_path):
+    """Replacing a dataset in the same process (same OUT, same options, other input) gives the
+    same shards as a fresh run: nothing of the first run's vocabularies is reused."""
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(read_lines(TERABYTE)) + "\n")
+    for raw in (kaggle_file, other):
+        prep(raw, tmp_path / "out", shard_rows=500, overwrite=True)
+    prep(other, tmp_path / "fresh", shard_rows=500, overwrite=True)
+    assert_same_dataset(tmp_path / "fresh", tmp_path / "out")
 
 
 def test_gzip_and_plain_give_identical_shards(kaggle_file, kaggle_gz, tmp_path):

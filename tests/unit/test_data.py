@@ -3,10 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from dqrm_mpi.data.reader import SplitReader, TrainBatches, eval_batches
-from dqrm_mpi.data.schema import (SchemaError, list_shards, read_meta, write_meta,
-                                  write_shard)
-from dqrm_mpi.data.synthetic import PlantedClickModel, planted_metrics, transform_dense
+from dqrm_mpi.data.reader import SplitReader, TrainBatches, eval_batches, prefetched
+from dqrm_mpi.data.schema import SchemaError, list_shards, read_meta, transform_dense, write_meta, write_shard
+from dqrm_mpi.data.synthetic import PlantedClickModel, planted_metrics
 
 
 def test_meta_round_trip_and_version(tmp_path, small_dataset):
@@ -39,7 +38,7 @@ def test_reader_spans_shards(small_dataset):
     a, b = reader.read(4990, 5000), reader.read(5000, 5010)
     assert whole.dense.shape == (20, 13) and whole.sparse.dtype.is_floating_point is False
     assert np.array_equal(whole.sparse.numpy(), np.concatenate([a.sparse.numpy(), b.sparse.numpy()]))
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=r"rows \[0, 12001\) outside train of 12000 rows"):
         reader.read(0, 12001)
 
 
@@ -87,12 +86,31 @@ def test_eval_shares_cover_every_row_once(small_dataset, world):
     assert np.array_equal(labels, reader.read(0, reader.num_rows).label.numpy())
 
 
-def test_prefetch_thread_propagates_errors(small_dataset):
+def test_prefetch_hands_the_producer_error_to_the_consumer():
+    """The batches before the failure arrive, then the producer's own exception object."""
+    error = OSError("part-00001.h5: unreadable")
+
+    def items():
+        yield 0
+        yield 1
+        raise error
+
+    got = []
+    with pytest.raises(OSError, match="part-00001.h5: unreadable") as e:
+        for item in prefetched(items(), depth=2):
+            got.append(item)
+    assert got == [0, 1] and e.value is error
+
+
+def test_prefetched_read_error_reaches_the_reader_loop(small_dataset):
     reader = SplitReader(small_dataset, "train")
-    reader.files[1].close()  # make the second shard unreadable mid-epoch
-    with pytest.raises(Exception):
-        for _ in eval_batches(reader, 4000, 0, 1):
-            pass
+    first = reader.read(0, 4000)
+    reader.files[1].close()  # the second shard (rows 5000..9999) becomes unreadable
+    got = []
+    with pytest.raises(KeyError, match="Unable to"):  # h5py: reading from a closed file
+        for batch in eval_batches(reader, 4000, 0, 1, prefetch=2):
+            got.append(batch)
+    assert len(got) == 1 and np.array_equal(got[0].sparse.numpy(), first.sparse.numpy())
 
 
 def test_planted_model_is_deterministic_and_calibrated():
@@ -101,5 +119,9 @@ def test_planted_model_is_deterministic_and_calibrated():
     assert np.array_equal(a.ids, b.ids) and np.array_equal(a.label, b.label)
     assert abs(a.label.mean() - 0.256) < 0.02
     assert 0.75 < planted_metrics(a.label, a.prob)["auc"] < 0.9
-    x = transform_dense(np.array([[-3, 0, 9]]), np.array([[False, True, False]]))
-    assert np.allclose(x, [[0.0, 0.0, np.log(10.0)]])
+
+
+def test_transform_dense_is_log_of_clamped_plus_one():
+    x = transform_dense(np.array([[-3, 0, 9, 2**40]], dtype=np.int64))
+    assert x.dtype == np.float32
+    np.testing.assert_array_equal(x, np.float32([[0.0, 0.0, np.log(10.0), np.log(2.0**40 + 1)]]))
