@@ -20,7 +20,11 @@ from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
 
 def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor) -> None:
-    """x float32 [n] -> q float32 [n] (integral values in [qmin, qmax]) and scales float32 [groups]."""
+    """x float32 [n] -> q float32 [n] (integral values in [qmin, qmax]) and scales float32 [groups].
+
+    In place over the layout's blocks, dividing by the scale (the codecs' arithmetic since their
+    first version; ``qcore.quantize`` multiplies by 1/scale as PyTorch's fake-quant kernels do).
+    """
     qmin, qmax = qrange(bits)
     torch.abs(x, out=q)
     scales.zero_()
