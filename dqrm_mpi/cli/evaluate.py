@@ -33,7 +33,10 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
     import numpy as np
     import torch
 
-    from ..quant.export import is_packed_file, load_checkpoint, load_packed, packed_size, predict
+    from ..quant.packed import load_packed, packed_size
+    from ..quant.packfile import is_packed_file
+    from ..train.checkpoint import load_checkpoint
+    from ..train.evaluation import predict
     from ..train.metrics import binary_metrics
 
     if threads:

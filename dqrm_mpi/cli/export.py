@@ -5,13 +5,13 @@ import json
 
 import click
 
-from .quant_options import pop_quant_config, weight_options
+from .quant_options import BITS, EMB_SCALE_CHOICES, MLP_QUANT_CHOICES, pop_quant_config, weight_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False, writable=True))
-@click.option("--bits", type=click.IntRange(2, 16), default=None,
+@click.option("--bits", type=BITS, default=None,
               help="PTQ shorthand: --emb-bits B --mlp-bits B (MLP channel-wise unless --mlp-quant says otherwise).")
 @weight_options
 def main(checkpoint: str, out: str, bits: int | None, **options) -> None:
@@ -30,8 +30,9 @@ def main(checkpoint: str, out: str, bits: int | None, **options) -> None:
       dqrm-eval int4.dqrm --data data/kaggle
     """
     from ..quant.config import QuantConfig
-    from ..quant.export import export_packed, load_checkpoint, packed_size
+    from ..quant.packed import export_packed, packed_size
     from ..quant.ptq import post_training_quantize
+    from ..train.checkpoint import load_checkpoint
 
     if bits is not None:
         options["emb_bits"] = options["emb_bits"] or bits
@@ -58,11 +59,14 @@ def main(checkpoint: str, out: str, bits: int | None, **options) -> None:
 
 
 def _describe(q) -> str:
+    """The quantization in the options' words, e.g. "emb INT4 table, mlp INT4 channel"."""
+    emb_word = {v: k for k, v in EMB_SCALE_CHOICES.items()}
+    mlp_word = {v: k for k, v in MLP_QUANT_CHOICES.items()}
     parts = []
     if q.emb_bits:
-        parts.append(f"emb INT{q.emb_bits} {q.emb_scale}")
+        parts.append(f"emb INT{q.emb_bits} {emb_word[q.emb_scale]}")
     if q.mlp_bits:
-        parts.append(f"mlp INT{q.mlp_bits} {q.mlp_quant}")
+        parts.append(f"mlp INT{q.mlp_bits} {mlp_word[q.mlp_scale]}")
     if q.act_bits:
         parts.append(f"act INT{q.act_bits}")
     return ", ".join(parts) or "fp32"

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..qcore import CHANNEL, ROW, TABLE, TENSOR
 from .base import compressor_names, get_compressor
 
 ERROR_FEEDBACK = ("mlp", "emb", "both", "none")
 COLLECTIVES = ("auto", "allgather", "two-phase")
-EMB_SCALES = ("table", "row", "tensor")
-MLP_SCALES = ("channel", "tensor")
+EMB_SCALES = (TABLE, ROW, TENSOR)
+MLP_SCALES = (CHANNEL, TENSOR)
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class CompressionConfig:
     mlp: str = "none"
     error_feedback: str = "mlp"
     collective: str = "auto"
-    emb_scale: str = "table"
-    mlp_scale: str = "channel"
+    emb_scale: str = TABLE
+    mlp_scale: str = CHANNEL
     two_phase_min_ranks: int = 5
 
     def __post_init__(self) -> None:

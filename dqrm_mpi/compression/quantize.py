@@ -1,8 +1,9 @@
 """Symmetric uniform quantization with one scale per group (INT16, INT8, INT4).
 
 scale_g = max|x| over group g / qmax, q = clamp(round(x / scale), -qmax - 1, qmax),
-x_hat = q * scale.  The error per element is at most scale_g / 2.  INT4 packs two values
-per byte (low nibble first, stored as q + 8).
+x_hat = q * scale (``qcore``'s bit range and scale rule).  The error per element is at most
+scale_g / 2.  INT16 and INT8 travel as two's-complement integers, INT4 as ``qcore``'s packed
+INT4 (two values per byte, low nibble first, stored as q + 8).
 
 Speed: groups are contiguous runs of elements (an output channel, a bias, an embedding row
 or table), described by a ``Layout`` of 2-D blocks whose rows are groups.  Per-group absmax
@@ -14,24 +15,17 @@ from __future__ import annotations
 
 import torch
 
+from ..qcore import group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
 from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
 
-_TINY = torch.finfo(torch.float32).tiny
-
-
-def group_absmax(x: torch.Tensor, groups: torch.Tensor | None, num_groups: int) -> torch.Tensor:
-    """float32 [num_groups]: max |x| per group (0 for an empty group); any group order."""
-    a = x.abs().to(torch.float32)
-    if groups is None:
-        return (a.max() if a.numel() else torch.zeros(())).reshape(1)
-    out = torch.zeros(num_groups, dtype=torch.float32, device=x.device)
-    return out.scatter_reduce_(0, groups, a, reduce="amax", include_self=True)
-
-
 def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor) -> None:
-    """x float32 [n] -> q float32 [n] (integral values in [-qmax-1, qmax]) and scales float32 [groups]."""
-    qmax = 2 ** (bits - 1) - 1
+    """x float32 [n] -> q float32 [n] (integral values in [qmin, qmax]) and scales float32 [groups].
+
+    In place over the layout's blocks, dividing by the scale (the codecs' arithmetic since their
+    first version; ``qcore.quantize`` multiplies by 1/scale as PyTorch's fake-quant kernels do).
+    """
+    qmin, qmax = qrange(bits)
     torch.abs(x, out=q)
     scales.zero_()
     for b in layout.blocks:
@@ -41,13 +35,12 @@ def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, s
                 scales[b.g_lo:b.g_lo + b.rows] = rowmax
             else:
                 scales.scatter_reduce_(0, b.row_group, rowmax, reduce="amax", include_self=True)
-    scales.div_(qmax)
-    safe = scales.clamp_min(_TINY)
+    scale_from_max_(scales, bits)
     for b in layout.blocks:
         if b.rows and b.cols:
-            torch.div(x[b.lo:b.hi].view(b.rows, b.cols), b.row_scales(safe).unsqueeze(-1),
+            torch.div(x[b.lo:b.hi].view(b.rows, b.cols), b.row_scales(scales).unsqueeze(-1),
                       out=q[b.lo:b.hi].view(b.rows, b.cols))
-    q.round_().clamp_(-qmax - 1, qmax)
+    q.round_().clamp_(qmin, qmax)
 
 
 def scale_rows_(values: torch.Tensor, scales: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -65,10 +58,9 @@ def quantize(x: torch.Tensor, groups: torch.Tensor | None, num_groups: int,
     x = x.to(torch.float32)
     layout = Layout.from_groups(groups, num_groups, x.numel())
     if layout is None:  # groups not contiguous: the general (slower) path
-        qmax = 2 ** (bits - 1) - 1
-        scales = group_absmax(x, groups, num_groups) / qmax
-        q = torch.round(x / scales[groups].clamp_min(_TINY))
-        return q.clamp_(-qmax - 1, qmax).to(torch.int16), scales
+        qmin, qmax = qrange(bits)
+        scales = group_scales(x, groups, num_groups, bits)
+        return torch.round(x / scales[groups]).clamp_(qmin, qmax).to(torch.int16), scales
     q = torch.empty_like(x)
     scales = torch.empty(layout.num_groups, dtype=torch.float32, device=x.device)
     quantize_into(x, layout, bits, q, scales)
@@ -80,22 +72,6 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor | Non
     if layout is None:
         return q.to(torch.float32) * scales[groups]
     return scale_rows_(q.to(torch.float32).reshape(1, -1), scales.reshape(1, -1), layout).reshape(-1)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int [n] in [-8, 7] -> uint8 [ceil(n / 2)], two values per byte, low nibble first."""
-    u = (q.to(torch.int16) + 8).to(torch.uint8)
-    if u.numel() % 2:
-        u = torch.cat([u, u.new_full((1,), 8)])
-    u = u.view(-1, 2)
-    return u[:, 0] | (u[:, 1] << 4)
-
-
-def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """uint8 [ceil(n / 2)] -> int16 [n]."""
-    lo = (packed & 0x0F).to(torch.int16)
-    hi = (packed >> 4).to(torch.int16)
-    return torch.stack([lo, hi], dim=1).reshape(-1)[:numel] - 8
 
 
 class _IntCompressor(Compressor):
@@ -184,25 +160,15 @@ class Int4Compressor(_IntCompressor):
     bits = 4
 
     def _pack(self, q):
-        return pack_int4(q)
+        out = torch.empty(self.data_nbytes(q.numel()), dtype=torch.uint8, device=q.device)
+        pack_int4_into(q, out)
+        return out
 
     def _unpack(self, data, numel):
-        return unpack_int4(data, numel)
+        return unpack_int4_into(data.view(1, -1), torch.empty(1, numel, dtype=torch.int16)).view(-1)
 
     def _pack_into(self, q, out):
-        u = torch.empty(2 * out.numel(), dtype=torch.uint8, device=q.device)
-        u[q.numel():] = 8
-        torch.add(q, 8, out=q)          # q is scratch: integral floats in [0, 15]
-        u[:q.numel()].copy_(q)
-        u = u.view(-1, 2)
-        torch.bitwise_left_shift(u[:, 1], 4, out=out)
-        out.bitwise_or_(u[:, 0])
-        q.sub_(8)
+        pack_int4_into(q, out)
 
     def _unpack_into(self, data, out):
-        r, n = out.shape
-        u = torch.empty(r, data.shape[1], 2, dtype=torch.uint8, device=data.device)
-        torch.bitwise_and(data, 0x0F, out=u[:, :, 0])
-        torch.bitwise_right_shift(data, 4, out=u[:, :, 1])
-        out.copy_(u.view(r, -1)[:, :n])
-        out.sub_(8)
+        unpack_int4_into(data, out)

@@ -1,8 +1,8 @@
 """DLRM as named parts."""
-from .config import PRESETS, ModelConfig, model_config_from_preset
-from .dlrm import DLRM, BottomMLP, EmbeddingTables, PairwiseDotInteraction, TopMLP
+from .config import NUM_DENSE, NUM_SPARSE, PRESETS, ModelConfig, model_config_from_preset
+from .dlrm import DLRM, BottomMLP, EmbeddingTables, LinearFactory, PairwiseDotInteraction, TopMLP, fp32_tables
 
 __all__ = [
-    "PRESETS", "ModelConfig", "model_config_from_preset",
-    "DLRM", "BottomMLP", "EmbeddingTables", "PairwiseDotInteraction", "TopMLP",
+    "NUM_DENSE", "NUM_SPARSE", "PRESETS", "ModelConfig", "model_config_from_preset",
+    "DLRM", "BottomMLP", "EmbeddingTables", "LinearFactory", "PairwiseDotInteraction", "TopMLP", "fp32_tables",
 ]

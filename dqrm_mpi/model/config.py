@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..data.schema import NUM_DENSE, NUM_SPARSE
+# A Criteo sample: 13 dense (integer) features and 26 categorical ones, one table each.
+NUM_DENSE = 13
+NUM_SPARSE = 26
 
 
 @dataclass(frozen=True)

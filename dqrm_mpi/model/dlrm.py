@@ -1,8 +1,14 @@
-"""DLRM (Naumov et al. 2019) as named parts: bottom MLP, embedding tables,
-pairwise dot interaction, top MLP.  Reference initialisation and layout."""
+"""DLRM (Naumov et al. 2019) as named parts: bottom MLP, embedding lookup,
+pairwise dot interaction, top MLP.  Reference initialisation and layout.
+
+The embedding lookup is a part given to ``DLRM`` (FP32 ``EmbeddingTables`` by default;
+quantization-aware or packed tables from ``dqrm_mpi.quant``), and so is the factory of
+the MLPs' linear layers: every variant runs the same ``DLRM.forward``.
+"""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -18,12 +24,16 @@ def _init_linear(layer: nn.Linear) -> None:
         layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out))
 
 
-def _mlp(widths: list[int], relu_last: bool) -> nn.Sequential:
+# (in_features, out_features) -> a linear layer (nn.Linear or a subclass).
+LinearFactory = Callable[[int, int], nn.Linear]
+
+
+def _mlp(widths: list[int], relu_last: bool, linear: LinearFactory) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
-        linear = nn.Linear(a, b)
-        _init_linear(linear)
-        layers.append(linear)
+        layer = linear(a, b)
+        _init_linear(layer)
+        layers.append(layer)
         if relu_last or i < len(widths) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
@@ -32,9 +42,9 @@ def _mlp(widths: list[int], relu_last: bool) -> nn.Sequential:
 class BottomMLP(nn.Module):
     """dense float32 [B, 13] -> [B, d]; ReLU after every layer (as the reference)."""
 
-    def __init__(self, in_features: int, widths: tuple[int, ...]) -> None:
+    def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
-        self.layers = _mlp([in_features, *widths], relu_last=True)
+        self.layers = _mlp([in_features, *widths], relu_last=True, linear=linear)
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
         return self.layers(dense)
@@ -43,40 +53,38 @@ class BottomMLP(nn.Module):
 class TopMLP(nn.Module):
     """interaction [B, F] -> logit [B]; ReLU between layers, none after the last."""
 
-    def __init__(self, in_features: int, widths: tuple[int, ...]) -> None:
+    def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
-        self.layers = _mlp([in_features, *widths], relu_last=False)
+        self.layers = _mlp([in_features, *widths], relu_last=False, linear=linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x).squeeze(-1)
 
 
+def fp32_tables(cardinalities: tuple[int, ...], dim: int) -> nn.ModuleList:
+    """One ``EmbeddingBag`` per table with sparse gradients, reference initialisation
+    (rows of table t uniform in +-sqrt(1 / n_t))."""
+    tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in cardinalities)
+    with torch.no_grad():
+        for table, n in zip(tables, cardinalities):
+            bound = math.sqrt(1.0 / n)
+            table.weight.uniform_(-bound, bound)
+    return tables
+
+
 class EmbeddingTables(nn.Module):
-    """26 ``EmbeddingBag`` tables with sparse gradients, one id per sample per table.
+    """FP32 tables (``fp32_tables``), one id per sample per table: sparse int [B, 26] ->
+    float32 [B, 26, d].  ``lookup(t, ids)`` gives one table's rows [B, d]."""
 
-    sparse int [B, 26] -> float32 [B, 26, d].  ``row_transform`` (None by default) is
-    applied to the looked-up rows only (the quantization-aware hook): it receives the
-    table index, the rows [B, d] and the ids [B].
-    """
-
-    def __init__(self, cardinalities: tuple[int, ...], dim: int) -> None:
+    def __init__(self, tables: nn.ModuleList) -> None:
         super().__init__()
-        self.tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in cardinalities)
-        with torch.no_grad():
-            for table, n in zip(self.tables, cardinalities):
-                bound = math.sqrt(1.0 / n)
-                table.weight.uniform_(-bound, bound)
-        self.row_transform = None
+        self.tables = tables
+
+    def lookup(self, t: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.tables[t](ids.unsqueeze(1))  # [B, d]: a bag of one id per sample
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        out = []
-        for t, table in enumerate(self.tables):
-            ids = sparse[:, t]
-            rows = table(ids.unsqueeze(1))  # [B, d]: a bag of one id per sample
-            if self.row_transform is not None:
-                rows = self.row_transform(t, rows, ids)
-            out.append(rows)
-        return torch.stack(out, dim=1)
+        return torch.stack([self.lookup(t, sparse[:, t]) for t in range(len(self.tables))], dim=1)
 
 
 class PairwiseDotInteraction(nn.Module):
@@ -99,15 +107,23 @@ class PairwiseDotInteraction(nn.Module):
 
 
 class DLRM(nn.Module):
-    """(dense [B, 13] float32, sparse [B, 26] int) -> click logit [B]."""
+    """(dense [B, 13] float32, sparse [B, 26] int) -> click logit [B].
 
-    def __init__(self, config: ModelConfig) -> None:
+    embeddings: the lookup sparse int [B, 26] -> float32 [B, 26, d]; None builds FP32
+      ``EmbeddingTables`` (initialised between the bottom and top MLPs, the reference order).
+    linear: builds each MLP layer (``nn.Linear`` or a subclass); its weights are then
+      initialised as the reference does.
+    """
+
+    def __init__(self, config: ModelConfig, embeddings: nn.Module | None = None,
+                 linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
         self.config = config
-        self.bottom = BottomMLP(config.dense_inputs, config.bottom_mlp)
-        self.embeddings = EmbeddingTables(config.cardinalities, config.embedding_dim)
+        self.bottom = BottomMLP(config.dense_inputs, config.bottom_mlp, linear)
+        self.embeddings = (embeddings if embeddings is not None else
+                           EmbeddingTables(fp32_tables(config.cardinalities, config.embedding_dim)))
         self.interaction = PairwiseDotInteraction(len(config.cardinalities) + 1)
-        self.top = TopMLP(config.num_interactions, config.top_mlp)
+        self.top = TopMLP(config.num_interactions, config.top_mlp, linear)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         bottom = self.bottom(dense)

@@ -1,5 +1,5 @@
-"""Quantization: uniform symmetric fake quantization, QAT of a DLRM, PTQ, packed export."""
+"""Quantization of a DLRM: QAT (fake quantization), PTQ and the packed export."""
 from .config import QuantConfig
-from .qat import EmbeddingFakeQuant, QATState, QuantLinear, prepare_qat
+from .qat import EmbeddingFakeQuant, QATState, QuantEmbeddingTables, QuantLinear, prepare_qat
 
-__all__ = ["QuantConfig", "EmbeddingFakeQuant", "QATState", "QuantLinear", "prepare_qat"]
+__all__ = ["QuantConfig", "EmbeddingFakeQuant", "QATState", "QuantEmbeddingTables", "QuantLinear", "prepare_qat"]

@@ -1,18 +1,16 @@
-"""QuantConfig: what to quantize and how (validated on construction, no torch import)."""
+"""QuantConfig: what to quantize and how (validated on construction)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
 
-EMB_SCALES = ("table", "rowwise")
-MLP_QUANTS = ("none", "matrix", "channel")
-BITS_RANGE = (2, 16)
+from ..qcore import CHANNEL, ROW, TABLE, TENSOR, check_bits, check_granularity
 
-
-def _check_bits(name: str, bits: int | None) -> None:
-    lo, hi = BITS_RANGE
-    if bits is not None and (not isinstance(bits, int) or isinstance(bits, bool) or not lo <= bits <= hi):
-        raise ValueError(f"{name} must be an integer in [{lo}, {hi}] (or unset for FP32), got {bits!r}")
+EMB_SCALES = (TABLE, ROW)
+MLP_SCALES = (CHANNEL, TENSOR)
+# Older spellings, still read from saved config dicts (checkpoints, config.json) and the
+# packed-file header: "rowwise" = ROW, "matrix" = TENSOR, "none" = no MLP quantization.
+LEGACY_NAMES = {"rowwise": ROW, "matrix": TENSOR, "none": None}
 
 
 @dataclass(frozen=True)
@@ -20,37 +18,36 @@ class QuantConfig:
     """Quantization-aware training (DQRM).  The default quantizes nothing (FP32).
 
     emb_bits: bit width of embedding rows (None: FP32 tables).
-    emb_scale: "table" (one scale per table, DQRM) or "rowwise" (one per row).
+    emb_scale: TABLE (one scale per table, DQRM) or ROW (one per row).
     scale_period: steps between full-table passes that refresh the per-table scales
-        (1: every step).  Rowwise scales need no pass: they come from the looked-up row.
+        (1: every step).  Per-row scales need no pass: they come from the looked-up row.
     mlp_bits: bit width of MLP weights (None: FP32).
-    mlp_quant: "matrix" (one scale per weight matrix) or "channel" (one per output
-        channel); None picks "channel" when mlp_bits is set, else "none".
+    mlp_scale: TENSOR (one scale per weight matrix) or CHANNEL (one per output channel);
+        None picks CHANNEL when mlp_bits is set; always None without mlp_bits.
     act_bits: bit width of every MLP layer's input activations (None: FP32, DQRM's choice).
     pretrain_epochs: train FP32 for this many epochs, then switch quantization on.
     """
 
     emb_bits: int | None = None
-    emb_scale: str = "table"
+    emb_scale: str = TABLE
     scale_period: int = 200
     mlp_bits: int | None = None
-    mlp_quant: str | None = None
+    mlp_scale: str | None = None
     act_bits: int | None = None
     pretrain_epochs: int = 0
 
     def __post_init__(self) -> None:
-        if self.mlp_quant is None:
-            object.__setattr__(self, "mlp_quant", "channel" if self.mlp_bits is not None else "none")
-        _check_bits("emb_bits", self.emb_bits)
-        _check_bits("mlp_bits", self.mlp_bits)
-        _check_bits("act_bits", self.act_bits)
-        if self.emb_scale not in EMB_SCALES:
-            raise ValueError(f"emb_scale must be one of {EMB_SCALES}, got {self.emb_scale!r}")
-        if self.mlp_quant not in MLP_QUANTS:
-            raise ValueError(f"mlp_quant must be one of {MLP_QUANTS}, got {self.mlp_quant!r}")
-        if (self.mlp_bits is None) != (self.mlp_quant == "none"):
-            raise ValueError(f"mlp_bits={self.mlp_bits} and mlp_quant={self.mlp_quant!r} disagree: give both "
-                             "(e.g. 4 and 'channel') or neither")
+        if self.mlp_scale is None and self.mlp_bits is not None:
+            object.__setattr__(self, "mlp_scale", CHANNEL)
+        for name in ("emb_bits", "mlp_bits", "act_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        check_granularity("emb_scale", self.emb_scale, EMB_SCALES)
+        if self.mlp_scale is not None:
+            check_granularity("mlp_scale", self.mlp_scale, MLP_SCALES)
+            if self.mlp_bits is None:
+                raise ValueError(f"mlp_bits=None and mlp_scale={self.mlp_scale!r} disagree: give both "
+                                 "(e.g. 4 and 'channel') or neither")
         if not isinstance(self.scale_period, int) or self.scale_period < 1:
             raise ValueError(f"scale_period must be an integer >= 1 (1: refresh every step), got {self.scale_period!r}")
         if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
@@ -69,4 +66,11 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "QuantConfig":
-        return cls(**(d or {}))
+        """The inverse of ``to_dict``; also reads the older spellings (``mlp_quant``, "rowwise", "matrix")."""
+        d = dict(d or {})
+        if "mlp_quant" in d:
+            d["mlp_scale"] = d.pop("mlp_quant")
+        for key in ("emb_scale", "mlp_scale"):
+            if d.get(key) in LEGACY_NAMES:
+                d[key] = LEGACY_NAMES[d[key]]
+        return cls(**d)

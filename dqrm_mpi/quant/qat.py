@@ -1,8 +1,11 @@
 """Quantization-aware training of a DLRM (DQRM).
 
-``prepare_qat(model, config)`` installs, in place:
+``prepare_qat(model, config)`` gives an initialised FP32 ``DLRM`` its quantization-aware
+parts, which take over the model's parameters (so initialisation, parameter names and
+optimizers are those of the FP32 model):
 
-- ``EmbeddingFakeQuant`` as ``model.embeddings.row_transform``: only the rows looked up
+- ``QuantEmbeddingTables`` as ``model.embeddings``: the same tables, whose looked-up rows
+  go through ``EmbeddingFakeQuant`` (its ``row_transform``): only the rows looked up
   in the batch are fake-quantized; the FP32 master tables keep receiving sparse
   gradients through the straight-through estimator.  Per-table scales (DQRM) are
   refreshed by a full pass over every table only at steps that are multiples of
@@ -27,8 +30,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..model import EmbeddingTables
+from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
 from .config import QuantConfig
-from .quantizer import fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
 
 # Activation scales: exponential moving average of the batch max, this weight on the new batch.
 ACT_MOMENTUM = 0.1
@@ -63,7 +67,7 @@ class _ModeChecked(nn.Module):
 
 
 class EmbeddingFakeQuant(_ModeChecked):
-    """``row_transform`` hook: (table t, rows float32 [B, d], ids [B]) -> fake-quantized rows [B, d].
+    """(table t, rows float32 [B, d], ids [B]) -> fake-quantized rows [B, d].
 
     Buffers: scales float32 [T] (per-table scale, table mode), scales_valid uint8,
     refreshes int64 (full-table passes so far), last_refresh_step int64 (-1: none),
@@ -75,7 +79,7 @@ class EmbeddingFakeQuant(_ModeChecked):
 
     def __init__(self, num_tables: int, bits: int, rowwise: bool, period: int) -> None:
         super().__init__()
-        qrange(bits)
+        check_bits(bits, "emb_bits")
         self.num_bits = bits
         self.is_rowwise = rowwise
         self.register_buffer("bits", torch.tensor(bits, dtype=torch.int64))
@@ -127,6 +131,18 @@ class EmbeddingFakeQuant(_ModeChecked):
         return rows + (quantized - detached)
 
 
+class QuantEmbeddingTables(EmbeddingTables):
+    """FP32 tables whose looked-up rows are fake-quantized by ``row_transform``
+    (an ``EmbeddingFakeQuant``): sparse int [B, 26] -> float32 [B, 26, d]."""
+
+    def __init__(self, tables: nn.ModuleList, row_transform: EmbeddingFakeQuant) -> None:
+        super().__init__(tables)
+        self.row_transform = row_transform
+
+    def lookup(self, t: int, ids: torch.Tensor) -> torch.Tensor:
+        return self.row_transform(t, super().lookup(t, ids), ids)
+
+
 class QuantLinear(nn.Linear, _ModeChecked):
     """``nn.Linear`` with fake-quantized weights and optionally fake-quantized inputs.
 
@@ -142,9 +158,9 @@ class QuantLinear(nn.Linear, _ModeChecked):
     def __init__(self, in_features: int, out_features: int, weight_bits: int | None, per_channel: bool,
                  act_bits: int | None, device=None) -> None:
         super().__init__(in_features, out_features, device=device)
-        for b in (weight_bits, act_bits):
+        for name, b in (("mlp_bits", weight_bits), ("act_bits", act_bits)):
             if b is not None:
-                qrange(b)
+                check_bits(b, name)
         self.w_bits = weight_bits
         self.a_bits = act_bits
         self.is_per_channel = per_channel
@@ -261,19 +277,10 @@ class QATState:
             self.scale_seconds += time.perf_counter() - t0
 
     def activation_scales(self) -> list[torch.Tensor]:
-        """The running activation scales (float32 [1] each): average them across ranks to keep
-        replicas identical."""
-        return [m.act_scale for m in self.linears if m.a_bits]
-
-    def average_activation_scales(self, backend) -> None:
-        """Average the running activation scales over ranks (``backend.allreduce_average``), so
-        every replica quantizes the next batch with the same scales.  No-op without act_bits
-        or on one rank."""
-        scales = self.activation_scales()
-        if not scales or backend.size == 1 or not self.enabled:
-            return
-        for s, avg in zip(scales, backend.allreduce_average(scales, name="qat.act_scale", kind="qat")):
-            s.copy_(avg)
+        """The running activation scales (float32 [1] each, the buffers themselves) while
+        quantization is on, else []: the training loop averages them across ranks in place
+        after each step, so every replica quantizes the next batch with the same scales."""
+        return [m.act_scale for m in self.linears if m.a_bits] if self.enabled else []
 
     def summary(self) -> dict[str, object]:
         """For summary.json: the configuration, full-table passes and their seconds."""
@@ -285,7 +292,7 @@ def _swap_linears(seq: nn.Sequential, config: QuantConfig) -> list[QuantLinear]:
     out = []
     for i, layer in enumerate(seq):
         if isinstance(layer, nn.Linear) and not isinstance(layer, QuantLinear):
-            q = QuantLinear.from_linear(layer, config.mlp_bits, config.mlp_quant == "channel", config.act_bits)
+            q = QuantLinear.from_linear(layer, config.mlp_bits, config.mlp_scale == CHANNEL, config.act_bits)
             seq[i] = q
             out.append(q)
     return out
@@ -298,14 +305,14 @@ def prepare_qat(model: nn.Module, config: QuantConfig) -> QATState:
     (parameters stay the same objects, so either order works for the optimizer).
     Quantization starts switched off when ``config.pretrain_epochs`` > 0.
     """
-    if isinstance(model.embeddings.row_transform, EmbeddingFakeQuant) or any(
-            isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(m, (QuantEmbeddingTables, QuantLinear)) for m in model.modules()):
         raise ValueError("the model is already prepared for quantization-aware training")
     emb = None
     if config.emb_bits is not None:
-        emb = EmbeddingFakeQuant(len(model.embeddings.tables), config.emb_bits, config.emb_scale == "rowwise",
-                                 config.scale_period).to(model.embeddings.tables[0].weight.device)
-        model.embeddings.row_transform = emb
+        tables = model.embeddings.tables
+        emb = EmbeddingFakeQuant(len(tables), config.emb_bits, config.emb_scale == ROW,
+                                 config.scale_period).to(tables[0].weight.device)
+        model.embeddings = QuantEmbeddingTables(tables, emb)
     linears: list[QuantLinear] = []
     if config.mlp_bits is not None or config.act_bits is not None:
         linears = _swap_linears(model.bottom.layers, config) + _swap_linears(model.top.layers, config)

@@ -1,4 +1,5 @@
-"""Checkpoints and the run directory's life cycle: fresh, overwritten or resumed."""
+"""Checkpoints (what they hold, loading one as a model) and the run directory's life
+cycle: fresh, overwritten or resumed."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..model import DLRM, ModelConfig
+from ..quant import QATState, QuantConfig, prepare_qat
 from .config import TrainConfig
 from .run_dir import CHECKPOINT, json_safe
 
@@ -21,6 +24,23 @@ def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: Tra
     """What ``checkpoint.pt`` holds: weights and QAT buffers, configurations, global step."""
     return {"model": model.state_dict(), "model_config": model_config, "train_config": json_safe(config.to_dict()),
             "step": step, "epoch": epoch}
+
+
+def load_checkpoint(path: str | Path) -> tuple[DLRM, QuantConfig, QATState | None]:
+    """A ``dqrm-train`` checkpoint as (model in eval mode, its QuantConfig, its QATState or None)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path}: not a dqrm-train checkpoint or packed model ({e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+        raise ValueError(f"{path}: not a dqrm-train checkpoint (no model / model_config)")
+    config = ModelConfig(**ckpt["model_config"])
+    quant = QuantConfig.from_dict((ckpt.get("train_config") or {}).get("quant"))
+    model = DLRM(config)
+    state = prepare_qat(model, quant) if quant.enabled else None
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, quant, state
 
 
 def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:

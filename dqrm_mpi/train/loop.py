@@ -167,8 +167,10 @@ def train(config: TrainConfig, backend: HorovodBackend | None = None) -> dict[st
             loss.backward()
             sync.synchronize()
             optimizer.step()
-            if qat is not None:
-                qat.average_activation_scales(backend)  # --act-bits only: keeps replicas identical
+            act_scales = qat.activation_scales() if qat is not None else []
+            if act_scales and backend.size > 1:  # --act-bits only: keeps replicas identical
+                for s, avg in zip(act_scales, backend.allreduce_average(act_scales, name="qat.act_scale", kind="qat")):
+                    s.copy_(avg)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise FloatingPointError(f"training loss became {loss_value} at step {stats.steps}; lower --lr")

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqrm_mpi.compression import (ALLGATHER, ALLREDUCE, CompressionConfig, ResidualMemory, compressor_names,
-                                  get_compressor)
-from dqrm_mpi.compression.quantize import pack_int4, unpack_int4
+from dqrm_mpi.compression import (ALLGATHER, ALLREDUCE, Compressed, CompressionConfig, ResidualMemory,
+                                  compressor_names, get_compressor)
+from dqrm_mpi.compression.layout import Layout
+from dqrm_mpi.qcore import pack
 
 QUANTIZED = {"int16": 32767, "int8": 127, "int4": 7}
 
@@ -17,13 +18,45 @@ def test_registry_names_and_unknown_name():
         get_compressor("int3")
 
 
-def test_declared_collectives():
-    for name in ("none", "fp16"):
-        c = get_compressor(name)
-        assert c.linear and c.collective == ALLREDUCE
-    for name in QUANTIZED:
-        c = get_compressor(name)
-        assert not c.linear and c.collective == ALLGATHER
+@pytest.mark.parametrize("name", ["none", "fp16", "int16", "int8", "int4"])
+def test_declared_collective_matches_whether_payloads_can_be_summed(name):
+    """allreduce only for payloads whose sum decodes to the sum of the values; two ranks'
+    quantized payloads (different scales) summed as they are decode to something else."""
+    c = get_compressor(name)
+    a, b = torch.linspace(-1, 1, 64), torch.linspace(-3, 2, 64) ** 3
+    ca, cb = c.compress(a), c.compress(b)
+    exact = c.decompress(ca) + c.decompress(cb)
+    summed = c.decompress(Compressed(ca.data + cb.data, ca.scales, ca.numel))  # as a sum collective would
+    sums_correctly = bool(torch.allclose(summed, exact, atol=1e-2))
+    assert c.linear == sums_correctly
+    assert c.collective == (ALLREDUCE if sums_correctly else ALLGATHER)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "int16", "int8", "int4"])
+def test_lossless_is_declared_exactly_when_round_trips_are_exact(name):
+    c = get_compressor(name)
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(2)) * 1e-3 + 1 / 3
+    assert c.lossless == torch.equal(c.decompress(c.compress(x)), x)
+
+
+@pytest.mark.parametrize("name", ["none", "fp16", "int16", "int8", "int4"])
+@pytest.mark.parametrize("sizes", [[7] * 5 + [3, 1], [1001], [4, 0, 4]])
+def test_buffer_forms_equal_compress_and_decompress(name, sizes):
+    """encode_into / decode_many (what the exchanges run) produce the bytes and values of
+    compress / to_bytes / decompress for the same scale groups."""
+    c = get_compressor(name)
+    layout = Layout.from_sizes(sizes)
+    x = torch.randn(layout.numel, generator=torch.Generator().manual_seed(len(sizes))) * 3
+    groups = torch.arange(len(sizes)).repeat_interleave(torch.tensor(sizes))
+    ref = c.compress(x, groups, len(sizes))
+    out = torch.empty(c.nbytes(x.numel(), layout.num_groups), dtype=torch.uint8)
+    transmitted = torch.empty_like(x)
+    c.encode_into(x.clone(), layout, out, transmitted, torch.empty_like(x))
+    assert torch.equal(out, c.to_bytes(ref))
+    expected = c.decompress(ref, groups)
+    assert torch.equal(transmitted, expected)
+    decoded = c.decode_many(torch.stack([out, out]), layout, torch.empty(2, x.numel()))
+    assert torch.equal(decoded, expected.expand(2, -1))
 
 
 @pytest.mark.parametrize("name", ["none", "fp16", "int16", "int8", "int4"])
@@ -61,12 +94,13 @@ def test_per_channel_scales_beat_one_scale_for_uneven_rows():
     assert rel(per_row) < rel(per_tensor) / 2
 
 
-def test_int4_packs_two_values_per_byte():
-    q = torch.tensor([-8, 7, 0, -1, 3], dtype=torch.int16)
-    packed = pack_int4(q)
-    assert packed.dtype == torch.uint8 and packed.numel() == 3
-    assert torch.equal(unpack_int4(packed, 5), q)
-    assert get_compressor("int4").nbytes(1001, 1) == 501 + 4
+def test_int4_payload_is_the_packed_int4_of_the_core():
+    x = torch.tensor([-8.0, 7.0, 0.0, -1.0, 3.0])  # max |x| 8 -> scale 8/7: integers -7, 6, 0, -1, 3
+    c = get_compressor("int4")
+    packed = c.compress(x)
+    q = torch.round(x / (8 / 7)).clamp(-8, 7).to(torch.int16)
+    assert torch.equal(packed.data, pack(q.reshape(1, -1), 4).reshape(-1)) and packed.data.numel() == 3
+    assert c.nbytes(1001, 1) == 501 + 4
 
 
 def test_zero_and_empty_inputs():

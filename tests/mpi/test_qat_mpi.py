@@ -38,7 +38,9 @@ def test_qat_state_is_broadcast_and_replicas_stay_identical(backend):
         torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
         sync.synchronize()
         opt.step()
-        qat.average_activation_scales(backend)
+        scales = qat.activation_scales()  # averaged in place, as the training loop does
+        for s, avg in zip(scales, backend.allreduce_average(scales, name="qat.act_scale", kind="qat")):
+            s.copy_(avg)
         states = backend.allgather_array(_flat_state(model).unsqueeze(0), name=f"qat.step{step}")
         diff = float((states - states[0]).abs().max())
         assert diff <= 1e-6, f"step {step}: replicas differ by {diff}"

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqrm_mpi.quant.pack import pack, packed_row_bytes, unpack
+from dqrm_mpi.qcore import pack, pack_int4_into, packed_row_bytes, unpack, unpack_int4_into
 
 
 @pytest.mark.parametrize("bits", list(range(2, 17)))
@@ -36,3 +36,17 @@ def test_pack_rejects_out_of_range_and_floats():
         pack(torch.tensor([[1.0]]), 4)
     with pytest.raises(ValueError, match="bytes per row"):
         unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 64])
+def test_int4_into_buffers_writes_the_bytes_of_pack(n):
+    """The codecs' in-buffer INT4 path and the export's pack agree byte for byte, and invert."""
+    q = torch.randint(-8, 8, (n,), generator=torch.Generator().manual_seed(n))
+    expected = pack(q.reshape(1, -1), 4).reshape(-1)
+    for source in (q.clone(), q.float()):
+        out = torch.full((packed_row_bytes(n, 4),), 0xAA, dtype=torch.uint8)
+        pack_int4_into(source, out)
+        assert torch.equal(out, expected)
+        assert torch.equal(source, q.to(source.dtype))  # a float input is used as scratch and restored
+    decoded = unpack_int4_into(torch.stack([expected, expected]), torch.empty(2, n))
+    assert torch.equal(decoded, q.float().expand(2, n))

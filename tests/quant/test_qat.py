@@ -9,7 +9,7 @@ import torch
 
 from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.quant import EmbeddingFakeQuant, QuantConfig, QuantLinear, prepare_qat
-from dqrm_mpi.quant.quantizer import fake_quant, row_scales, tensor_scale
+from dqrm_mpi.qcore import fake_quant, row_scales, tensor_scale
 
 CARDS = [40, 30, 25] + [12] * 23
 
@@ -86,7 +86,7 @@ def test_period_one_refreshes_every_step_and_rowwise_never_passes_over_tables():
     _sgd_steps(model, qat, 5)
     assert qat.table_passes == 5
     model = _model()
-    qat = prepare_qat(model, QuantConfig(emb_bits=4, emb_scale="rowwise"))
+    qat = prepare_qat(model, QuantConfig(emb_bits=4, emb_scale="row"))
     _sgd_steps(model, qat, 5)
     assert qat.table_passes == 0
     _, sparse, _ = _batch(3)
@@ -108,11 +108,11 @@ def test_pretrain_epochs_train_fp32_then_switch_quantization_on():
     assert not torch.allclose(model(dense, sparse), ref(dense, sparse))
 
 
-@pytest.mark.parametrize("mode,shape", [("channel", (32,)), ("matrix", (1,))])
+@pytest.mark.parametrize("mode,shape", [("channel", (32,)), ("tensor", (1,))])
 def test_mlp_weights_quantized_per_channel_or_matrix(mode, shape):
     model = _model()
     names = [n for n, _ in model.named_parameters()]
-    qat = prepare_qat(model, QuantConfig(mlp_bits=4, mlp_quant=mode))
+    qat = prepare_qat(model, QuantConfig(mlp_bits=4, mlp_scale=mode))
     assert [n for n, _ in model.named_parameters()] == names  # optimizer / gradient sync unaffected
     layer = model.bottom.layers[0]
     assert isinstance(layer, QuantLinear) and len(qat.linears) == 4

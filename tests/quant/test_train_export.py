@@ -15,8 +15,10 @@ from dqrm_mpi.cli import export as export_cli
 from dqrm_mpi.cli import train as train_cli
 from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.quant import QuantConfig, prepare_qat
-from dqrm_mpi.quant.export import export_packed, load_checkpoint, load_packed, packed_size, predict
+from dqrm_mpi.quant.packed import export_packed, load_packed, packed_size
 from dqrm_mpi.quant.ptq import post_training_quantize
+from dqrm_mpi.train.checkpoint import load_checkpoint
+from dqrm_mpi.train.evaluation import predict
 
 from ..conftest import VENV_BIN, run_cmd
 
@@ -66,7 +68,7 @@ def test_checkpoint_keeps_qat_state_and_counts_table_passes(int4_run):
     assert int(state["embeddings.row_transform.bits"]) == 4 and state["bottom.layers.0.weight_scale"].shape == (32,)
     assert summary["qat"]["table_passes"] == math.ceil(steps / PERIOD)
     model, quant, qat = load_checkpoint(out / "checkpoint.pt")
-    assert quant == QuantConfig(emb_bits=4, mlp_bits=4, mlp_quant="channel", scale_period=PERIOD)
+    assert quant == QuantConfig(emb_bits=4, mlp_bits=4, mlp_scale="channel", scale_period=PERIOD)
     assert torch.equal(model.embeddings.row_transform.scales, state["embeddings.row_transform.scales"])
     assert qat.table_passes == math.ceil(steps / PERIOD)
 
@@ -89,7 +91,7 @@ def test_packed_export_evaluates_like_the_qat_model(int4_run, learnable_dataset,
 
 
 @pytest.mark.parametrize("quant", [
-    QuantConfig(emb_bits=4, emb_scale="rowwise", mlp_bits=8, mlp_quant="matrix", act_bits=8),
+    QuantConfig(emb_bits=4, emb_scale="row", mlp_bits=8, mlp_scale="tensor", act_bits=8),
     QuantConfig(emb_bits=2, act_bits=4),
     QuantConfig(emb_bits=5, mlp_bits=3),
 ])

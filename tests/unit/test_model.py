@@ -57,11 +57,35 @@ def test_reference_initialisation_ranges():
     assert abs(first.std().item() - math.sqrt(2 / (13 + 512))) < 0.01
 
 
-def test_row_transform_sees_only_batch_rows():
-    model = DLRM(model_config_from_preset("tiny", CARDS))
+def test_injected_embedding_lookup_and_linear_layers_run_the_same_forward():
+    config = model_config_from_preset("tiny", CARDS)
+    torch.manual_seed(0)
+    fp32 = DLRM(config)
     seen = []
-    model.embeddings.row_transform = lambda t, rows, ids: (seen.append((t, rows.shape, ids.tolist())), rows * 0)[1]
-    sparse = torch.zeros(2, 26, dtype=torch.int64)
-    out = model.embeddings(sparse)
-    assert len(seen) == 26 and seen[0] == (0, (2, 8), [0, 0])
-    assert out.abs().sum() == 0
+
+    class Lookup(torch.nn.Module):  # any module sparse [B, 26] -> [B, 26, d]
+        def forward(self, sparse):
+            seen.append(sparse.shape)
+            return fp32.embeddings(sparse)
+
+    class Traced(torch.nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    injected = DLRM(config, embeddings=Lookup(), linear=Traced)
+    assert all(type(m) is Traced for m in injected.modules() if isinstance(m, torch.nn.Linear))
+    assert not any(n.startswith("embeddings.tables") for n, _ in injected.named_parameters())
+    injected.load_state_dict(fp32.state_dict(), strict=False)
+    dense, sparse = torch.rand(3, 13), torch.zeros(3, 26, dtype=torch.int64)
+    assert torch.equal(injected(dense, sparse), fp32(dense, sparse)) and seen == [(3, 26)]
+
+
+def test_linear_factory_keeps_the_reference_initialisation():
+    """Built through a factory, the MLPs draw the same random numbers in the same order."""
+    config = model_config_from_preset("tiny", CARDS)
+    torch.manual_seed(4)
+    a = DLRM(config)
+    torch.manual_seed(4)
+    b = DLRM(config, linear=lambda i, o: torch.nn.Linear(i, o))
+    for (n, p), (m, q) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n == m and torch.equal(p, q), n

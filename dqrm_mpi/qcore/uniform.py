@@ -1,4 +1,5 @@
-"""Uniform symmetric quantization (DQRM): pure functions on tensors.
+"""Symmetric uniform quantization (DQRM): the bit range, scales, quantize / dequantize and
+fake quantization with a straight-through estimator.  Pure functions on tensors.
 
     scale = max|W| / (2^(b-1) - 1)
     q     = clamp(round(W * (1/scale)), -2^(b-1), 2^(b-1) - 1)      integers
@@ -18,14 +19,16 @@ from __future__ import annotations
 
 import torch
 
+# The bit widths anything in dqrm_mpi quantizes to (signed integers).
 MIN_BITS, MAX_BITS = 2, 16
-# Smallest scale used: an all-zero tensor gets this scale (its integers are all 0).
-EPS = 1e-12
+# Smallest scale divided by: an all-zero group gets this scale (its integers are all 0).
+EPS = torch.finfo(torch.float32).tiny
 
 
-def check_bits(bits: int) -> int:
+def check_bits(bits: int, name: str = "bits") -> int:
+    """``bits`` if it is an integer in [MIN_BITS, MAX_BITS]; ValueError naming ``name`` otherwise."""
     if not isinstance(bits, int) or isinstance(bits, bool) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+        raise ValueError(f"{name} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return bits
 
 
@@ -38,6 +41,11 @@ def qrange(bits: int) -> tuple[int, int]:
 def scale_from_max(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
     """max|W| (any shape) -> float32 scale of the same shape, never below EPS."""
     return (max_abs.float() / qrange(bits)[1]).clamp_min(EPS)
+
+
+def scale_from_max_(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
+    """In place: float32 max|W| (any shape) becomes its scale (``scale_from_max`` without a copy)."""
+    return max_abs.div_(qrange(bits)[1]).clamp_min_(EPS)
 
 
 @torch.no_grad()
@@ -57,6 +65,15 @@ def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
     w = w.detach()
     # amax and amin along rows, not aminmax(dim=1): several times faster on CPU, no |w| temporary.
     return scale_from_max(torch.maximum(w.amax(dim=1), -w.amin(dim=1)), bits)
+
+
+@torch.no_grad()
+def group_scales(x: torch.Tensor, groups: torch.Tensor, num_groups: int, bits: int) -> torch.Tensor:
+    """One scale per group of a flat x [n] whose element i is in group ``groups[i]`` (int64 [n],
+    any order) -> float32 [num_groups] (EPS for an empty group)."""
+    absmax = torch.zeros(num_groups, dtype=torch.float32, device=x.device)
+    absmax.scatter_reduce_(0, groups, x.detach().abs().float(), reduce="amax", include_self=True)
+    return scale_from_max_(absmax, bits)
 
 
 class _FakeQuantAlongDim0(torch.autograd.Function):

@@ -5,18 +5,49 @@ little-endian: value k of a row occupies bits [k*b, (k+1)*b) of the row's byte s
 counting from bit 0 of byte 0.  INT4 holds two values per byte (the first in the low
 nibble), INT2 four.  Every row (last dimension) starts on a byte boundary and is padded
 with zero bits to ceil(n * b / 8) bytes, so a row can be read on its own (lookup).
+
+``pack`` / ``unpack`` take any width and shape.  ``pack_int4_into`` / ``unpack_int4_into``
+write the same INT4 bytes for one flat row into caller-owned buffers without temporaries
+of the input's size (the gradient codecs' hot path).
 """
 from __future__ import annotations
 
 import torch
 
-from .quantizer import qrange
+from .uniform import qrange
 
 
 def packed_row_bytes(n: int, bits: int) -> int:
     """Bytes one packed row of n b-bit values takes."""
     qrange(bits)
     return (n * bits + 7) // 8
+
+
+def pack_int4_into(q: torch.Tensor, out: torch.Tensor) -> None:
+    """q [n] (integral values in [-8, 7], any dtype; float q is used as scratch and restored)
+    -> out uint8 [ceil(n / 2)], the bytes of ``pack(q.reshape(1, -1), 4)``."""
+    n = q.numel()
+    u = torch.zeros(2 * out.numel(), dtype=torch.uint8, device=q.device)
+    if q.is_floating_point():
+        q.add_(8)
+        u[:n].copy_(q)
+        q.sub_(8)
+    else:
+        u[:n].copy_(q + 8)
+    u = u.view(-1, 2)
+    torch.bitwise_left_shift(u[:, 1], 4, out=out)
+    out.bitwise_or_(u[:, 0])
+
+
+def unpack_int4_into(packed: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [r, ceil(n / 2)] (one ``pack_int4_into`` row each) -> out [r, n] (any dtype),
+    the signed values."""
+    r, n = out.shape
+    u = torch.empty(r, packed.shape[1], 2, dtype=torch.uint8, device=packed.device)
+    torch.bitwise_and(packed, 0x0F, out=u[:, :, 0])
+    torch.bitwise_right_shift(packed, 4, out=u[:, :, 1])
+    out.copy_(u.view(r, -1)[:, :n])
+    return out.sub_(8)
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:

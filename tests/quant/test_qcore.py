@@ -1,14 +1,14 @@
-"""Quantizer functions and QuantConfig validation."""
+"""The quantization core (bit range, scales, quantize / fake quant) and QuantConfig validation."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dqrm_mpi.qcore import (EPS, MAX_BITS, MIN_BITS, check_bits, dequantize, fake_quant, fake_quant_own_scale,
+                            group_scales, qrange, quantize, row_scales, scale_from_max, tensor_scale)
 from dqrm_mpi.quant.config import QuantConfig
-from dqrm_mpi.quant.quantizer import (dequantize, fake_quant, qrange, quantize, row_scales, scale_from_max,
-                                      tensor_scale)
 
-ALL_BITS = list(range(2, 17))
+ALL_BITS = list(range(MIN_BITS, MAX_BITS + 1))
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -41,6 +41,20 @@ def test_qrange_and_scale_formula():
     # an all-zero tensor quantizes to zeros (no division by zero)
     z = torch.zeros(3, 4)
     assert torch.equal(fake_quant(z, tensor_scale(z, 4), 4), z)
+    assert float(tensor_scale(z, 4)) == EPS and torch.equal(row_scales(z, 4), torch.full((3,), EPS))
+    for bad in (MIN_BITS - 1, MAX_BITS + 1, 4.0, True, None):
+        with pytest.raises(ValueError, match=r"act_bits must be an integer in \[2, 16\]"):
+            check_bits(bad, "act_bits")
+    assert check_bits(MAX_BITS) == MAX_BITS
+
+
+def test_group_scales_equal_row_scales_for_contiguous_groups_and_any_order():
+    w = torch.randn(6, 5)
+    groups = torch.arange(6).repeat_interleave(5)
+    assert torch.equal(group_scales(w.reshape(-1), groups, 6, 8), row_scales(w, 8))
+    perm = torch.randperm(30)
+    assert torch.equal(group_scales(w.reshape(-1)[perm], groups[perm], 6, 8), row_scales(w, 8))
+    assert float(group_scales(torch.ones(2), torch.zeros(2, dtype=torch.int64), 2, 4)[1]) == EPS  # empty group
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
@@ -68,13 +82,14 @@ def test_bad_scale_shape_is_an_error():
 def test_quant_config_validation_and_defaults():
     assert not QuantConfig().enabled
     q = QuantConfig(emb_bits=4, mlp_bits=4)
-    assert q.enabled and q.mlp_quant == "channel" and q.emb_scale == "table" and q.scale_period == 200
-    assert QuantConfig(emb_bits=8).mlp_quant == "none"
+    assert q.enabled and q.mlp_scale == "channel" and q.emb_scale == "table" and q.scale_period == 200
+    assert QuantConfig(emb_bits=8).mlp_scale is None
     for bad, match in [(dict(emb_bits=1), "emb_bits must be an integer in"),
                        (dict(mlp_bits=17), "mlp_bits must be"),
                        (dict(emb_bits=4, emb_scale="col"), "emb_scale must be one of"),
-                       (dict(mlp_quant="matrix"), "disagree"),
-                       (dict(mlp_bits=4, mlp_quant="none"), "disagree"),
+                       (dict(emb_bits=4, emb_scale="rowwise"), "emb_scale must be one of"),
+                       (dict(mlp_bits=4, mlp_scale="row"), "mlp_scale must be one of"),
+                       (dict(mlp_scale="tensor"), "disagree"),
                        (dict(emb_bits=4, scale_period=0), "scale_period must be"),
                        (dict(pretrain_epochs=1), "needs something to quantize")]:
         with pytest.raises(ValueError, match=match):
@@ -82,10 +97,15 @@ def test_quant_config_validation_and_defaults():
     assert QuantConfig.from_dict(q.to_dict()) == q
 
 
+def test_quant_config_reads_the_older_spellings_of_saved_dicts():
+    old = {"emb_bits": 4, "emb_scale": "rowwise", "scale_period": 200, "mlp_bits": 4, "mlp_quant": "matrix",
+           "act_bits": None, "pretrain_epochs": 0}
+    assert QuantConfig.from_dict(old) == QuantConfig(emb_bits=4, emb_scale="row", mlp_bits=4, mlp_scale="tensor")
+    assert QuantConfig.from_dict({"emb_bits": 8, "emb_scale": "table", "mlp_quant": "none"}) == QuantConfig(emb_bits=8)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
 def test_own_scale_path_equals_the_general_one(bits):
-    from dqrm_mpi.quant.quantizer import fake_quant_own_scale
-
     w = (torch.randn(64, 37) * 0.3).requires_grad_(True)
     scale = row_scales(w, bits)
     assert torch.equal(fake_quant_own_scale(w, scale, bits), fake_quant(w, scale, bits))
