@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
+_JOB_ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+              "DEADLINE", "PREEMPTED"}
+
+
+@dataclass(frozen=True)
+class JobEnd:
+    job: str
+    state: str  # JobState: COMPLETED, FAILED, ...
+    exit_code: str  # "code:signal"
+    text: str  # the job's output file
+
+
 @dataclass(frozen=True)
 class SlurmCluster:
     dir: Path
@@ -49,17 +62,36 @@ class SlurmCluster:
         return subprocess.run(args, cwd=REPO, env={**self.env, **(extra_env or {})}, capture_output=True,
                               text=True, timeout=timeout)
 
+    def submit(self, options: list[str], script: str, args: list[str], output: Path,
+               extra_env: dict[str, str] | None = None, timeout: float = 600) -> JobEnd:
+        """sbatch from the repository root, then wait for the job to end (polling scontrol:
+        sbatch --wait polls at up to 30 s intervals)."""
+        proc = self.run(["sbatch", "--parsable", f"--output={output}", *options, script, *args],
+                        extra_env=extra_env)
+        assert proc.returncode == 0, f"sbatch {script}: {proc.stdout}{proc.stderr}"
+        job = proc.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            fields = dict(f.split("=", 1) for f in self.run(["scontrol", "-o", "show", "job", job]).stdout.split()
+                          if "=" in f)
+            if fields.get("JobState") in _JOB_ENDED:
+                break
+            if time.monotonic() > deadline:
+                self.run(["scancel", job])
+                pytest.fail(f"job {job} ({script}) still {fields.get('JobState')} after {timeout} s\n{self.logs()}")
+            time.sleep(0.5)
+        text = output.read_text(errors="replace") if output.exists() else "<no output file>"
+        return JobEnd(job, fields["JobState"], fields.get("ExitCode", "?"), text)
+
     def sbatch(self, options: list[str], script: str, args: list[str], output: Path,
                extra_env: dict[str, str] | None = None) -> str:
-        """Submit from the repository root, wait for the job to end; return its output file's
-        text.  Fails the test (with the output file and the daemons' logs) unless it exited 0."""
-        proc = self.run(["sbatch", "--wait", f"--output={output}", *options, script, *args],
-                        timeout=600, extra_env=extra_env)
-        text = output.read_text(errors="replace") if output.exists() else "<no output file>"
-        if proc.returncode != 0:
-            pytest.fail(f"sbatch {script} exited {proc.returncode}\n{proc.stdout}{proc.stderr}\n"
-                        f"job output:\n{text[-6000:]}\n{self.logs()}")
-        return text
+        """submit(); fails the test (with the job file and the daemons' logs) unless the job
+        completed with exit code 0.  Returns the job file's text."""
+        end = self.submit(options, script, args, output, extra_env)
+        if (end.state, end.exit_code) != ("COMPLETED", "0:0"):
+            pytest.fail(f"job {end.job} ({script}): {end.state}, exit code {end.exit_code}\n"
+                        f"job output:\n{end.text[-6000:]}\n{self.logs()}")
+        return end.text
 
 
 @pytest.fixture(scope="session")

@@ -60,27 +60,28 @@ def test_prep_sbatch_srun_ranks_share_the_work(slurm_cluster, raw_file, dataset,
     assert json.loads((out / "meta.json").read_text())["rows"] == json.loads((dataset / "meta.json").read_text())["rows"]
 
 
-def test_train_sbatch_two_ranks(slurm_cluster, dataset, tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+def test_train_sbatch_two_ranks(slurm_cluster, dataset, tmp_path, launcher):
     run = tmp_path / "run"
     output = tmp_path / "train.out"
     text = slurm_cluster.sbatch(TASKS, "launch/train.sbatch",
                                 ["--data", str(dataset), "--out", str(run), "--preset", "tiny",
-                                 "--batch-size", "128", "--max-steps", "12", "--eval-every", "0"], output)
+                                 "--batch-size", "128", "--max-steps", "12", "--eval-every", "0"], output,
+                                extra_env={"LAUNCHER": launcher})
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 12
     assert (run / "checkpoint.pt").is_file()
     # the job file as a user reads it: what ran where, the trainer's summary, how it ended
-    assert f"(restart 0): 2 ranks on {NODE}:2 via mpirun, cpus per task 1" in text
+    assert f"(restart 0): 2 ranks on {NODE}:2 via {launcher}, cpus per task 1" in text
     assert "== dqrm-train: 12 steps on 2 rank(s)" in text
     assert text.rstrip().endswith("dqrm-train exited with code 0")
 
 
 def test_train_sbatch_failure_reaches_the_job_state(slurm_cluster, tmp_path):
-    """A bad option fails the job (sbatch --wait exits non-zero) with the trainer's message."""
-    output = tmp_path / "bad.out"
-    proc = slurm_cluster.run(["sbatch", "--wait", f"--output={output}", *TASKS, "launch/train.sbatch",
-                              "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")])
-    assert proc.returncode != 0
-    text = output.read_text()
-    assert "--data" in text and "does not exist" in text
-    assert "dqrm-train exited with code" in text and not text.rstrip().endswith("code 0")
+    """A bad option fails the job (state FAILED, the trainer's exit code) with the trainer's message."""
+    end = slurm_cluster.submit(TASKS, "launch/train.sbatch",
+                               ["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
+                               tmp_path / "bad.out")
+    assert end.state == "FAILED" and end.exit_code != "0:0"
+    assert "--data" in end.text and "does not exist" in end.text
+    assert f"dqrm-train exited with code {end.exit_code.split(':')[0]}" in end.text
