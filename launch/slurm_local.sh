@@ -110,7 +110,15 @@ start() {
 
 stop() {
     local name pid i
-    # slurmd first (it ends running job steps), then the controller, then munged
+    # jobs first: job steps (slurmstepd and its processes) outlive slurmd
+    if pid_alive "$DIR/run/slurmctld.pid"; then
+        SLURM_CONF="$CONF" scancel --full --quiet --partition=debug || true
+        for ((i = 0; i < 120; i++)); do
+            [ -z "$(SLURM_CONF="$CONF" squeue -h -t R,CG -o %i 2>/dev/null)" ] && break
+            sleep 0.25
+        done
+    fi
+    # then slurmd, the controller, munged
     for name in slurmd slurmctld munged; do
         pid_alive "$DIR/run/$name.pid" || continue
         pid="$(cat "$DIR/run/$name.pid")"
