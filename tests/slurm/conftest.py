@@ -65,7 +65,7 @@ class SlurmCluster:
     def submit(self, options: list[str], script: str, args: list[str], output: Path,
                extra_env: dict[str, str] | None = None, timeout: float = 600) -> JobEnd:
         """sbatch from the repository root, then wait for the job to end (polling scontrol:
-        sbatch --wait polls at up to 30 s intervals)."""
+        sbatch --wait sleeps ever longer between its polls)."""
         proc = self.run(["sbatch", "--parsable", f"--output={output}", *options, script, *args],
                         extra_env=extra_env)
         assert proc.returncode == 0, f"sbatch {script}: {proc.stdout}{proc.stderr}"
@@ -100,14 +100,13 @@ def slurm_cluster(tmp_path_factory) -> SlurmCluster:
     if os.geteuid() != 0:
         pytest.skip("a local SLURM cluster needs root (slurmd starts job steps as their user)")
     cluster_dir = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ)
+    # nothing of an allocation these tests may run inside leaks into the jobs they submit
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_"))}
     env.update(DQRM_SLURM_DIR=str(cluster_dir), DQRM_SLURM_PORT=str(_free_port_pair()),
                SLURM_CONF=str(cluster_dir / "etc" / "slurm.conf"),
                # the jobs run this checkout with the venv running the tests
                DQRM_VENV=sys.prefix, PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p))
-    for var in ("SLURM_JOB_ID", "SLURM_JOBID", "SLURM_JOB_NODELIST", "SLURM_TASKS_PER_NODE"):
-        env.pop(var, None)  # tests run inside a SLURM job must not leak its allocation into ours
     start = subprocess.run(["bash", str(SLURM_LOCAL), "start"], env=env, capture_output=True, text=True,
                            timeout=900)
     cluster = SlurmCluster(cluster_dir, env)
