@@ -2,8 +2,9 @@
 # package.  Built by the same installer as `make install` (launch/install.sh).  One container is
 # one node: its ranks talk through shared memory (see README, "Running on a cluster").
 #   docker build -t dqrm_mpi .
-#   docker run --rm -v "$PWD/data:/data" dqrm_mpi \
+#   docker run --rm --shm-size=1g -v "$PWD/data:/data" dqrm_mpi \
 #       horovodrun -np 2 -H localhost:2 dqrm-train --data /data/kaggle --out /data/runs/a
+# (--shm-size: Open MPI's shared-memory transport outgrows Docker's default 64 MB /dev/shm.)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # -- build: compilers, Open MPI headers, the Horovod build --------------------------------------
