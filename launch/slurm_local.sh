@@ -81,7 +81,7 @@ pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 wait_for() {  # wait_for SECONDS WHAT CMD...
     local limit="$1" what="$2" i; shift 2
     for ((i = 0; i < limit * 4; i++)); do "$@" >/dev/null 2>&1 && return 0; sleep 0.25; done
-    die "$what did not come up in ${limit}s; logs in $DIR/log"
+    die "$what did not come up in ${limit}s; logs in $DIR/log ('$0 stop' cleans up)"
 }
 
 node_idle() { [ "$(SLURM_CONF="$CONF" sinfo -h -n "$NODE" -o %t)" = idle ]; }
@@ -145,5 +145,5 @@ case "${1:-}" in
     stop) stop ;;
     status) status ;;
     env) echo "export SLURM_CONF=$CONF" ;;
-    *) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
