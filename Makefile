@@ -9,7 +9,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test test-unit test-mpi bench clean
+.PHONY: install demo test test-unit test-mpi test-slurm bench clean
 
 install:
 	VENV=$(VENV) bash launch/install.sh
@@ -19,14 +19,22 @@ demo: install
 
 test: install
 	$(MAKE) --no-print-directory test-unit test-mpi
+	$(SLURM_TESTS)
 
 test-unit:
-	$(PY) -m pytest tests --ignore=tests/mpi -q -p no:cacheprovider
+	$(PY) -m pytest tests --ignore=tests/mpi -m "not slurm" -q -p no:cacheprovider
 
 # Real ranks: every test in tests/mpi runs on 2 ranks (and the ones marked for it on 3).
 test-mpi:
 	$(HOROVODRUN) -np 2 -H localhost:2 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m "not np3"
 	$(HOROVODRUN) -np 3 -H localhost:3 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m np3
+
+# A real one-node SLURM cluster (launch/slurm_local.sh: munged, slurmctld, slurmd under a temporary
+# directory; installs Debian's munge and slurm packages when missing; needs root, skipped otherwise):
+# prep.sbatch (mpirun and srun) and train.sbatch with 2 tasks.  About 1.5 minutes on 2 cores.
+SLURM_TESTS = $(PY) -m pytest tests/slurm -m slurm -q -p no:cacheprovider
+test-slurm: install
+	$(SLURM_TESTS)
 
 bench: install
 	$(PY) benchmarks/train_throughput.py

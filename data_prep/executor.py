@@ -1,24 +1,55 @@
 """Running the pipeline's tasks: in-process, on a pool of worker processes, or across
-MPI ranks (``mpirun -np K dqrm-prep criteo ...``; every rank runs its share of each
-stage with its own pool, results are all-gathered, the output directory must be on a
-file system every rank sees)."""
+MPI ranks (``mpirun -np K dqrm-prep criteo ...`` or ``srun --mpi=pmix ...``; every rank
+runs its share of each stage with its own pool, results are all-gathered, the output
+directory must be on a file system every rank sees)."""
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import sys
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm import tqdm
 
+from .errors import PrepError
 
-def mpi_world_size() -> int:
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
-        v = os.environ.get(var)
-        if v and v.isdigit():
-            return int(v)
-    return 1
+
+# Set for every process an MPI launcher starts (Open MPI's mpirun, MPICH/Hydra, PMIx).
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_world_size(env: Mapping[str, str] = os.environ) -> tuple[int, str | None]:
+    """How many processes the launcher started together with this one, and the variable
+    that says so: (1, None) outside a launcher.
+
+    srun sets ``SLURM_STEP_NUM_TASKS`` (with ``SLURM_PROCID``) in every task of a step, with
+    or without an MPI plugin, and SLURM's PMIx plugin sets no ``PMIX_SIZE``.  ``SLURM_NTASKS``
+    is not read: a batch script's own shell has it too (the allocation's task count).
+    """
+    for var in _MPI_SIZE_VARS:
+        value = env.get(var, "")
+        if value.isdigit():
+            return int(value), var
+    value = env.get("SLURM_STEP_NUM_TASKS", "")
+    if value.isdigit() and "SLURM_PROCID" in env:
+        return int(value), "SLURM_STEP_NUM_TASKS"
+    return 1, None
+
+
+def _mpi_world(launched: int, var: str | None):
+    """MPI.COMM_WORLD, checked against what the launcher started: ranks that cannot see each
+    other would each prepare the whole dataset into the same output."""
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    if launched > 1 and comm.Get_size() != launched:
+        raise PrepError(
+            f"{var}={launched}: {launched} processes were launched together, but MPI sees a world of "
+            f"{comm.Get_size()} (the launcher and this mpi4py/MPI do not talk to each other).  Under SLURM, "
+            f"launch with `srun --mpi=pmix` or with mpirun inside the allocation (launch/prep.sbatch); "
+            f"or run a single process (srun -n 1)")
+    return comm
 
 
 def _mp_context():
@@ -50,12 +81,11 @@ class Executor:
     def __init__(self, workers: int = 1, progress: bool = True, use_mpi: bool | None = None) -> None:
         self.workers = max(1, int(workers))
         self.comm = None
+        launched, var = launched_world_size()
         if use_mpi is None:
-            use_mpi = mpi_world_size() > 1
+            use_mpi = launched > 1
         if use_mpi:
-            from mpi4py import MPI
-
-            self.comm = MPI.COMM_WORLD
+            self.comm = _mpi_world(launched, var)
         self.rank = self.comm.Get_rank() if self.comm else 0
         self.size = self.comm.Get_size() if self.comm else 1
         self.progress = progress and self.rank == 0

@@ -31,7 +31,7 @@ dqrm-prep inspect "$DATA"
 
 echo "== 3/4 horovodrun -np $NP dqrm-train: kaggle architecture, INT4 QAT, INT8 gradient exchange"
 rm -rf "$RUN"
-OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" horovodrun -np "$NP" -H "localhost:$NP" \
+horovodrun -np "$NP" -H "localhost:$NP" \
   dqrm-train --data "$DATA" --out "$RUN" --preset kaggle --batch-size 256 --lr 0.1 --epochs 1 --eval-every 500 \
     --emb-bits 4 --mlp-bits 4 --mlp-quant channel --scale-period 200 \
     --emb-compress int8 --mlp-compress int8 --error-feedback mlp

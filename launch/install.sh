@@ -8,6 +8,8 @@
 #      the wheel is built once from the PyPI sdist (C++17 patch) and cached in WHEEL_CACHE
 #      (~/.cache/dqrm_mpi/wheels/torch-VERSION), so later installs take seconds
 #   5. this package (editable) with its dependencies          skipped when setup.cfg has not changed
+#      INSTALL_PACKAGE=0: only the dependencies listed in setup.cfg, not the package (the
+#      Dockerfile's cached layer, built before the code is copied in)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -91,13 +93,25 @@ else
 fi
 
 # 5. the package --------------------------------------------------------------
+if [ "${INSTALL_PACKAGE:-1}" = 0 ]; then
+  log "installing the dependencies listed in setup.cfg (not the package)"
+  python - "$ROOT/setup.cfg" >"$VENV/.dqrm_mpi-requirements.txt" <<'PY'
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read(sys.argv[1])
+print(cfg["options"]["install_requires"].strip())
+PY
+  pip install -q -r "$VENV/.dqrm_mpi-requirements.txt"
+  exit 0
+fi
 stamp="$VENV/.dqrm_mpi-installed"
 want="$(cat "$ROOT/setup.cfg" | sha256sum | cut -d' ' -f1) $ROOT"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import dqrm_mpi, data_prep" 2>/dev/null; then
   log "dqrm_mpi present"
 else
   log "installing dqrm_mpi (editable) with its dependencies"
-  pip install -q --no-build-isolation -e "$ROOT[test]"
+  # [horovod] is satisfied by the wheel of step 4 (same version): pip builds nothing here
+  pip install -q --no-build-isolation -e "$ROOT[test,horovod]"
   echo "$want" > "$stamp"
 fi
 horovodrun --check-build | sed -n '1,20p'

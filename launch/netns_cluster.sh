@@ -95,11 +95,14 @@ run() {
     for ((i = 0; i < k; i++)); do hosts="${hosts:+$hosts,}${SUBNET}.$((i + 1)):1"; done
     source "$(dirname "$SELF")/common.sh"
     export PREFIX
+    # every emulated host sees all of this machine's cores: share them out unless told
+    export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(( $(nproc) / k > 1 ? $(nproc) / k : 1 ))}"
+    local envx; mapfile -t envx < <(mpirun_env_args)
     ip netns exec "${PREFIX}0" unshare --uts sh -c "hostname ${PREFIX}host0; exec \"\$@\"" sh \
         mpirun -np "$k" -H "$hosts" -bind-to none -map-by slot \
         -mca plm_rsh_agent "$SELF rsh" -mca btl self,tcp \
         -mca btl_tcp_if_include "${SUBNET}.0/24" -mca oob_tcp_if_include "${SUBNET}.0/24" \
-        -x PATH -x LD_LIBRARY_PATH -x OMP_NUM_THREADS -x PREFIX -x HOROVOD_FUSION_THRESHOLD -x HOROVOD_CYCLE_TIME \
+        -x PREFIX "${envx[@]}" \
         "$@"
 }
 

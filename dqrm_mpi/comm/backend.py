@@ -26,7 +26,11 @@ class HorovodBackend:
     """
 
     def __init__(self) -> None:
-        import horovod.torch as hvd
+        try:
+            import horovod.torch as hvd
+        except ImportError as e:  # `pip install .` alone does not build Horovod
+            raise ImportError(f"{e}: dqrm_mpi needs Horovod 0.28.1 built with PyTorch and MPI; run launch/install.sh "
+                              "(it builds Horovod against torch 2.x: C++17 patch, MPI + Gloo)") from e
 
         hvd.init()
         self._hvd = hvd
