@@ -1,7 +1,8 @@
 """Horovod backend: the one module that imports Horovod.
 
-Every collective goes through here so that its bytes and seconds are counted in
-``self.traffic`` from the tensors actually handed to Horovod.
+``HorovodBackend`` implements ``collectives.Collectives``.  Every collective goes through
+here so that its bytes and seconds are counted in ``self.traffic`` from the tensors
+actually handed to Horovod.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ def _nbytes(t: torch.Tensor) -> int:
 class HorovodBackend:
     """Initialises Horovod (``hvd.init()``) and wraps the collectives we use.
 
-    Works in a plain process too (world size 1), which is what single-rank runs and
-    in-process tests get.
+    Works in a plain process too (world size 1), which is what single-rank runs get.
+    ``hvd``: the ``horovod.torch`` module (default) or a stand-in with the same functions,
+    e.g. ``inprocess.InProcessHorovod`` (one of N ranks simulated by threads).
     """
 
-    def __init__(self) -> None:
-        import horovod.torch as hvd
+    def __init__(self, hvd: Any = None) -> None:
+        if hvd is None:
+            import horovod.torch as hvd
 
         hvd.init()
         self._hvd = hvd
