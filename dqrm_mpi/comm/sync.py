@@ -7,10 +7,10 @@ Per gradient, keyed by parameter name:
 
 - MLP (dense) gradients, ``DenseExchange``: compressors that declare ``allreduce`` (none,
   fp16) go through one grouped allreduce-average.  The others (int16/int8/int4, per-channel
-  scales) are packed
-  into one flat byte buffer per rank and either allgathered (every rank dequantizes every
-  payload and sums in rank order) or exchanged two-phase (alltoall of chunks, the chunk
-  owner dequantizes, averages and re-quantizes, allgather of the reduced chunks).
+  scales) are packed into one flat byte buffer per rank and either allgathered (every rank
+  dequantizes every payload and sums in rank order) or exchanged two-phase (alltoall of
+  chunks, the chunk owner dequantizes, averages and re-quantizes, allgather of the reduced
+  chunks).
 - Embedding gradients (sparse COO from ``EmbeddingBag(sparse=True)``), ``SparseExchange``:
   duplicate rows are merged locally, the tables are flattened into one id space (table
   offset + row), and each rank's ids and (compressed) values travel as one byte message
