@@ -1,2 +1,3 @@
-"""Communication layer: the Horovod backend (the only place Horovod is imported),
-traffic accounting and the gradient synchronizer."""
+"""Communication layer: the collectives protocol, the Horovod backend (the only place
+Horovod is imported), simulated in-process ranks for tests, traffic accounting and the
+gradient synchronizer."""

@@ -1,7 +1,8 @@
 """Horovod backend: the one module that imports Horovod.
 
-Every collective goes through here so that its bytes and seconds are counted in
-``self.traffic`` from the tensors actually handed to Horovod.
+``HorovodBackend`` implements ``collectives.Collectives``.  Every collective goes through
+here so that its bytes and seconds are counted in ``self.traffic`` from the tensors
+actually handed to Horovod.
 """
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ def _nbytes(t: torch.Tensor) -> int:
 class HorovodBackend:
     """Initialises Horovod (``hvd.init()``) and wraps the collectives we use.
 
-    Works in a plain process too (world size 1), which is what single-rank runs and
-    in-process tests get.
+    Works in a plain process too (world size 1), which is what single-rank runs get.
+    ``hvd``: the ``horovod.torch`` module (default) or a stand-in with the same functions,
+    e.g. ``inprocess.InProcessHorovod`` (one of N ranks simulated by threads).
     """
 
-    def __init__(self) -> None:
-        try:
-            import horovod.torch as hvd
-        except ImportError as e:  # `pip install .` alone does not build Horovod
-            raise ImportError(f"{e}: dqrm_mpi needs Horovod 0.28.1 built with PyTorch and MPI; run launch/install.sh "
-                              "(it builds Horovod against torch 2.x: C++17 patch, MPI + Gloo)") from e
+    def __init__(self, hvd: Any = None) -> None:
+        if hvd is None:
+            try:
+                import horovod.torch as hvd
+            except ImportError as e:  # `pip install .` alone does not build Horovod
+                raise ImportError(f"{e}: dqrm_mpi needs Horovod 0.28.1 built with PyTorch and MPI; run "
+                                  "launch/install.sh (it builds Horovod against torch 2.x: C++17 patch, "
+                                  "MPI + Gloo)") from e
 
         hvd.init()
         self._hvd = hvd

@@ -1,6 +1,8 @@
-"""Per-iteration communication overhead of every rank.
+"""Per-iteration communication overhead of every rank: the one source of the run's
+communication figures (metrics.jsonl's step and comm lines, summary.json's comm fields).
 
-Each rank keeps its own per-step figures (from ``TrafficMeter.take()``) in memory; every
+After every step, ``record_step`` takes the step's traffic from the backend's meter (which
+starts afresh).  Each rank keeps its own per-step figures in memory; every
 ``flush_every`` steps and at the end of the run one ``allgather_object`` (not counted as
 step traffic) brings them to rank 0, which writes one ``{"event": "comm", "step": s,
 "ranks": [...]}`` line per step to metrics.jsonl and keeps the numbers for the summary.
@@ -17,9 +19,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backend import HorovodBackend
+from .collectives import Collectives
 
 FIELDS = ("sent", "received", "seconds")
+TOTALS = ("comm_bytes_sent", "comm_bytes_received", "comm_seconds")  # per step, in summary.json as *_per_step
 
 
 def compact(traffic: dict[str, Any]) -> dict[str, Any]:
@@ -56,12 +59,12 @@ def dist(values: list[float]) -> dict[str, float]:
 class CommOverheadLog:
     """Collects every rank's per-step communication figures on rank 0 (see the module doc).
 
-    ``add`` is local; ``maybe_flush`` / ``flush`` are collective: every rank must call them
-    at the same steps (the step count is the same everywhere, so the loop calls them after
-    every step and once at the end).
+    ``record_step`` is local; ``maybe_flush`` / ``flush`` are collective: every rank must
+    call them at the same steps (the step count is the same everywhere, so the loop calls
+    them after every step and once at the end).
     """
 
-    def __init__(self, backend: HorovodBackend, flush_every: int = 100) -> None:
+    def __init__(self, backend: Collectives, flush_every: int = 100) -> None:
         if flush_every < 1:
             raise ValueError(f"flush_every must be >= 1, got {flush_every}")
         self.backend = backend
@@ -70,9 +73,16 @@ class CommOverheadLog:
         # rank 0: metric -> rank -> values over steps
         self._values: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         self._worst: dict[str, list[float]] = defaultdict(list)
+        self._totals: dict[str, list[float]] = {k: [] for k in TOTALS}  # this rank, every step
 
-    def add(self, step: int, traffic: dict[str, Any]) -> None:
+    def record_step(self, step: int) -> dict[str, Any]:
+        """Take ``step``'s traffic from ``backend.traffic`` (``TrafficMeter.take()``) and keep
+        this rank's figures; returns it (the comm fields of metrics.jsonl's step line)."""
+        traffic = self.backend.traffic.take()
+        for k in TOTALS:
+            self._totals[k].append(traffic[k])
         self._pending.append((step, compact(traffic)))
+        return traffic
 
     def maybe_flush(self, step: int, write: Callable[[dict[str, Any]], None] | None) -> None:
         if step % self.flush_every == 0:
@@ -108,14 +118,8 @@ class CommOverheadLog:
                                "Horovod; received: output bytes from other ranks; seconds: waiting on "
                                "collectives; codec_seconds: compress + decompress"}
 
-    def format_summary(self, summary: dict[str, Any] | None = None) -> str:
-        """A short table (rank 0) for the end of the run; ``summary``: ``self.summary()`` if already computed."""
-        rows = ["rank   sent/step        received/step    comm ms/step      emb sent    mlp sent   (mean | p95)"]
-        for r, m in sorted((summary or self.summary())["per_rank"].items(), key=lambda kv: int(kv[0])):
-            def kb(key: str) -> str:
-                d = m.get(key, {"mean": 0.0, "p95": 0.0})
-                return f"{d['mean'] / 1e3:7.1f}|{d['p95'] / 1e3:<7.1f}"
-            sec = m["seconds"]
-            rows.append(f"{r:>4}   {kb('sent')} kB  {kb('received')} kB  {sec['mean'] * 1e3:6.2f}|{sec['p95'] * 1e3:<6.2f}"
-                        f"  {m.get('emb.sent', {'mean': 0})['mean'] / 1e3:8.1f} kB {m.get('mlp.sent', {'mean': 0})['mean'] / 1e3:8.1f} kB")
-        return "\n".join(rows)
+    def summary_fields(self) -> dict[str, Any]:
+        """summary.json's communication fields: this rank's bytes and seconds per step
+        (mean/p50/p95) and, on rank 0, every rank's (``summary()``; None elsewhere)."""
+        return {**{f"{k}_per_step": dist(v) for k, v in self._totals.items()},
+                "comm_per_rank": self.summary() if self.backend.rank == 0 else None}

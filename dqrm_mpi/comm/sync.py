@@ -5,11 +5,12 @@ Per gradient, keyed by parameter name:
   error-feedback compensate -> compress -> the collective the compressor declares ->
   decompress and average (in float, never summing quantized integers) -> error-feedback update.
 
-- MLP (dense) gradients, ``DenseExchange``: linear compressors (none, fp16) go through one
-  grouped allreduce-average.  Quantized ones (int16/int8/int4, per-channel scales) are packed
-  into one flat byte buffer per rank and either allgathered (every rank dequantizes every
-  payload and sums in rank order) or exchanged two-phase (alltoall of chunks, the chunk
-  owner dequantizes, averages and re-quantizes, allgather of the reduced chunks).
+- MLP (dense) gradients, ``DenseExchange``: compressors that declare ``allreduce`` (none,
+  fp16) go through one grouped allreduce-average.  The others (int16/int8/int4, per-channel
+  scales) are packed into one flat byte buffer per rank and either allgathered (every rank
+  dequantizes every payload and sums in rank order) or exchanged two-phase (alltoall of
+  chunks, the chunk owner dequantizes, averages and re-quantizes, allgather of the reduced
+  chunks).
 - Embedding gradients (sparse COO from ``EmbeddingBag(sparse=True)``), ``SparseExchange``:
   duplicate rows are merged locally, the tables are flattened into one id space (table
   offset + row), and each rank's ids and (compressed) values travel as one byte message
@@ -27,10 +28,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..compression import CompressionConfig, Compressor, ResidualMemory, get_compressor
+from ..compression import ALLREDUCE, CompressionConfig, Compressor, ResidualMemory, get_compressor
 from ..compression.base import as_bytes, from_bytes
 from ..compression.layout import Layout
-from .backend import HorovodBackend
+from .collectives import Collectives
 
 
 def _balanced_bounds(cum: torch.Tensor, parts: int) -> list[int]:
@@ -48,7 +49,7 @@ def _balanced_bounds(cum: torch.Tensor, parts: int) -> list[int]:
 class _CodecClock:
     """Attributes an exchange's wall time minus its collectives' time to the codec."""
 
-    def __init__(self, backend: HorovodBackend, kind: str) -> None:
+    def __init__(self, backend: Collectives, kind: str) -> None:
         self.backend, self.kind = backend, kind
 
     def __enter__(self) -> "_CodecClock":
@@ -74,27 +75,30 @@ class DenseExchange:
 
     shapes: name -> shape of each gradient, in a fixed order shared by all ranks.
     granularity: ``channel`` (one scale per row of a >= 2-D tensor, one per 1-D tensor) or
-      ``tensor`` (one scale per tensor); ignored by linear compressors.
+      ``tensor`` (one scale per tensor); ignored by compressors without scales.
 
-    Quantized compressors work on one flat float32 buffer of all gradients (and one flat
-    residual with error feedback), encode straight into a reused byte buffer and decode
-    every rank's payload in one pass; the scale groups are a ``Layout`` of 2-D blocks.
+    The compressor's declared ``collective`` decides the path: ``allreduce`` averages the
+    payloads themselves (one grouped allreduce); any other works on one flat float32 buffer
+    of all gradients (and one flat residual with error feedback), encodes straight into a
+    reused byte buffer, allgathers it (or, ``two_phase``, exchanges chunks) and decodes every
+    rank's payload in one pass; the scale groups are a ``Layout`` of 2-D blocks.
     """
 
-    def __init__(self, backend: HorovodBackend, shapes: dict[str, torch.Size], compressor: Compressor,
+    def __init__(self, backend: Collectives, shapes: dict[str, torch.Size], compressor: Compressor,
                  granularity: str = "channel", error_feedback: bool = False, two_phase: bool = False,
                  kind: str = "mlp") -> None:
         if granularity not in ("channel", "tensor"):
             raise ValueError(f"granularity must be channel or tensor, got {granularity!r}")
-        if not compressor.linear and compressor.collective == "allreduce":
-            raise ValueError(f"{compressor.name}: a non-linear payload cannot be allreduced")
+        if compressor.collective == ALLREDUCE and not compressor.linear:
+            raise ValueError(f"{compressor.name}: declares allreduce, but its payloads cannot be summed")
         self.backend, self.compressor, self.kind = backend, compressor, kind
+        self.allreduce = compressor.collective == ALLREDUCE  # else allgather or two-phase
         self.names = list(shapes)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
         self.numels = [self.shapes[n].numel() for n in self.names]
         self.numel = sum(self.numels)
         self.memory = ResidualMemory() if error_feedback else None
-        self.two_phase = two_phase and not compressor.linear
+        self.two_phase = two_phase and not self.allreduce
         seg_sizes: list[int] = []
         for n in self.names:
             s = self.shapes[n]
@@ -121,16 +125,16 @@ class DenseExchange:
     # analytic sizes (what the tests compare the logged bytes with)
     def payload_nbytes(self) -> int:
         """Bytes of this rank's compressed payload handed to the first collective."""
-        if self.compressor.linear:
+        if self.allreduce:
             return self.compressor.data_nbytes(self.numel)
         return sum(self.chunk_nbytes)
 
     def exchange(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """name -> local gradient  =>  name -> gradient averaged over ranks (new tensors)."""
         with _CodecClock(self.backend, self.kind):
-            if self.compressor.linear:
+            if self.allreduce:
                 comp = {n: (self.memory.compensate(n, grads[n]) if self.memory else grads[n]) for n in self.names}
-                return self._linear(comp)
+                return self._allreduce(comp)
             device = grads[self.names[0]].device if self.names else torch.device("cpu")
             flat = self._buf("flat", (self.numel,), torch.float32)
             torch.cat([grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names],
@@ -152,7 +156,7 @@ class DenseExchange:
                 self.memory.residuals[n] = v.view(self.shapes[n])
         return r
 
-    def _linear(self, comp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _allreduce(self, comp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         c = [self.compressor.compress(comp[n]) for n in self.names]
         if self.memory:
             for n, ci in zip(self.names, c):
@@ -221,7 +225,7 @@ class SparseExchange:
 
     HEADER = 8
 
-    def __init__(self, backend: HorovodBackend, names: list[str], rows: list[int], dim: int,
+    def __init__(self, backend: Collectives, names: list[str], rows: list[int], dim: int,
                  compressor: Compressor, granularity: str = "table", error_feedback: bool = False,
                  two_phase: bool = False, kind: str = "emb") -> None:
         if granularity not in ("table", "row", "tensor"):
@@ -274,7 +278,8 @@ class SparseExchange:
         end = self.HEADER + n * self.id_bytes
         ids = from_bytes(msg[self.HEADER:end], self.id_dtype).to(torch.int64)
         values = torch.empty(1, n * self.dim, dtype=torch.float32)
-        self.compressor.decode_many(msg[end:].view(1, -1), self._layout(ids), values)
+        if n:  # a rank (or, two-phase, an id range) without rows sends only the header and its scales
+            self.compressor.decode_many(msg[end:].view(1, -1), self._layout(ids), values)
         return ids, values.view(n, self.dim)
 
     # -- error feedback on the touched rows ----------------------------------------------
@@ -337,7 +342,7 @@ class GradientSynchronizer:
     collective; see ``CompressionConfig``.  A single rank communicates nothing.
     """
 
-    def __init__(self, backend: HorovodBackend, model: nn.Module, sparse_names: set[str],
+    def __init__(self, backend: Collectives, model: nn.Module, sparse_names: set[str],
                  config: CompressionConfig | None = None) -> None:
         params = dict(model.named_parameters())
         missing = set(sparse_names) - set(params)

@@ -1,13 +1,23 @@
-"""Evaluating a model on a dataset split."""
+"""Evaluating a model on a dataset split: ``predict`` in one process, ``evaluate`` sharded
+over the ranks."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from ..comm.collectives import Collectives
 from ..data.reader import SplitReader, eval_batches
+from .metrics import binary_metrics
+
+
+def bar_interval() -> float:
+    """Seconds between progress-bar refreshes: live on a terminal, every 10 s in logs (horovodrun pipes)."""
+    return 0.1 if sys.stderr.isatty() else 10.0
 
 
 @torch.no_grad()
@@ -24,3 +34,29 @@ def predict(model: nn.Module, data: str | Path, split: str = "test", batch: int 
     finally:
         reader.close()
     return np.concatenate(probs), np.concatenate(labels)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, reader: SplitReader, backend: Collectives, batch: int,
+             device: torch.device) -> dict[str, float] | None:
+    """Metrics over every row of the split, computed once from all ranks' predictions.
+
+    Returns the metrics on rank 0 and None elsewhere.
+    """
+    was_training = model.training
+    model.eval()
+    probs, labels = [], []
+    share = reader.num_rows // backend.size  # rank 0's rows (eval_batches), the rank that shows the bar
+    for b in tqdm(eval_batches(reader, batch, backend.rank, backend.size), desc=f"eval {reader.split}",
+                  unit="batch", total=-(-share // batch), leave=False, disable=backend.rank != 0,
+                  mininterval=bar_interval()):
+        b = b.to(device)
+        probs.append(torch.sigmoid(model(b.dense, b.sparse)).float().cpu())
+        labels.append(b.label.cpu())
+    model.train(was_training)
+    prob = torch.cat(probs) if probs else torch.empty(0)
+    label = torch.cat(labels) if labels else torch.empty(0)
+    if backend.size > 1:
+        prob = backend.allgather_array(prob, name=f"eval.{reader.split}.prob")
+        label = backend.allgather_array(label, name=f"eval.{reader.split}.label")
+    return binary_metrics(label.numpy(), prob.numpy()) if backend.rank == 0 else None

@@ -8,9 +8,24 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
 
 
+def format_comm_table(comm_per_rank: dict[str, Any]) -> str:
+    """Per rank: bytes sent / received, ms waiting and emb / mlp bytes sent per step (mean | p95)."""
+    rows = ["rank   sent/step        received/step    comm ms/step      emb sent    mlp sent   (mean | p95)"]
+    for r, m in sorted(comm_per_rank["per_rank"].items(), key=lambda kv: int(kv[0])):
+        def kb(key: str) -> str:
+            d = m.get(key, {"mean": 0.0, "p95": 0.0})
+            return f"{d['mean'] / 1e3:7.1f}|{d['p95'] / 1e3:<7.1f}"
+        sec = m["seconds"]
+        rows.append(f"{r:>4}   {kb('sent')} kB  {kb('received')} kB  {sec['mean'] * 1e3:6.2f}|{sec['p95'] * 1e3:<6.2f}"
+                    f"  {m.get('emb.sent', {'mean': 0})['mean'] / 1e3:8.1f} kB {m.get('mlp.sent', {'mean': 0})['mean'] / 1e3:8.1f} kB")
+    return "\n".join(rows)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """Test metrics (final and best), throughput and communication per step."""
-    lines = [f"== dqrm-train: {summary['steps']} steps on {summary['world_size']} rank(s), "
+    """Rank 0's end-of-run report: communication per rank (``format_comm_table``), test
+    metrics (final and best), throughput and communication per step."""
+    lines = ["[dqrm-train] communication per step and rank:", format_comm_table(summary["comm_per_rank"]),
+             f"== dqrm-train: {summary['steps']} steps on {summary['world_size']} rank(s), "
              f"{summary['samples_per_second']:.0f} samples/s"]
     for label, m in (("final test", summary["final"].get("test")), ("best test", summary.get("best_test")),
                      ("final val", summary["final"].get("val"))):

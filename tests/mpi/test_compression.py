@@ -1,13 +1,15 @@
 """Compressed gradient exchange on real ranks (2 ranks; the np3-marked ones on 3 ranks for
-uneven splits).  Every test runs the same collectives on every rank and asserts on gathered
-values, so a failure fails everywhere."""
+uneven splits), end to end over Horovod: replicas in separate processes stay identical.
+The full matrix of compressors and collectives runs on simulated ranks (tests/comm).
+Every test runs the same collectives on every rank and asserts on gathered values, so a
+failure fails everywhere."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from dqrm_mpi.comm.sync import GradientSynchronizer
-from dqrm_mpi.compression import CompressionConfig, get_compressor
+from dqrm_mpi.compression import CompressionConfig
 from dqrm_mpi.model import DLRM, model_config_from_preset
 
 CARDS = (30, 20, 50, 40, 10, 24, 35, 25, 3, 45, 15, 50, 22, 27, 40, 48, 10, 30, 20, 4, 50, 18, 15, 33, 21, 19)
@@ -47,10 +49,11 @@ def _all_true(backend, ok: bool, name: str) -> bool:
     return all(backend.allgather_object(bool(ok), name=name))
 
 
+# Every compressor, collective and error-feedback setting is checked on simulated ranks
+# (tests/comm); these run the same code end to end over Horovod.
 CASES = [
-    ("none", "none", "allgather"), ("fp16", "fp16", "allgather"),
-    ("int16", "int16", "allgather"), ("int8", "int8", "allgather"), ("int4", "int4", "allgather"),
-    ("int8", "int8", "two-phase"), ("int4", "int4", "two-phase"), ("none", "int8", "two-phase"),
+    ("none", "none", "allgather"), ("int8", "int8", "allgather"), ("fp16", "int4", "allgather"),
+    ("int4", "int4", "two-phase"), ("none", "int8", "two-phase"),
 ]
 
 
@@ -89,7 +92,7 @@ def test_exchange_equals_dense_average(backend, emb, mlp, collective):
 
 
 @pytest.mark.np3
-@pytest.mark.parametrize("emb,mlp,collective", [c for c in CASES if c[0] in ("none", "int8") or c[2] == "two-phase"])
+@pytest.mark.parametrize("emb,mlp,collective", CASES)
 def test_exchange_equals_dense_average_3_ranks(backend, emb, mlp, collective):
     _check_exchange_equals_dense_average(backend, emb, mlp, collective)
 
@@ -224,66 +227,6 @@ def _check_logged_bytes(backend, emb, mlp, emb_scale):
     assert all(verdicts), (got, expected)
 
 
-@pytest.mark.parametrize("emb,mlp,emb_scale", [
-    ("none", "none", "table"), ("fp16", "fp16", "table"), ("int8", "int8", "table"),
-    ("int4", "int4", "table"), ("int4", "int8", "row"), ("int16", "int4", "tensor"),
-])
+@pytest.mark.parametrize("emb,mlp,emb_scale", [("none", "none", "table"), ("int4", "int8", "row")])
 def test_logged_bytes_equal_the_analytic_payload(backend, emb, mlp, emb_scale):
     _check_logged_bytes(backend, emb, mlp, emb_scale)
-
-
-@pytest.mark.np3
-def test_two_phase_bytes_3_ranks(backend):
-    """Two-phase: each rank sends about one payload and receives about 4/3 of one at 3 ranks,
-    exactly as the chunk sizes say."""
-    model, sync = _after_one_backward(backend, CompressionConfig(emb="int8", mlp="int8", collective="two-phase"))
-    backend.traffic.take()
-    sync.synchronize()
-    t = backend.traffic.take()["comm_breakdown"]
-    ex = sync.dense_exchange
-    comp = get_compressor("int8")
-    chunk = [comp.nbytes(c.hi - c.lo, c.seg_hi - c.seg_lo) for c in ex.chunks]
-    r, size = backend.rank, backend.size
-    expected_sent = sum(chunk) - chunk[r] + chunk[r] + 8
-    expected_received = (size - 1) * chunk[r] + sum(chunk) - chunk[r] + 8 * (size - 1)
-    got = (t["mlp/alltoall"]["sent"] + t["mlp/allgather"]["sent"],
-           t["mlp/alltoall"]["received"] + t["mlp/allgather"]["received"])
-    ok = got == (expected_sent, expected_received) and got[0] <= 1.01 * ex.payload_nbytes() + 8
-    assert _all_true(backend, ok, "t.2p"), (got, expected_sent, expected_received)
-
-
-def test_error_feedback_running_sum_tracks_the_true_gradients(backend):
-    """With error feedback the sum of what was applied equals the sum of the true average
-    gradients minus the average residual, and the residual stays bounded; without it the gap grows."""
-    from dqrm_mpi.comm.sync import DenseExchange
-
-    shapes = {"w": torch.Size([8, 16]), "b": torch.Size([8])}
-    results = {}
-    for ef in (True, False):
-        ex = DenseExchange(backend, shapes, get_compressor("int4"), "channel", error_feedback=ef)
-        gen = torch.Generator().manual_seed(7 + backend.rank)
-        applied = {n: torch.zeros(s) for n, s in shapes.items()}
-        true = {n: torch.zeros(s) for n, s in shapes.items()}
-        worst_residual, peak = 0.0, 0.0
-        for step in range(60):
-            grads = {n: torch.randn(s, generator=gen) * 0.1 + 0.02 for n, s in shapes.items()}
-            avg_true = dict(zip(shapes, backend.allreduce_average([grads[n] for n in shapes], "t.ef.avg", "test")))
-            out = ex.exchange(grads)
-            for n in shapes:
-                applied[n] += out[n]
-                true[n] += avg_true[n]
-                peak = max(peak, float(grads[n].abs().max()))
-            if ef:
-                worst_residual = max(worst_residual, max(float(r.abs().max()) for r in ex.memory.residuals.values()))
-        gap = max(float((applied[n] - true[n]).abs().max()) for n in shapes)
-        if ef:
-            mean_res = dict(zip(shapes, backend.allreduce_average([ex.memory.residuals[n] for n in shapes],
-                                                                  "t.ef.res", "test")))
-            identity = max(float((applied[n] - (true[n] - mean_res[n])).abs().max()) for n in shapes)
-            results[ef] = (gap, worst_residual, identity, peak)
-        else:
-            results[ef] = (gap,)
-    backend.traffic.take()
-    gap_ef, worst, identity, peak = results[True]
-    ok = identity < 1e-4 and worst <= 2 * peak / 7 and gap_ef <= 2 * peak / 7 and results[False][0] > 2 * gap_ef
-    assert _all_true(backend, ok, "t.ef"), (results)

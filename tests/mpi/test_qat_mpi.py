@@ -7,6 +7,7 @@ import torch
 from dqrm_mpi.comm.sync import GradientSynchronizer
 from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.quant import QuantConfig, prepare_qat
+from dqrm_mpi.train.loop import average_activation_scales
 
 CARDS = (30, 20, 50, 40, 10, 24, 35, 25, 3, 45, 15, 50, 22, 27, 40, 48, 10, 30, 20, 4, 50, 18, 15, 33, 21, 19)
 
@@ -38,9 +39,7 @@ def test_qat_state_is_broadcast_and_replicas_stay_identical(backend):
         torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
         sync.synchronize()
         opt.step()
-        scales = qat.activation_scales()  # averaged in place, as the training loop does
-        for s, avg in zip(scales, backend.allreduce_average(scales, name="qat.act_scale", kind="qat")):
-            s.copy_(avg)
+        average_activation_scales(qat, backend)  # as the training loop does after every step
         states = backend.allgather_array(_flat_state(model).unsqueeze(0), name=f"qat.step{step}")
         diff = float((states - states[0]).abs().max())
         assert diff <= 1e-6, f"step {step}: replicas differ by {diff}"
