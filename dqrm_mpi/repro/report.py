@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .experiment import Drop, Figure, Metric, NotMeasured, Table, cell_runs
+from .experiment import Drop, Figure, Metric, NotMeasured, Table
 from .figures import draw
 from .plan import Plan
 from .results import MetricError, RunFiles, metric_value
@@ -51,7 +51,7 @@ class Renderer:
             return CellOut("ok", value.text, (name,), value.number)
         except MetricError as e:
             problem = str(e)
-        for key in self._chain(name, metric):
+        for key in self.chain(name, metric):
             step = self.plan.steps.get(key)
             failure = read_json(failure_path(self.out, step)) if step else None
             if failure:
@@ -63,7 +63,7 @@ class Renderer:
         return CellOut("not run", "not run yet", (name,))
 
     @staticmethod
-    def _chain(name: str, metric: Metric) -> list[str]:
+    def chain(name: str, metric: Metric) -> list[str]:
         keys = [f"train:{name}"]
         if metric.export:
             keys += [f"export:{name}/{metric.export}", f"eval:{name}/{metric.export}/{metric.split}"]
@@ -76,19 +76,24 @@ class Renderer:
         if table.note:
             lines += [table.note, ""]
         lines += ["| | " + " | ".join(table.columns) + " |", "|---" * (len(table.columns) + 1) + "|"]
+        reasons: dict[str, int] = {}  # why cells are empty, numbered as footnotes
         for row in table.rows:
             numbers = row.paper.get(paper, (None,) * len(row.cells))
             texts = []
             for cell, published in zip(row.cells, numbers):
                 out = self.cell(cell)
-                text = out.text if out.status == "ok" else f"*{out.text}*"
+                if out.status == "ok":
+                    text = out.text
+                else:
+                    text = f"*{out.status} [{reasons.setdefault(out.text, len(reasons) + 1)}]*"
                 if out.runs:
                     text += " " + " vs ".join(f"`{r}`" for r in dict.fromkeys(out.runs))
                 if published:
                     text += f" (paper {published})"
                 texts.append(text.replace("|", "\\|"))
             lines.append(f"| {row.label} | " + " | ".join(texts) + " |")
-        lines += ["", *self.commands(_table_runs(table)), ""]
+        lines += [""] + [f"[{n}] {reason}  " for reason, n in reasons.items()]
+        lines += ["", *self.commands(_table_steps(table, self.plan)), ""]
         return "\n".join(lines)
 
     def table_rows(self, table: Table) -> list[list[str]]:
@@ -97,15 +102,17 @@ class Renderer:
             rows.append([row.label, *(self.cell(c).text for c in row.cells)])
         return rows
 
-    def commands(self, runs: list) -> list[str]:
-        lines = ["Runs (commands run inside the report directory):", ""]
-        for name in dict.fromkeys(self.plan.names[r] for r in runs):
-            steps = self.plan.run_steps(name)
-            if not steps:
-                continue
+    def commands(self, keys: list[str]) -> list[str]:
+        """The commands of the steps ``keys``, grouped by run."""
+        lines = ["Commands (run inside the report directory):", ""]
+        by_run: dict[str, list[str]] = {}
+        for key in dict.fromkeys(keys):
+            if key in self.plan.steps:
+                by_run.setdefault(key.split(":", 1)[1].split("/")[0], []).append(key)
+        for name, run_keys in by_run.items():
             reason = f" *not run: {self.plan.blocked[name]}*" if name in self.plan.blocked else ""
             lines.append(f"- `{name}`{reason}")
-            lines += [f"  - `{s.shell()}`" for s in steps]
+            lines += [f"  - `{self.plan.steps[k].shell()}`" for k in run_keys]
         return lines
 
     # --- figures ---
@@ -121,12 +128,19 @@ class Renderer:
             cells = [c.text if c.status == "ok" else f"*{c.text}*" for c in (auc, loss)]
             lines.append(f"| {label} | `{self.plan.names[run]}` | {cells[0]} | {cells[1]} | {paper.get(label, '')} |"
                          .replace("|  |", "| |"))
-        lines += ["", *self.commands([run for _, run in figure.series]), ""]
+        lines += ["", *self.commands([f"train:{self.plan.names[run]}" for _, run in figure.series]), ""]
         return "\n".join(lines)
 
 
-def _table_runs(table: Table) -> list:
-    return [run for row in table.rows for cell in row.cells for run in cell_runs(cell)]
+def _table_steps(table: Table, plan: Plan) -> list[str]:
+    """The steps whose outputs the table's cells read."""
+    keys = []
+    for row in table.rows:
+        for cell in row.cells:
+            for metric in (cell.value, cell.reference) if isinstance(cell, Drop) else (cell,):
+                if isinstance(metric, Metric):
+                    keys += Renderer.chain(plan.names[metric.run], metric)
+    return keys
 
 
 def render(plan: Plan, out: Path, tables: tuple[Table, ...], figures: tuple[Figure, ...]) -> dict[str, int]:
