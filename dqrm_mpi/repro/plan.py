@@ -70,11 +70,12 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
     fields = asdict(profile)
     steps: dict[str, Step] = {}
     prep_keys = []
+    on_cluster = _cluster_reason(profile) if profile.cluster and not hosts else None
     for i, cmd in enumerate(profile.data):
         argv = tuple(a.format(raw=raw) for a in cmd.argv)
         key = f"prep:{i}"
         steps[key] = Step(key, argv, (cmd.produces,), f"prep/repro-prep-{i}.json", f"prep/prep-{i}.log",
-                          after=tuple(prep_keys))
+                          after=tuple(prep_keys), blocked=on_cluster)
         prep_keys.append(key)
 
     names: dict[Run, str] = {}
@@ -116,11 +117,15 @@ def _why_not(run: Run, ranks: int, profile: Profile, hosts: str | None, options:
     if run.needs and run.needs not in options:
         return f"needs `dqrm-train {run.needs}`, which this dqrm-train does not have yet"
     if profile.cluster and not hosts:
-        return (f"not run here: the {profile.name} profile runs on a cluster "
-                "(`sbatch scripts/run_all.sh` inside the report dir, or `dqrm-repro run` with --hosts)")
+        return _cluster_reason(profile)
     if ranks > profile.max_ranks:
         return f"needs {ranks} ranks; the {profile.name} profile runs at most {profile.max_ranks} on {profile.machine_note}"
     return None
+
+
+def _cluster_reason(profile: Profile) -> str:
+    return (f"not run here: the {profile.name} profile runs on a cluster "
+            "(`sbatch scripts/run_all.sh` inside the report dir, or `dqrm-repro run` with --hosts)")
 
 
 def _export_steps(name: str, export: Export, train: Step) -> list[Step]:
