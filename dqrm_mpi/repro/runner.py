@@ -51,7 +51,7 @@ def _after_stamps(out: Path, step: Step, plan: Plan) -> dict[str, str | None]:
 
 def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] = print) -> list[str]:
     """Run the steps ``keys`` that are not blocked or finished; returns the keys of the failed ones."""
-    failed: list[str] = []
+    failed: dict[str, str] = {}  # key -> why
     todo = [plan.steps[k] for k in keys if not plan.steps[k].blocked]
     for i, step in enumerate(todo, 1):
         head = f"[{i}/{len(todo)}] {step.key}"
@@ -60,9 +60,11 @@ def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] 
             continue
         broken = [k for k in step.after if k in failed]
         if broken:
-            _fail(out, step, None, f"not run: {broken[0]} failed")
-            failed.append(step.key)
-            echo(f"{head}: not run ({broken[0]} failed)")
+            cause = failed[broken[0]]
+            why = cause if cause.startswith("not run:") else f"not run: {broken[0]} failed: {cause}"
+            failed[step.key] = why
+            _fail(out, step, None, why, log=plan.steps[broken[0]].log)
+            echo(f"{head}: {why}")
             continue
         echo(f"{head}: {step.shell()}")
         start = time.perf_counter()
@@ -76,9 +78,9 @@ def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] 
             echo(f"{head}: done in {seconds:.1f} s")
         else:
             _fail(out, step, rc, error)
-            failed.append(step.key)
+            failed[step.key] = error
             echo(f"{head}: FAILED (exit {rc}): {error}  [log: {step.log}]")
-    return failed
+    return list(failed)
 
 
 def _run(out: Path, step: Step) -> tuple[int, str]:
@@ -111,10 +113,10 @@ def last_error(log: Path) -> str:
     return (errors or lines or ["(empty log)"])[-1][:300]
 
 
-def _fail(out: Path, step: Step, rc: int | None, error: str) -> None:
+def _fail(out: Path, step: Step, rc: int | None, error: str, log: str | None = None) -> None:
     (out / step.record).unlink(missing_ok=True)
     write_json(failure_path(out, step), {"argv": list(step.argv), "exit_code": rc, "error": error,
-                                         "log": step.log})
+                                         "log": log or step.log})
 
 
 def write_batch_script(plan: Plan, out: Path) -> Path:
