@@ -28,6 +28,11 @@ test-mpi:
 	$(HOROVODRUN) -np 2 -H localhost:2 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m "not np3"
 	$(HOROVODRUN) -np 3 -H localhost:3 $(PY) -m pytest tests/mpi -q -p no:cacheprovider -m np3
 
+# The paper's tables and figures on planted data (<= 2 h on 2 cores): reports/small/report.md
+.PHONY: repro
+repro: install
+	$(PY) -m dqrm_mpi.cli.repro run small --out reports/small
+
 bench: install
 	$(PY) benchmarks/train_throughput.py
 
