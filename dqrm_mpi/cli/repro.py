@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -125,6 +126,9 @@ def _plan(settings: dict):
     prof: Profile = PROFILES[settings["profile"]]
     if settings.get("np"):
         prof = prof.with_comm_ranks(settings["np"])
+    if settings.get("hosts"):  # a host list a:4,b:4 offers 8 ranks
+        slots = sum(int(h.rpartition(":")[2]) if ":" in h else 1 for h in settings["hosts"].split(","))
+        prof = replace(prof, max_ranks=max(prof.max_ranks, slots), machine_note=f"hosts {settings['hosts']}")
     return make_plan(prof, ITEMS, raw=settings.get("raw"), hosts=settings.get("hosts"),
                      train_options=_train_options())
 

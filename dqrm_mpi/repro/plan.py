@@ -1,6 +1,7 @@
 """A profile and the specs turned into concrete command lines (steps), run inside the report dir."""
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from typing import Iterable
 
@@ -26,7 +27,6 @@ class Step:
     blocked: str | None = None
 
     def shell(self) -> str:
-        import shlex
         line = shlex.join(self.argv)
         return f"{line} > {self.stdout}" if self.stdout else line
 
@@ -37,10 +37,6 @@ class Plan:
     steps: dict[str, Step]      # in the order they run
     names: dict[Run, str]       # every Run of the specs -> its run directory name under runs/
     blocked: dict[str, str]     # run name -> why it is not run here
-
-    def run_steps(self, name: str) -> list[Step]:
-        """The train, export and eval steps of one run, in order."""
-        return [s for s in self.steps.values() if s.key.split(":", 1)[1].split("/")[0] == name]
 
 
 def ranks_of(run: Run, profile: Profile) -> int:
@@ -70,7 +66,7 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
     fields = asdict(profile)
     steps: dict[str, Step] = {}
     prep_keys = []
-    on_cluster = _cluster_reason(profile) if profile.cluster and not hosts else None
+    on_cluster = cluster_reason(profile) if profile.cluster and not hosts else None
     for i, cmd in enumerate(profile.data):
         argv = tuple(a.format(raw=raw) for a in cmd.argv)
         key = f"prep:{i}"
@@ -98,7 +94,7 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
                      f"{out}/train.log", after=tuple(prep_keys), blocked=reason)
         steps[train.key] = train
         for export in run.exports:
-            for step in _export_steps(name, export, train):
+            for step in _export_steps(name, export, train, profile):
                 steps[step.key] = step
     return Plan(profile, steps, names, blocked)
 
@@ -117,18 +113,24 @@ def _why_not(run: Run, ranks: int, profile: Profile, hosts: str | None, options:
     if run.needs and run.needs not in options:
         return f"needs `dqrm-train {run.needs}`, which this dqrm-train does not have yet"
     if profile.cluster and not hosts:
-        return _cluster_reason(profile)
+        return cluster_reason(profile)
     if ranks > profile.max_ranks:
         return f"needs {ranks} ranks; the {profile.name} profile runs at most {profile.max_ranks} on {profile.machine_note}"
     return None
 
 
-def _cluster_reason(profile: Profile) -> str:
+def _split_reason(split: str, profile: Profile) -> str | None:
+    if split == "train" and not profile.eval_train_split:
+        return f"the {profile.name} profile does not evaluate models on its (very large) train split"
+    return None
+
+
+def cluster_reason(profile: Profile) -> str:
     return (f"not run here: the {profile.name} profile runs on a cluster "
             "(`sbatch scripts/run_all.sh` inside the report dir, or `dqrm-repro run` with --hosts)")
 
 
-def _export_steps(name: str, export: Export, train: Step) -> list[Step]:
+def _export_steps(name: str, export: Export, train: Step, profile: Profile) -> list[Step]:
     out = f"{RUNS_DIR}/{name}"
     packed = f"{out}/{export.label}.dqrm"
     step = Step(f"export:{name}/{export.label}",
@@ -140,7 +142,7 @@ def _export_steps(name: str, export: Export, train: Step) -> list[Step]:
                   ("dqrm-eval", packed, "--data", "data", "--split", split),
                   (eval_json(name, export.label, split),), f"{out}/repro-eval-{export.label}-{split}.json",
                   f"{out}/eval-{export.label}-{split}.log", stdout=eval_json(name, export.label, split),
-                  after=(step.key,), blocked=train.blocked)
+                  after=(step.key,), blocked=_split_reason(split, profile) or train.blocked)
              for split in export.splits]
     return [step, *evals]
 
@@ -153,7 +155,12 @@ def export_json(name: str, label: str) -> str:
     return f"{RUNS_DIR}/{name}/{label}.export.json"
 
 
+def step_run(key: str) -> str:
+    """The run a step key belongs to ("train:fp32", "eval:fp32/ptq4/test" -> "fp32")."""
+    return key.split(":", 1)[1].split("/")[0]
+
+
 def steps_for(plan: Plan, items: Iterable[Table | Figure]) -> list[str]:
     """Keys of the steps the given tables and figures need (data preparation included), in order."""
     names = {plan.names[r] for r in specs_runs(items)}
-    return [k for k in plan.steps if k.startswith("prep:") or k.split(":", 1)[1].split("/")[0] in names]
+    return [k for k in plan.steps if k.startswith("prep:") or step_run(k) in names]

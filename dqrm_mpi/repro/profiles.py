@@ -26,6 +26,7 @@ class Profile:
     comm_ranks: ranks of the communication experiments (Tables 4 and 6, Figure 2c/2d).
     max_ranks: runs needing more ranks than this are not run (their cells say so).
     cluster: runs go to a cluster (a batch script is written) unless --hosts is given.
+    eval_train_split: evaluate exported models on the train split too (Table 2's train loss).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Profile:
     max_steps: int | None = None
     needs_raw: bool = False
     cluster: bool = False
+    eval_train_split: bool = True
     machine_note: str = "a 2-core machine"
 
     def train_flags(self) -> tuple[str, ...]:
@@ -83,5 +85,6 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
             data=(DataCommand(("dqrm-prep", "criteo", "{raw}", "data", "--max-ind-range", "10000000",
                                "--sub-sample-rate", "0.875", "--no-progress"), "data/meta.json"),),
             preset="terabyte", batch_size=2048, epochs=1, eval_every=50_000, scale_period=1000,
-            comm_ranks=4, max_ranks=8, needs_raw=True, cluster=True, machine_note="the cluster"),
+            comm_ranks=4, max_ranks=8, needs_raw=True, cluster=True, eval_train_split=False,
+            machine_note="the cluster"),
 )}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .experiment import Drop, Figure, Metric, NotMeasured, Table
 from .figures import draw
-from .plan import Plan
+from .plan import Plan, step_run
 from .results import MetricError, RunFiles, metric_value
 from .runner import failure_path, read_json
 
@@ -52,12 +52,12 @@ class Renderer:
         except MetricError as e:
             problem = str(e)
         for key in self.chain(name, metric):
-            step = self.plan.steps.get(key)
-            failure = read_json(failure_path(self.out, step)) if step else None
+            step = self.plan.steps[key]
+            failure = read_json(failure_path(self.out, step))
             if failure:
                 return CellOut("failed", f"FAILED: {failure['error']} (log: {failure['log']})", (name,))
-        if name in self.plan.blocked:
-            return CellOut("n/a", self.plan.blocked[name], (name,))
+            if step.blocked:
+                return CellOut("n/a", step.blocked, (name,))
         if (self.out / "runs" / name / "summary.json").exists():
             return CellOut("n/a", problem, (name,))
         return CellOut("not run", "not run yet", (name,))
@@ -108,7 +108,7 @@ class Renderer:
         by_run: dict[str, list[str]] = {}
         for key in dict.fromkeys(keys):
             if key in self.plan.steps:
-                by_run.setdefault(key.split(":", 1)[1].split("/")[0], []).append(key)
+                by_run.setdefault(step_run(key), []).append(key)
         for name, run_keys in by_run.items():
             reason = f" *not run: {self.plan.blocked[name]}*" if name in self.plan.blocked else ""
             lines.append(f"- `{name}`{reason}")
@@ -126,8 +126,7 @@ class Renderer:
         for label, run in figure.series:
             auc, loss = self.cell(Metric(run, "best_auc")), self.cell(Metric(run, "train_loss"))
             cells = [c.text if c.status == "ok" else f"*{c.text}*" for c in (auc, loss)]
-            lines.append(f"| {label} | `{self.plan.names[run]}` | {cells[0]} | {cells[1]} | {paper.get(label, '')} |"
-                         .replace("|  |", "| |"))
+            lines.append(f"| {label} | `{self.plan.names[run]}` | {cells[0]} | {cells[1]} | {paper.get(label, '-')} |")
         lines += ["", *self.commands([f"train:{self.plan.names[run]}" for _, run in figure.series]), ""]
         return "\n".join(lines)
 

@@ -115,11 +115,9 @@ def _ms_per_step(run: RunFiles) -> Value:
     return Value(ms, f"{ms:.1f}")
 
 
-def _summary_mean(key: str, scale: float, digits: int):
-    def read(run: RunFiles) -> Value:
-        mean = run.summary[key]["mean"] * scale
-        return Value(mean, f"{mean:.{digits}f}")
-    return read
+def _summary_mean(run: RunFiles, key: str, scale: float, digits: int) -> Value:
+    mean = run.summary[key]["mean"] * scale
+    return Value(mean, f"{mean:.{digits}f}")
 
 
 METRICS = {
@@ -128,8 +126,8 @@ METRICS = {
     "auc_per_epoch": lambda run, m: _auc_per_epoch(run),
     "train_loss": lambda run, m: _train_loss(run),
     "ms_per_step": lambda run, m: _ms_per_step(run),
-    "comm_mb_per_step": lambda run, m: _summary_mean("comm_bytes_sent_per_step", 1e-6, 4)(run),
-    "comm_ms_per_step": lambda run, m: _summary_mean("comm_seconds_per_step", 1e3, 2)(run),
+    "comm_mb_per_step": lambda run, m: _summary_mean(run, "comm_bytes_sent_per_step", 1e-6, 4),
+    "comm_ms_per_step": lambda run, m: _summary_mean(run, "comm_seconds_per_step", 1e3, 2),
     "size_mb": lambda run, m: _number(run.exported(m.export)["bytes"] / 1e6, 4),
     "packed_auc": lambda run, m: _number(run.packed_eval(m.export, m.split)["auc"], 4),
     "packed_acc": lambda run, m: _number(run.packed_eval(m.export, m.split)["accuracy"] * 100, 3),

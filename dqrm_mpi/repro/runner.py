@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .plan import Plan, Step
+from .plan import Plan, Step, cluster_reason
 
 
 def read_json(path: Path) -> dict | None:
@@ -130,14 +130,21 @@ def write_batch_script(plan: Plan, out: Path) -> Path:
              "# Submit from the report directory (sbatch scripts/run_all.sh) or run it inside an allocation;",
              "# then `dqrm-repro report .` fills the tables.  Multi-rank runs use mpirun, which takes its",
              "# hosts from the allocation.",
-             "set -euo pipefail",
-             'cd "$(dirname "$0")/.."']
+             "# A failed step is reported at the end; the steps after it still run.",
+             "set -uo pipefail",
+             'cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"',
+             "failed=0"]
+    dirs: set[str] = set()
     for step in plan.steps.values():
-        if step.blocked and not step.blocked.startswith("not run here"):
+        if step.blocked not in (None, cluster_reason(plan.profile)):
             lines.append(f"# {step.key}: {step.blocked}")
             continue
-        lines += [f"# {step.key}", f"mkdir -p {Path(step.log).parent}", step.shell()]
-    lines.append("dqrm-repro report .")
+        folder = str(Path(step.log).parent)
+        if folder not in dirs:
+            dirs.add(folder)
+            lines.append(f"mkdir -p {folder}")
+        lines.append(f"{step.shell()} || {{ echo 'FAILED: {step.key}'; failed=1; }}")
+    lines += ["dqrm-repro report .", 'exit "$failed"']
     path = out / "scripts" / "run_all.sh"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
