@@ -51,11 +51,12 @@ class Renderer:
             return CellOut("ok", value.text, (name,), value.number)
         except MetricError as e:
             problem = str(e)
-        for key in self.chain(name, metric):
-            step = self.plan.steps[key]
+        steps = [self.plan.steps[key] for key in self.chain(name, metric)]
+        for step in steps:  # the first failure is the cause
             failure = read_json(failure_path(self.out, step))
             if failure:
                 return CellOut("failed", f"FAILED: {failure['error']} (log: {failure['log']})", (name,))
+        for step in reversed(steps):  # the last step's reason is the most specific
             if step.blocked:
                 return CellOut("n/a", step.blocked, (name,))
         if (self.out / "runs" / name / "summary.json").exists():
