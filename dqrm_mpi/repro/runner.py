@@ -114,7 +114,9 @@ def last_error(log: Path) -> str:
 
 
 def _fail(out: Path, step: Step, rc: int | None, error: str, log: str | None = None) -> None:
-    (out / step.record).unlink(missing_ok=True)
+    """Record why ``step`` failed and remove what an earlier run of it left (no stale cells)."""
+    for path in (step.record, *step.produces):
+        (out / path).unlink(missing_ok=True)
     write_json(failure_path(out, step), {"argv": list(step.argv), "exit_code": rc, "error": error,
                                          "log": log or step.log})
 
