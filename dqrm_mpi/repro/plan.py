@@ -86,14 +86,11 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
         reason = _why_not(run, n, profile, hosts, train_options)
         if reason:
             blocked.setdefault(name, reason)
-        if f"train:{name}" in steps:
-            continue
         out = f"{RUNS_DIR}/{name}"
-        train = Step(f"train:{name}", (*command, "--out", out, "--overwrite"),
-                     (f"{out}/summary.json", f"{out}/checkpoint.pt"), f"{out}/repro-train.json",
-                     f"{out}/train.log", after=tuple(prep_keys), blocked=reason)
-        steps[train.key] = train
-        for export in run.exports:
+        train = steps.setdefault(f"train:{name}", Step(
+            f"train:{name}", (*command, "--out", out, "--overwrite"), (f"{out}/summary.json", f"{out}/checkpoint.pt"),
+            f"{out}/repro-train.json", f"{out}/train.log", after=tuple(prep_keys), blocked=reason))
+        for export in run.exports:  # a run sharing an earlier one's command may add exports
             for step in _export_steps(name, export, train, profile):
                 steps[step.key] = step
     return Plan(profile, steps, names, blocked)

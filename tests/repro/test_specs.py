@@ -6,11 +6,11 @@ import sys
 
 import pytest
 
-from dqrm_mpi.repro.experiment import Drop, Metric, NotMeasured
+from dqrm_mpi.repro.experiment import Drop, Export, Metric, NotMeasured, Row, Run, Table
 from dqrm_mpi.repro.plan import make_plan, specs_runs
 from dqrm_mpi.repro.profiles import PROFILES
 from dqrm_mpi.repro.results import METRICS
-from dqrm_mpi.repro.specs import DQRM4, FIGURES, PERIOD, TABLES
+from dqrm_mpi.repro.specs import DQRM4, FIGURES, FP32, PERIOD, TABLES
 
 from ..conftest import mpi_env
 
@@ -136,3 +136,11 @@ def test_real_data_profiles_need_raw(tmp_path):
 def test_unknown_only_key_is_refused(tmp_path):
     proc = _repro("run", "smoke", "--out", str(tmp_path / "s"), "--dry-run", "--only", "T9")
     assert proc.returncode != 0 and "T9" in proc.stderr
+
+
+def test_runs_with_the_same_command_are_one_run_with_all_exports():
+    twin = Run("twin", FP32.flags, exports=(Export("int8", ("--bits", "8")),))
+    table = Table("TX", "twins", ("a", "b"), (Row("r", (Metric(FP32, "best_auc"), Metric(twin, "size_mb", "int8"))),))
+    plan = make_plan(PROFILES["smoke"], (table,))
+    assert plan.names[twin] == "fp32" and "train:twin" not in plan.steps
+    assert {"export:fp32/packed", "export:fp32/ptq4", "export:fp32/int8"} <= set(plan.steps)
