@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -96,14 +95,15 @@ def test_a_changed_command_is_run_again(smoke, tmp_path):
     assert len(pending) == 1 and "runs/emb8 " in pending[0], lines
 
 
-def test_a_failed_run_fills_its_cells_with_why_and_the_suite_goes_on(smoke, tmp_path):
+def test_a_failed_run_fills_its_cells_with_why_and_the_suite_goes_on(smoke, tmp_path, monkeypatch):
     out = tmp_path / "copy"
     shutil.copytree(smoke[0], out)
     bad, after = Run("bad", ("--lr", "0")), Run("short", ("--max-steps", "2"))
     table = Table("TX", "failure", ("AUC", "AUC", "AUC"),
                   (Row("r", (Metric(bad, "best_auc"), Metric(after, "best_auc"), Metric(FP32, "best_auc"))),))
     plan = make_plan(PROFILES["smoke"], (table,))
-    os.environ.update(mpi_env())  # the subprocesses inherit it
+    for key, value in mpi_env().items():  # the runner's subprocesses inherit this environment
+        monkeypatch.setenv(key, value)
     failed = execute(plan, out, steps_for(plan, [table]), echo=lambda s: None)
     assert failed == ["train:bad"]
     render(plan, out, (table,), ())
