@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -51,7 +50,7 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
         hosts: str | None) -> None:
     """Run PROFILE's experiments (skipping finished runs) and write the report into OUT."""
     from ..repro.report import render
-    from ..repro.runner import execute, is_finished, write_batch_script
+    from ..repro.runner import execute, is_finished, write_batch_script, write_json
 
     keys = [k.strip() for item in only for k in item.split(",") if k.strip()]
     unknown = [k for k in keys if k not in {i.key for i in ITEMS}]
@@ -77,7 +76,7 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
             click.echo(f"{state}{step.shell()}")
         return
     out.mkdir(parents=True, exist_ok=True)
-    (out / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_json(out / SETTINGS, settings)
     if prof.cluster and not hosts:
         script = write_batch_script(plan, out)
         click.echo(f"{profile} runs on a cluster: wrote {script} (sbatch it from {out}, or run it inside an "
@@ -116,7 +115,10 @@ def list_(profile: str) -> None:
         names = dict.fromkeys(plan.names[r] for r in specs_runs([item]))
         click.echo(f"  {item.key:<5} {item.title}\n        {' '.join(names)}")
     click.echo(f"\nRuns ({profile}; a run whose command equals an earlier one's is that run):")
-    for name, run in {plan.names[r]: r for r in reversed(specs_runs(ITEMS))}.items():
+    first: dict[str, object] = {}
+    for run in specs_runs(ITEMS):
+        first.setdefault(plan.names[run], run)
+    for name, run in first.items():
         note = f"   [not run: {plan.blocked[name]}]" if name in plan.blocked else ""
         click.echo(f"  {name:<18} {ranks_of(run, prof)} rank(s){note}\n"
                    f"        {plan.steps[f'train:{name}'].shell()}")
@@ -126,9 +128,11 @@ def _plan(settings: dict):
     prof: Profile = PROFILES[settings["profile"]]
     if settings.get("np"):
         prof = prof.with_comm_ranks(settings["np"])
-    if settings.get("hosts"):  # a host list a:4,b:4 offers 8 ranks
-        slots = sum(int(h.rpartition(":")[2]) if ":" in h else 1 for h in settings["hosts"].split(","))
-        prof = replace(prof, max_ranks=max(prof.max_ranks, slots), machine_note=f"hosts {settings['hosts']}")
+    if settings.get("hosts"):
+        try:
+            prof = prof.on_hosts(settings["hosts"])
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--hosts") from None
     return make_plan(prof, ITEMS, raw=settings.get("raw"), hosts=settings.get("hosts"),
                      train_options=_train_options())
 

@@ -58,6 +58,14 @@ class Profile:
     def with_comm_ranks(self, ranks: int) -> "Profile":
         return replace(self, comm_ranks=ranks, max_ranks=max(self.max_ranks, ranks))
 
+    def on_hosts(self, hosts: str) -> "Profile":
+        """Runs may use every slot of a horovodrun host list such as ``a:4,b:4`` (8 ranks)."""
+        try:
+            slots = sum(int(h.rpartition(":")[2]) if ":" in h else 1 for h in hosts.split(","))
+        except ValueError:
+            raise ValueError(f"{hosts!r} is not a host list such as a:4,b:4") from None
+        return replace(self, max_ranks=max(self.max_ranks, slots), machine_note=f"hosts {hosts}")
+
 
 def _synth(rows: int, preset: str, seed: int = 1) -> tuple[DataCommand, ...]:
     return (DataCommand(("dqrm-prep", "synth", "raw.txt", "--rows", str(rows), "--preset", preset,
