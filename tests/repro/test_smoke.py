@@ -20,7 +20,7 @@ from dqrm_mpi.repro.specs import FIGURES, FP32, TABLES
 
 from ..conftest import mpi_env
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first test sets the suite up
 OUTPUTS = ["report.md", *(f"tables/{t.key}.csv" for t in TABLES), "tables/cells.csv"]
 
 
