@@ -36,6 +36,11 @@ SLURM_TESTS = $(PY) -m pytest tests/slurm -m slurm -q -p no:cacheprovider
 test-slurm: install
 	$(SLURM_TESTS)
 
+# The paper's tables and figures on planted data (<= 2 h on 2 cores): reports/small/report.md
+.PHONY: repro
+repro: install
+	$(PY) -m dqrm_mpi.cli.repro run small --out reports/small
+
 bench: install
 	$(PY) benchmarks/train_throughput.py
 
