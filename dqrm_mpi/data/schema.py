@@ -16,9 +16,11 @@ temporary name and renamed when complete, readable like any new file (umask).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ SPARSE_DTYPES = (np.int32, np.int64)
 LABEL_DTYPES = (np.float32, np.uint8)
 SHARD_SUFFIX = ".h5"
 DEFAULT_CHUNK_ROWS = 16384
+SHARD_OVERHEAD_BYTES = 64 << 10  # HDF5 headers, chunk index, checksums
 
 
 class SchemaError(ValueError):
@@ -152,6 +155,11 @@ def write_shard(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     chunk = max(1, min(chunk_rows, n))
+    # HDF5 meeting a full disk fails in its close and leaves its library in a bad state:
+    # refuse before writing instead (one statvfs per shard).
+    need, free = dense.nbytes + sparse.nbytes + label.nbytes + SHARD_OVERHEAD_BYTES, shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({need:,} bytes needed, {free:,} free)", str(tmp))
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
