@@ -202,3 +202,44 @@ def test_every_file_prep_writes_is_readable_like_the_shards(raw, tmp_path):
     modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
     assert modes["meta.json"] == modes["train/part-00000.h5"] == 0o644, modes
     assert set(modes.values()) == {0o644}, modes
+
+
+# ------------------------------------------------------------ lines the CSV reader cannot take
+
+def _with_line_777(tmp_path, edit) -> Path:
+    lines = KAGGLE.read_bytes().split(b"\n")
+    lines[776] = edit(lines[776])
+    p = tmp_path / "bad.txt"
+    p.write_bytes(b"\n".join(lines))
+    return p
+
+
+def _field(i: int, value: bytes):
+    def edit(line: bytes) -> bytes:
+        f = line.split(b"\t")
+        f[i] = value
+        return b"\t".join(f)
+    return edit
+
+
+@pytest.mark.parametrize("edit,expected", [
+    (lambda l: l + b"a" * (10 << 20), "expected a line of at most 1,048,576 bytes, got 10,485,"),
+    (_field(5, b"1\xff2"), "field I5 (column 6 of 40): expected UTF-8 text, got non-UTF-8 bytes: '1\\\\xff2'"),
+    (_field(0, b"\xe9"), "field label (column 1 of 40): expected UTF-8 text, got non-UTF-8 bytes"),
+    (_field(30, b"\xc3\x28abcdef"), "field C17 (column 31 of 40): expected UTF-8 text, got non-UTF-8 bytes"),
+    (_field(7, b"1\r2"), "field I7 (column 8 of 40): expected no carriage return inside a line, got a carriage"),
+], ids=["10MB-line", "non-utf8-dense", "non-utf8-label", "non-utf8-categorical", "carriage-return"])
+def test_unreadable_line_is_named_by_line_and_skipped_on_request(tmp_path, edit, expected):
+    raw = _with_line_777(tmp_path, edit)
+    r = crit(raw, tmp_path / "out", code=1)
+    assert f"Error: {raw}:777: {expected}" in r.output, r.output[:500]
+    r = crit(raw, tmp_path / "skip", "--bad-lines", "skip")
+    assert "1 bad lines skipped" in r.output
+    meta = read_meta(tmp_path / "skip")
+    assert meta.extra["counts"]["rows_skipped_bad"] == 1 and sum(meta.rows.values()) == 1998
+    assert meta.extra["bad_line_examples"][0]["line"] == 777
+    # the rows around the bad line are the same rows as without it
+    clean = tmp_path / "clean.txt"
+    clean.write_bytes(b"\n".join(l for i, l in enumerate(KAGGLE.read_bytes().split(b"\n")) if i != 776))
+    crit(clean, tmp_path / "ref")
+    assert read_meta(tmp_path / "ref").cardinalities == meta.cardinalities
