@@ -204,8 +204,9 @@ def _needs_strings(buf: bytes) -> bool:
     return b" " in buf or b"x" in buf or b"X" in buf
 
 
-class _LineTooLong(Exception):
-    """pyarrow met a line longer than its block (it says 'straddling object')."""
+class _NeedsLineCheck(Exception):
+    """pyarrow could not take some line: longer than its block ('straddling object'), or
+    split in two by a carriage return (it saw more rows than there are lines)."""
 
 
 def parse_block(
@@ -229,7 +230,7 @@ def parse_block(
     if not unreadable:
         try:
             return _parse_lines(buf, path, first_line, n_lines, max_ind_range, bad_lines)
-        except _LineTooLong as e:
+        except _NeedsLineCheck as e:
             unreadable = _unreadable_lines(buf, path, first_line, check_every_line=True)
             if not unreadable:
                 raise InputError(str(e)) from None
@@ -238,9 +239,10 @@ def parse_block(
 
 def _unreadable_lines(buf: bytes, path: str, first_line: int,
                       check_every_line: bool = False) -> dict[int, BadLineError]:
-    """Lines of ``buf`` the CSV reader cannot take, by 0-based index in ``buf``.  Cheap when
-    there are none (a few scans of the bytes); looks at each line only otherwise."""
-    if not check_every_line and buf.count(b"\r") == buf.count(b"\r\n"):
+    """Lines of ``buf`` the CSV reader cannot take, by 0-based index in ``buf``.  Without
+    ``check_every_line``, only looks for bytes that are not UTF-8 (one scan of an ASCII
+    buffer); the other cases are found when the reader fails on them."""
+    if not check_every_line:
         if buf.isascii():
             return {}
         try:
@@ -336,7 +338,7 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
         table = read(_STRING_TYPES if slow else _FAST_TYPES)
     except pa.ArrowInvalid as e:
         if "straddling" in str(e):
-            raise _LineTooLong(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+            raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
         if slow or "conversion error" not in str(e):
             raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
         wrong_fields.clear()
@@ -346,7 +348,7 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
     # Line number (1-based within the block) of every parsed row.
     skipped = np.array(sorted(r[0] for r in wrong_fields if r[0] is not None and r[0] > 0), dtype=np.int64)
     if table.num_rows + len(wrong_fields) != n_lines or len(skipped) != len(wrong_fields):
-        raise InputError(
+        raise _NeedsLineCheck(
             f"{path}: lines {first_line + 1}..{first_line + n_lines}: the CSV reader saw "
             f"{table.num_rows + len(wrong_fields)} lines, expected {n_lines} (stray carriage return or NUL?)")
     rows_line = np.arange(1, n_lines + 1, dtype=np.int64)

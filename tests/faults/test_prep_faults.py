@@ -171,9 +171,9 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
             f.write(KAGGLE.read_bytes())
     main = subprocess.Popen(prep_cmd(raw, tmp_path / "out", "--workers", 2, "--piece-bytes", 1 << 20),
                             env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs: set[int] = set()
     try:
         deadline = time.monotonic() + 60
-        procs: set[int] = set()
         while len(procs) < 3 and main.poll() is None and time.monotonic() < deadline:  # fork server + 2 workers
             procs = _descendants(main.pid)
             time.sleep(0.05)
@@ -185,8 +185,9 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
             time.sleep(0.1)
         left = _alive(procs)
         assert not left, f"processes left running after SIGKILL of dqrm-prep: {sorted(left)}"
-    finally:
-        for pid in _alive(_descendants(main.pid)) | _alive(procs if "procs" in dir() else set()):
+    finally:  # whatever this test started ends with it
+        main.kill()
+        for pid in _alive(procs.union(*(_descendants(p) for p in procs))):
             os.kill(pid, signal.SIGKILL)
 
 
