@@ -135,7 +135,8 @@ def synth(out_file, rows, seed, preset, cardinalities, progress):
 def verify(out):
     """Check every shard of OUT against its meta.json; exit 1 on any mismatch.
 
-    Checks row counts, shapes, dtypes, ids below the cardinalities, no NaN, labels 0/1.
+    Checks row counts, shapes, dtypes, ids below the cardinalities, no NaN, labels 0/1,
+    and every chunk's checksum (flipped bits, truncated or corrupt shards).
 
     \b
     Example:
@@ -143,7 +144,7 @@ def verify(out):
     """
     from .verify import verify_dataset
 
-    problems = verify_dataset(out)
+    problems = verify_dataset(out, warn=lambda m: click.echo(f"warning: {m}", err=True))
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)

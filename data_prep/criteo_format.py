@@ -13,7 +13,7 @@ distinct values are decoded, with numpy table look-ups.  Nothing loops over rows
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +26,10 @@ from .errors import BadLineError, InputError
 from .fields import DENSE_NAMES, FIELD_NAMES, MAX_HEX_DIGITS, NUM_FIELDS, SPARSE_NAMES
 
 MAX_EXAMPLES = 20  # bad lines kept as examples per block / in meta.json
+MAX_LINE_BYTES = 1 << 20  # a Criteo line is about 250 bytes; longer ones are bad lines
+INTEGER_DIGITS = 18  # a dense value (or the label) is [+-]digits, below 10^18 in magnitude
+INTEGER_LIMIT = 10**INTEGER_DIGITS
+INTEGER_PATTERN = rf"^[+-]?0*[0-9]{{1,{INTEGER_DIGITS}}}$"
 
 _HEX = np.full(256, 255, dtype=np.uint8)
 for _i, _c in enumerate(b"0123456789abcdef"):
@@ -174,6 +178,13 @@ def _to_int(col: pa.ChunkedArray | pa.Array, fill: int) -> np.ndarray:
     return pc.fill_null(col, fill).to_numpy().astype(np.int64, copy=False)
 
 
+def _ints_from_strings(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """Slow path: strings -> (int64 values, 0 where empty or bad; bool ok: empty or an integer)."""
+    ok = pc.or_(pc.equal(col, ""), pc.match_substring_regex(col, INTEGER_PATTERN))
+    clean = pc.if_else(pc.and_(ok, pc.not_equal(col, "")), pc.replace_substring_regex(col, r"^\+", ""), "0")
+    return pc.cast(clean, pa.int64()).to_numpy(), ok.to_numpy(zero_copy_only=False).astype(bool)
+
+
 def _dense_from_strings(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Slow path (some dense field is not an integer): int64 [n, 13] and bad field index per
     row (-1 when fine)."""
@@ -181,14 +192,21 @@ def _dense_from_strings(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     raw = np.zeros((n, NUM_DENSE), dtype=np.int64)
     first_bad = np.full(n, -1, dtype=np.int64)
     for j, name in enumerate(DENSE_NAMES):
-        col = table.column(name)
-        ok = pc.or_(pc.equal(col, ""), pc.match_substring_regex(col, r"^[+-]?[0-9]{1,18}$"))
-        ok_np = ok.to_numpy(zero_copy_only=False).astype(bool)
-        clean = pc.if_else(pc.and_(ok, pc.not_equal(col, "")), col, "0")
-        raw[:, j] = pc.cast(clean, pa.int64()).to_numpy()
-        bad_here = ~ok_np & (first_bad < 0)
+        raw[:, j], ok = _ints_from_strings(table.column(name))
+        bad_here = ~ok & (first_bad < 0)
         first_bad[bad_here] = 1 + j
     return raw, first_bad
+
+
+def _needs_strings(buf: bytes) -> bool:
+    """Could pyarrow's integer conversion accept what the format does not?  It trims spaces
+    and reads a 0x prefix; such blocks take the strict (string) path."""
+    return b" " in buf or b"x" in buf or b"X" in buf
+
+
+class _NeedsLineCheck(Exception):
+    """pyarrow could not take some line: longer than its block ('straddling object'), or
+    split in two by a carriage return (it saw more rows than there are lines)."""
 
 
 def parse_block(
@@ -201,11 +219,105 @@ def parse_block(
     """Parse whole lines ``buf`` (the lines ``first_line``, ``first_line + 1``, ... of ``path``).
 
     ``bad_lines='error'`` raises BadLineError for the first malformed line; ``'skip'``
-    drops malformed lines and reports them in ``n_bad`` / ``bad``.
+    drops malformed lines and reports them in ``n_bad`` / ``bad``.  Lines the CSV reader
+    cannot take (longer than MAX_LINE_BYTES, not UTF-8, a carriage return inside) are bad
+    lines too: the block is parsed around them.
     """
     n_lines = count_lines(buf)
     if n_lines == 0:
         return _empty(0)
+    unreadable = _unreadable_lines(buf, path, first_line)
+    if not unreadable:
+        try:
+            return _parse_lines(buf, path, first_line, n_lines, max_ind_range, bad_lines)
+        except _NeedsLineCheck as e:
+            unreadable = _unreadable_lines(buf, path, first_line, check_every_line=True)
+            if not unreadable:
+                raise InputError(str(e)) from None
+    return _parse_around(buf, unreadable, path, first_line, n_lines, max_ind_range, bad_lines)
+
+
+def _unreadable_lines(buf: bytes, path: str, first_line: int,
+                      check_every_line: bool = False) -> dict[int, BadLineError]:
+    """Lines of ``buf`` the CSV reader cannot take, by 0-based index in ``buf``.  Without
+    ``check_every_line``, only looks for bytes that are not UTF-8 (one scan of an ASCII
+    buffer); the other cases are found when the reader fails on them."""
+    if not check_every_line:
+        if buf.isascii():
+            return {}
+        try:
+            buf.decode("utf-8")
+            return {}
+        except UnicodeDecodeError:
+            pass
+    lines = buf.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    found = {}
+    for i, line in enumerate(lines):
+        error = _unreadable(line, path, first_line + i + 1)
+        if error is not None:
+            found[i] = error
+    return found
+
+
+def _unreadable(line: bytes, path: str, lineno: int) -> BadLineError | None:
+    """Why the CSV reader cannot take ``line`` (without its newline), or None."""
+    if len(line) > MAX_LINE_BYTES:
+        return BadLineError(path, lineno, None, _clip(line[:200].decode("utf-8", "backslashreplace")),
+                            f"a line of at most {MAX_LINE_BYTES:,} bytes", found=f"{len(line):,} bytes")
+    fields = (line[:-1] if line.endswith(b"\r") else line).split(b"\t")
+    for k, f in enumerate(fields):
+        what = None
+        if b"\r" in f:
+            what = ("no carriage return inside a line", "a carriage return")
+        else:
+            try:
+                f.decode("utf-8")
+            except UnicodeDecodeError:
+                what = ("UTF-8 text", "non-UTF-8 bytes")
+        if what:
+            return BadLineError(path, lineno, FIELD_NAMES[k] if k < NUM_FIELDS else None,
+                                _clip(f.decode("utf-8", "backslashreplace")), what[0], found=what[1])
+    return None
+
+
+def _parse_around(buf: bytes, unreadable: dict[int, BadLineError], path: str, first_line: int, n_lines: int,
+                  max_ind_range: int | None, bad_lines: str) -> ParsedBlock:
+    """Parse the lines between the unreadable ones, in order, and count those as bad."""
+    starts = np.concatenate([[0], np.flatnonzero(np.frombuffer(buf, dtype=np.uint8) == 10) + 1])
+    blocks = []
+    seg = 0  # first line of the next run of readable lines
+    for i in sorted(unreadable) + [n_lines]:
+        if i > seg:
+            a, b = int(starts[seg]), int(starts[i]) if i < n_lines else len(buf)
+            blocks.append(_parse_lines(buf[a:b], path, first_line + seg, i - seg, max_ind_range, bad_lines))
+        if i < n_lines and bad_lines == "error":
+            raise unreadable[i]
+        seg = i + 1
+    return _merge(blocks, n_lines, list(unreadable.values()))
+
+
+def _merge(blocks: list[ParsedBlock], n_lines: int, more_bad: list[BadLineError]) -> ParsedBlock:
+    """The blocks as one (dictionaries concatenated, indices shifted), plus ``more_bad`` lines."""
+    bad = sorted(more_bad + [e for b in blocks for e in b.bad], key=lambda e: e.line)[:MAX_EXAMPLES]
+    n_bad = len(more_bad) + sum(b.n_bad for b in blocks)
+    if not blocks:
+        return replace(_empty(n_lines), n_bad=n_bad, bad=bad)
+    shift = np.zeros(NUM_SPARSE, dtype=np.int32)
+    idx = []
+    for b in blocks:
+        idx.append(b.cat_idx + shift)
+        shift += np.array([len(d) for d in b.cat_dict], dtype=np.int32)
+    return ParsedBlock(np.concatenate([b.label for b in blocks]), np.concatenate([b.dense for b in blocks]),
+                       np.concatenate(idx),
+                       [np.concatenate([b.cat_dict[j] for b in blocks]) for j in range(NUM_SPARSE)],
+                       np.concatenate([b.line for b in blocks]), n_lines, n_bad, bad)
+
+
+def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_range: int | None,
+                 bad_lines: str) -> ParsedBlock:
+    """parse_block for lines the CSV reader can take."""
     wrong_fields: list[tuple[int, int, str]] = []
 
     def on_invalid(row) -> str:
@@ -221,11 +333,13 @@ def parse_block(
         return pacsv.read_csv(pa.py_buffer(buf), read_options=_read_options(), parse_options=parse,
                               convert_options=conv)
 
-    slow = False
+    slow = _needs_strings(buf)
     try:
-        table = read(_FAST_TYPES)
+        table = read(_STRING_TYPES if slow else _FAST_TYPES)
     except pa.ArrowInvalid as e:
-        if "conversion error" not in str(e):
+        if "straddling" in str(e):
+            raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+        if slow or "conversion error" not in str(e):
             raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
         wrong_fields.clear()
         slow = True
@@ -234,7 +348,7 @@ def parse_block(
     # Line number (1-based within the block) of every parsed row.
     skipped = np.array(sorted(r[0] for r in wrong_fields if r[0] is not None and r[0] > 0), dtype=np.int64)
     if table.num_rows + len(wrong_fields) != n_lines or len(skipped) != len(wrong_fields):
-        raise InputError(
+        raise _NeedsLineCheck(
             f"{path}: lines {first_line + 1}..{first_line + n_lines}: the CSV reader saw "
             f"{table.num_rows + len(wrong_fields)} lines, expected {n_lines} (stray carriage return or NUL?)")
     rows_line = np.arange(1, n_lines + 1, dtype=np.int64)
@@ -245,21 +359,25 @@ def parse_block(
     # Bad field per row: index into FIELD_NAMES, -1 when the row is fine.
     first_bad = np.full(n, -1, dtype=np.int64)
     if slow:
-        lab_str = table.column("label")
-        lab_ok = pc.is_in(lab_str, pa.array(["0", "1"])).to_numpy(zero_copy_only=False).astype(bool)
-        label = np.where(lab_ok, pc.equal(lab_str, "1").to_numpy(zero_copy_only=False), 0).astype(np.uint8)
-        first_bad[~lab_ok] = 0
+        lab, lab_ok = _ints_from_strings(table.column("label"))
+        lab_ok &= pc.not_equal(table.column("label"), "").to_numpy(zero_copy_only=False).astype(bool)
         raw, dense_bad = _dense_from_strings(table)
-        upd = (first_bad < 0) & (dense_bad >= 0)
-        first_bad[upd] = dense_bad[upd]
     else:
         lab = _to_int(table.column("label"), -1)
-        lab_ok = (lab == 0) | (lab == 1)
-        first_bad[~lab_ok] = 0
-        label = np.where(lab_ok, lab, 0).astype(np.uint8)
+        lab_ok = np.ones(n, dtype=bool)
         raw = np.empty((n, NUM_DENSE), dtype=np.int64)
         for j, name in enumerate(DENSE_NAMES):
             raw[:, j] = _to_int(table.column(name), 0)
+        dense_bad = np.full(n, -1, dtype=np.int64)
+    lab_ok &= (lab == 0) | (lab == 1)
+    first_bad[~lab_ok] = 0
+    label = np.where(lab_ok, lab, 0).astype(np.uint8)
+    too_big = (raw >= INTEGER_LIMIT) | (raw <= -INTEGER_LIMIT)  # pyarrow reads up to 19 digits
+    if too_big.any():
+        col = np.where(too_big.any(axis=1), too_big.argmax(axis=1) + 1, -1)
+        dense_bad = np.where((dense_bad < 0) | ((col >= 0) & (col < dense_bad)), col, dense_bad)
+    upd = (first_bad < 0) & (dense_bad >= 0)
+    first_bad[upd] = dense_bad[upd]
     cat_idx = np.empty((n, NUM_SPARSE), dtype=np.int32)
     cat_dict: list[np.ndarray] = []
     for j, name in enumerate(SPARSE_NAMES):
@@ -289,8 +407,8 @@ def parse_block(
         value = table.column(name)[int(i)].as_py()
         if isinstance(value, bytes):
             value = value.decode("utf-8", "replace")
-        expected = ("0 or 1" if f == 0 else "an integer (or empty)" if f <= NUM_DENSE
-                    else f"at most {MAX_HEX_DIGITS} hexadecimal digits (or empty)")
+        expected = ("0 or 1" if f == 0 else f"an integer of at most {INTEGER_DIGITS} digits (or empty)"
+                    if f <= NUM_DENSE else f"at most {MAX_HEX_DIGITS} hexadecimal digits (or empty)")
         bad_examples.append(BadLineError(path, first_line + int(rows_line[i]), name,
                                          "" if value is None else _clip(str(value)), expected))
     n_bad = len(wrong_fields) + len(bad_rows)

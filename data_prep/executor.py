@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any, Callable, Mapping, Sequence
 
@@ -65,6 +67,17 @@ def _mp_context():
 
 
 def _worker_init() -> None:
+    # Die with the main process: a SIGKILLed dqrm-prep must not leave workers of hundreds of
+    # MB running.  parent_process() is the main process (under the fork server too); its
+    # sentinel becomes readable when that process is gone.
+    parent = mp.parent_process()
+
+    def exit_with_parent() -> None:
+        parent.join()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if parent is not None:
+        threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
     # One worker process per core: keep pyarrow from starting a thread per core in each.
     try:
         import pyarrow as pa

@@ -157,7 +157,11 @@ class RunSpill:
             arrays[f"v{j:02d}"] = v
             if c is not None:
                 arrays[f"c{j:02d}"] = c
-        np.savez(self.work.piece_vocab(self.piece), **arrays)
+        path = self.work.piece_vocab(self.piece)
+        try:
+            np.savez(path, **arrays)
+        except OSError as e:  # name the file (a full disk is reported with it)
+            raise OSError(e.errno, e.strerror, str(path)) from None
         return self.runs
 
     def _flush(self) -> None:

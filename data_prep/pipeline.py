@@ -29,7 +29,8 @@ from .executor import Executor
 from .map_ids import map_all
 from .meta import RunRecord, build_meta, split_totals, summary_line
 from .options import PrepOptions
-from .output_dir import fingerprint, prepare_output
+from .output_dir import fingerprint, no_space_error, prepare_output
+from .output_lock import OutputLock
 from .parse import parse_all
 from .plan import load_or_make_plan
 from .shards import shard_jobs, split_layouts, write_all
@@ -44,10 +45,12 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
     clock = _StageClock()
     out = Path(out)
     ex = Executor(opts.workers, opts.progress)
+    lock = OutputLock(out)  # held by rank 0 until the run ends
+    sources: list = []
     try:
         kind, sources = ex.root_call(lambda: discover(raw, opts.dataset))
-        fp = fingerprint(kind, sources, opts)
-        status = ex.root_call(lambda: prepare_output(out, fp, opts.overwrite))
+        fp = ex.root_call(lambda: fingerprint(kind, sources, opts))
+        status = ex.root_call(lambda: prepare_output(out, fp, opts.overwrite, lock))
         if status == "done":
             if ex.is_root:
                 log(f"{out}: already complete with these options; nothing to do")
@@ -79,8 +82,14 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
             log(summary_line(out, meta))
         ex.barrier()
         return meta
+    except OSError as e:
+        error = no_space_error(out, sources, e)
+        if error is None:
+            raise
+        raise error from None
     finally:
         ex.close()
+        lock.release()
 
 
 class _StageClock:

@@ -21,7 +21,7 @@ from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
 
 from .executor import Executor
 from .options import PrepOptions
-from .workdir import WorkDir
+from .workdir import WorkDir, save_npy
 
 LUT_MAX = 1 << 25  # hash mode: a direct look-up table per column when max_ind_range <= this
 
@@ -145,9 +145,9 @@ def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -
             acc.add(z[f"v{column:02d}"], z[f"c{column:02d}"] if threshold > 0 else None)
     values, counts = acc.result()
     vocab, card = build_vocab(values, counts, threshold)
-    np.save(work.column_vocab(column), vocab)
+    save_npy(work.column_vocab(column), vocab)
     if use_lut(opts):
-        np.save(work.column_lut(column), make_lut(vocab, threshold, int(opts.max_ind_range)))
+        save_npy(work.column_lut(column), make_lut(vocab, threshold, int(opts.max_ind_range)))
     info = {"column": column, "cardinality": int(card), "distinct": int(len(values))}
     write_atomic_text(done, json.dumps(info))
     return info

@@ -75,8 +75,15 @@ class WorkDir:
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+    """``np.save(path, arr)``, but a failed write raises OSError with its errno and the file
+    name (numpy's own short-write error, "N requested and M written", has neither)."""
+    arr = np.ascontiguousarray(arr)
+    try:
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(arr))
+            f.write(arr.data)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:

@@ -8,6 +8,10 @@ of steps and 1 rank with batch B sees exactly what W ranks see together.  The
 ``N mod B`` rows left over each epoch differ from epoch to epoch (and are reported).
 
 Evaluation: each rank reads a disjoint contiguous share of the split, every row once.
+
+Every batch is checked as it is read (labels 0/1, ids below their table's cardinality,
+finite dense values; vectorised, a few passes over the batch): bad data, an unreadable
+shard or a checksum mismatch raise DataError naming the shard file, rows and column.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import h5py
 import numpy as np
 import torch
 
-from .schema import DENSE, LABEL, SPARSE, SchemaError, list_shards, read_meta
+from .schema import DENSE, LABEL, SPARSE, DataError, SchemaError, find_bad_value, list_shards, read_meta
 
 
 @dataclass
@@ -43,9 +47,17 @@ class SplitReader:
     def __init__(self, root: str | Path, split: str) -> None:
         self.root, self.split = Path(root), split
         meta = read_meta(root)
+        self.cardinalities = np.array(meta.cardinalities, dtype=np.int64)
         self.paths = list_shards(root, split)
-        self.files = [h5py.File(p, "r") for p in self.paths]
-        sizes = [int(f[LABEL].shape[0]) for f in self.files]
+        self.files: list[h5py.File] = []
+        sizes = []
+        try:
+            for p in self.paths:
+                self.files.append(self._open(p))
+                sizes.append(int(self.files[-1][LABEL].shape[0]))
+        except DataError:
+            self.close()
+            raise
         self.starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
         self.num_rows = int(self.starts[-1])
         expected = meta.rows.get(split, 0)
@@ -63,8 +75,7 @@ class SplitReader:
                 if self.starts[s] >= stop:
                     break
                 continue
-            f, a, b = self.files[s], int(lo - self.starts[s]), int(hi - self.starts[s])
-            parts.append((f[DENSE][a:b], f[SPARSE][a:b], f[LABEL][a:b]))
+            parts.append(self._read_shard(s, int(lo - self.starts[s]), int(hi - self.starts[s])))
         if not parts:
             return Batch(torch.empty(0, 13), torch.empty(0, 26, dtype=torch.int64), torch.empty(0))
         dense, sparse, label = (np.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
@@ -74,6 +85,36 @@ class SplitReader:
     def close(self) -> None:
         for f in self.files:
             f.close()
+
+    def _advice(self) -> str:
+        return f"run `dqrm-prep verify {self.root}`, then re-make the dataset (dqrm-prep criteo ... --overwrite)"
+
+    def _open(self, path: Path) -> h5py.File:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as e:
+            raise DataError(f"{path}: cannot open shard, the file is truncated or corrupt ({e}); "
+                            f"{self._advice()}") from None
+        missing = [k for k in (DENSE, SPARSE, LABEL) if k not in f]
+        if missing:
+            f.close()
+            raise DataError(f"{path}: shard has no {', '.join(missing)} dataset; {self._advice()}")
+        return f
+
+    def _read_shard(self, s: int, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [a, b) of shard ``s``, checked (DataError names the shard, the rows and the column)."""
+        f, path = self.files[s], self.paths[s]
+        arrays = []
+        for name in (DENSE, SPARSE, LABEL):
+            try:
+                arrays.append(f[name][a:b])
+            except OSError as e:  # a Fletcher-32 checksum mismatch, or an unreadable chunk
+                raise DataError(f"{path}: rows [{a}, {b}) of {name!r} cannot be read, the file is corrupt "
+                                f"(checksum mismatch or bad chunk: {e}); {self._advice()}") from None
+        problem = find_bad_value(*arrays, self.cardinalities, first_row=a)
+        if problem:
+            raise DataError(f"{path}: rows [{a}, {b}): {problem}; {self._advice()}")
+        return arrays[0], arrays[1], arrays[2]
 
 
 def prefetched(items: Iterator[Batch], depth: int) -> Iterator[Batch]:

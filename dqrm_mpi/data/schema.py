@@ -9,14 +9,18 @@ A dataset is a directory::
       test/part-00000.h5        sparse int32|int64 [n, 26] contiguous ids, 0 <= id < cardinality[j]
                                 label  float32|uint8 [n]  click (1) or not (0)
 
-Shards are chunked by rows so that a batch read touches few chunks.  Every file is
-written under a temporary name and renamed when complete.
+Shards are chunked by rows so that a batch read touches few chunks, and every chunk
+carries an HDF5 Fletcher-32 checksum (checked by HDF5 on every read; shards written
+before checksums were added are still read, unchecked).  Every file is written under a
+temporary name and renamed when complete, readable like any new file (umask).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
-import tempfile
+import secrets
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +39,17 @@ SPARSE_DTYPES = (np.int32, np.int64)
 LABEL_DTYPES = (np.float32, np.uint8)
 SHARD_SUFFIX = ".h5"
 DEFAULT_CHUNK_ROWS = 16384
+SHARD_OVERHEAD_BYTES = 64 << 10  # HDF5 headers, chunk index, checksums
 
 
 class SchemaError(ValueError):
     """A dataset directory or shard does not follow the contract."""
+
+
+class DataError(SchemaError):
+    """A shard cannot be opened or read, or holds values outside the contract (a label
+    other than 0/1, an id outside its table, a NaN or infinite dense value).  The message
+    names the shard file, the rows and the column, and says what to do."""
 
 
 @dataclass
@@ -87,13 +98,14 @@ class DatasetMeta:
 def write_atomic_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
+        # Created like any new file (0666 less the umask), not 0600 as mkstemp would.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -143,15 +155,21 @@ def write_shard(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     chunk = max(1, min(chunk_rows, n))
+    # HDF5 meeting a full disk fails in its close and leaves its library in a bad state:
+    # refuse before writing instead (one statvfs per shard).
+    need, free = dense.nbytes + sparse.nbytes + label.nbytes + SHARD_OVERHEAD_BYTES, shutil.disk_usage(path.parent).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({need:,} bytes needed, {free:,} free)", str(tmp))
     try:
         with h5py.File(tmp, "w") as f:
             f.attrs["schema_version"] = SCHEMA_VERSION
             f.attrs["rows"] = n
             for k, v in (attrs or {}).items():
                 f.attrs[k] = v
-            f.create_dataset(DENSE, data=dense, chunks=(chunk, NUM_DENSE) if n else None)
-            f.create_dataset(SPARSE, data=sparse, chunks=(chunk, NUM_SPARSE) if n else None)
-            f.create_dataset(LABEL, data=label, chunks=(chunk,) if n else None)
+            # fletcher32 needs chunks; an empty shard has neither (nothing to check).
+            f.create_dataset(DENSE, data=dense, chunks=(chunk, NUM_DENSE) if n else None, fletcher32=bool(n))
+            f.create_dataset(SPARSE, data=sparse, chunks=(chunk, NUM_SPARSE) if n else None, fletcher32=bool(n))
+            f.create_dataset(LABEL, data=label, chunks=(chunk,) if n else None, fletcher32=bool(n))
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -168,6 +186,24 @@ def check_arrays(dense: np.ndarray, sparse: np.ndarray, label: np.ndarray, where
     if label.dtype not in LABEL_DTYPES or label.shape != (n,):
         raise SchemaError(f"{where}: label must be float32|uint8 [{n}], got {label.dtype} {label.shape}")
     return n
+
+
+def find_bad_value(dense: np.ndarray, sparse: np.ndarray, label: np.ndarray,
+                   cardinalities: np.ndarray, first_row: int = 0) -> str | None:
+    """The first value outside the contract, as ``"row R: COLUMN = V, expected ..."`` (R is
+    ``first_row`` + the 0-based index in the arrays given), or None when all are fine.  Vectorised: a few passes over
+    the arrays (dense float32 [n, 13], sparse int [n, 26], label [n]; cardinalities int64 [26])."""
+    if not ((label == 0) | (label == 1)).all():
+        r = int(np.flatnonzero((label != 0) & (label != 1))[0])
+        return f"row {first_row + r}: label = {label[r]}, expected 0 or 1"
+    if sparse.size and (sparse.min() < 0 or (sparse >= cardinalities).any()):
+        r, c = (int(x) for x in np.argwhere((sparse < 0) | (sparse >= cardinalities))[0])
+        return (f"row {first_row + r}: C{c + 1} = {int(sparse[r, c])}, expected 0 <= id < {int(cardinalities[c])} "
+                f"(the table's cardinality in meta.json)")
+    if not np.isfinite(dense).all():
+        r, c = (int(x) for x in np.argwhere(~np.isfinite(dense))[0])
+        return f"row {first_row + r}: I{c + 1} = {dense[r, c]}, expected a finite number"
+    return None
 
 
 def transform_dense(raw: np.ndarray) -> np.ndarray:
