@@ -38,7 +38,10 @@ DENSE_DTYPE = np.float32
 SPARSE_DTYPES = (np.int32, np.int64)
 LABEL_DTYPES = (np.float32, np.uint8)
 SHARD_SUFFIX = ".h5"
-DEFAULT_CHUNK_ROWS = 16384
+# HDF5 reads and checks (Fletcher-32) whole chunks, and training reads batches in random order:
+# a 256-row batch costs 0.4-0.5 ms from 2,048-row chunks, 1.6-2.8 ms from 16,384-row ones
+# (measured here on 500k-row shards; 16,384-row chunks without checksums: 0.9 ms).
+DEFAULT_CHUNK_ROWS = 2048
 SHARD_OVERHEAD_BYTES = 64 << 10  # HDF5 headers, chunk index, checksums
 
 
