@@ -1,7 +1,9 @@
-"""`dqrm-prep synth`: a raw Criteo-format file drawn from the planted click model.
+"""`dqrm-prep synth`: a raw Criteo-format file drawn from a planted click model.
 
 Rows have the 40 Criteo fields (missing values empty, some negative integers,
-Zipf-distributed categories as 8-digit hex hashes).  Beside the file,
+categories as 8-digit hex hashes).  Two profiles: ``planted`` (the default; Zipf
+categories of fixed cardinalities, ``dqrm_mpi.data.synthetic``) and ``criteo-like``
+(statistics calibrated to real Criteo Kaggle, with day drift; ``criteo_like``).  Beside the file,
 ``OUT_FILE.planted.json`` holds the planted model's own AUC and log loss on the rows
 that become the test and val splits under the Kaggle rule (7 equal consecutive days;
 day 6 first half test, second half val): the best any model trained on the file can do.
@@ -20,6 +22,7 @@ from dqrm_mpi.data.schema import NUM_DENSE, NUM_SPARSE, write_atomic_text
 from dqrm_mpi.data.synthetic import DEFAULT_CARDINALITIES, PlantedClickModel, planted_metrics
 
 from .criteo_format import encode_hex
+from .criteo_like import CriteoLikeModel
 from .errors import InputError, OutputError
 from .fields import FIELD_NAMES
 from .sources import kaggle_bounds, planted_path
@@ -31,15 +34,19 @@ CARDINALITY_PROFILES = {
     "large": tuple(c * 200 for c in DEFAULT_CARDINALITIES),
 }
 CHUNK_ROWS = 100_000
+PROFILES = ("planted", "criteo-like")
 
 
 def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
                 cardinalities: tuple[int, ...] = DEFAULT_CARDINALITIES, chunk_rows: int = CHUNK_ROWS,
-                progress=None) -> dict:
+                progress=None, profile: str = "planted") -> dict:
     """Write ``rows`` Criteo-format lines to ``out_file`` (gzip when it ends in ``.gz``),
-    atomically, in chunks; returns (and writes beside it) the planted metrics."""
+    atomically, in chunks; returns (and writes beside it) the planted metrics.
+    ``cardinalities`` applies to the ``planted`` profile only."""
     if rows < 1:
         raise InputError(f"--rows must be >= 1, got {rows}")
+    if profile not in PROFILES:
+        raise InputError(f"--profile: expected one of {', '.join(PROFILES)}, got {profile!r}")
     if len(cardinalities) != NUM_SPARSE:
         raise InputError(f"--cardinalities needs {NUM_SPARSE} values, got {len(cardinalities)}")
     out = Path(out_file)
@@ -49,7 +56,12 @@ def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out.parent}: cannot create directory ({e.strerror or e})") from None
-    model = PlantedClickModel(tuple(cardinalities), seed=seed)
+    if profile == "criteo-like":
+        model = CriteoLikeModel(rows, seed=seed)
+        draw = model.sample_rows
+    else:
+        model = PlantedClickModel(tuple(cardinalities), seed=seed)
+        draw = lambda start, n: model.sample(n, start // chunk_rows)  # noqa: E731
     train_end, test_end = kaggle_bounds(rows)
     tmp = out.with_name(f".{out.name}.tmp")
     held_label, held_prob, positives = [], [], 0
@@ -58,9 +70,9 @@ def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
     try:
         sink = pa.CompressedOutputStream(str(tmp), "gzip") if gz else pa.OSFile(str(tmp), "wb")
         with sink:
-            for ci, start in enumerate(range(0, rows, chunk_rows)):
+            for start in range(0, rows, chunk_rows):
                 n = min(chunk_rows, rows - start)
-                b = model.sample(n, ci)
+                b = draw(start, n)
                 cols = [pa.array(b.label.astype(np.int64))]
                 for j in range(NUM_DENSE):
                     cols.append(pa.array(b.dense_raw[:, j], mask=b.dense_missing[:, j]))
@@ -86,7 +98,8 @@ def write_synth(out_file: str | os.PathLike, rows: int, seed: int = 0,
     prob = np.concatenate(held_prob)
     n_test = test_end - train_end
     info = {
-        "file": out.name, "rows": rows, "seed": seed, "cardinalities": list(model.cardinalities),
+        "file": out.name, "rows": rows, "seed": seed, "profile": profile,
+        "cardinalities": list(model.cardinalities),
         "split_rule": "kaggle: 7 equal consecutive days; day 6 first half test, second half val",
         "train": {"rows": train_end, "ctr": positives / max(1, train_end)},
         "test": planted_metrics(label[:n_test], prob[:n_test]),

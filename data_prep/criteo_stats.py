@@ -1,0 +1,106 @@
+"""Column statistics of a raw Criteo-format file (label, I1..I13, C1..C26; empty = missing).
+
+The same measurement serves two purposes: it gives the calibration targets of the
+criteo-like generator (on real Kaggle rows, ``criteo_calibration``), and it checks
+a generated file against those targets (tests).  Categorical shares are over the
+rows where the column is present; dense quantiles over present values.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from .fields import FIELD_NAMES
+
+DENSE_NAMES = FIELD_NAMES[1:14]
+SPARSE_NAMES = FIELD_NAMES[14:]
+
+
+@dataclass(frozen=True)
+class FileColumns:
+    """label uint8 [n]; dense float64 [n, 13] (NaN = missing); sparse: 26 arrays of strings
+    (object [n], '' = missing), in file order."""
+
+    label: np.ndarray
+    dense: np.ndarray
+    sparse: tuple[np.ndarray, ...]
+
+
+def read_columns(path: str | os.PathLike, max_rows: int | None = None) -> FileColumns:
+    """Read a Criteo-format file (plain or gzip; LF or CRLF) into columns."""
+    types = {name: pa.string() for name in FIELD_NAMES}
+    table = pacsv.read_csv(
+        str(path),
+        read_options=pacsv.ReadOptions(column_names=list(FIELD_NAMES)),
+        parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+    )
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+
+    def strings(name: str) -> np.ndarray:
+        return np.asarray(table.column(name).to_pylist(), dtype=object)
+
+    label = np.asarray([int(x) for x in strings(FIELD_NAMES[0])], dtype=np.uint8)
+    dense = np.full((table.num_rows, len(DENSE_NAMES)), np.nan)
+    for j, name in enumerate(DENSE_NAMES):
+        col = strings(name)
+        present = col != ""
+        dense[present, j] = col[present].astype(np.int64)
+    return FileColumns(label, dense, tuple(strings(name) for name in SPARSE_NAMES))
+
+
+def dense_stats(x: np.ndarray) -> dict:
+    """Missing share, negative share (of present values), p50 / p90 of present values,
+    and the shares of each negative value (of present values)."""
+    present = x[~np.isnan(x)]
+    neg = present[present < 0]
+    values, counts = np.unique(neg, return_counts=True)
+    return {
+        "missing": float(np.isnan(x).mean()),
+        "negative": float(len(neg) / max(1, len(present))),
+        "negative_values": {str(int(v)): float(c / max(1, len(present))) for v, c in zip(values, counts)},
+        "p50": float(np.quantile(present, 0.5, method="lower")) if len(present) else 0.0,
+        "p90": float(np.quantile(present, 0.9, method="lower")) if len(present) else 0.0,
+    }
+
+
+def sparse_stats(col: np.ndarray) -> dict:
+    """Missing share; over present rows: distinct values, top-value share, singleton
+    values per present row."""
+    present = col[col != ""]
+    _, counts = np.unique(present, return_counts=True)
+    n = max(1, len(present))
+    return {
+        "missing": float(1.0 - len(present) / max(1, len(col))),
+        "present_rows": int(len(present)),
+        "distinct": int(len(counts)),
+        "top_share": float(counts.max() / n) if len(counts) else 0.0,
+        "singleton_share": float((counts == 1).sum() / n),
+    }
+
+
+def missing_groups(cols: FileColumns) -> list[list[str]]:
+    """Columns (2 or more) whose missing masks are identical: they go missing together."""
+    masks = {name: np.isnan(cols.dense[:, j]) for j, name in enumerate(DENSE_NAMES)}
+    masks.update({name: cols.sparse[t] == "" for t, name in enumerate(SPARSE_NAMES)})
+    groups: dict[bytes, list[str]] = {}
+    for name, m in masks.items():
+        if m.any():
+            groups.setdefault(np.packbits(m).tobytes(), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def file_stats(cols: FileColumns) -> dict:
+    """All statistics of a file: rows, CTR, per column stats, missing groups."""
+    return {
+        "rows": int(len(cols.label)),
+        "ctr": float(cols.label.mean()),
+        "dense": {name: dense_stats(cols.dense[:, j]) for j, name in enumerate(DENSE_NAMES)},
+        "sparse": {name: sparse_stats(cols.sparse[t]) for t, name in enumerate(SPARSE_NAMES)},
+        "missing_groups": missing_groups(cols),
+    }
