@@ -155,7 +155,6 @@ class CriteoLikeModel:
         self._keys = _splitmix64(rng.integers(0, 2**63, size=(NUM_SPARSE, 3), dtype=np.int64).astype(np.uint64))
         self._hash_mul = rng.integers(1, 2**31, size=NUM_SPARSE, dtype=np.uint64) * 2 + 1
         self._hash_add = rng.integers(0, 2**32, size=NUM_SPARSE, dtype=np.uint64)
-        self.scale, self.bias = 1.0, 0.0
         self.scale, self.bias = self._calibrate(float(table["ctr"]), planted_auc)
 
     def day_of(self, row: np.ndarray) -> np.ndarray:
@@ -164,7 +163,9 @@ class CriteoLikeModel:
         starts = np.cumsum([0] + [per + 1] * extra + [per] * (DAYS - extra))[1:]
         return np.searchsorted(starts, row, side="right")
 
-    def _draw(self, rng: np.random.Generator, day: np.ndarray):
+    def _draw(self, rng: np.random.Generator, day: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Features of rows on days ``day`` [n]: dense int64 [n, 13] (0 where missing),
+        dense missing bool [n, 13], value ids int64 [n, 26] (0 = missing)."""
         n = len(day)
         missing = np.zeros((n, NUM_DENSE + NUM_SPARSE), dtype=bool)
         for cols, rate in self.missing_groups:
