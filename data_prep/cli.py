@@ -106,8 +106,10 @@ def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, se
                    "large: x200).")
 @click.option("--cardinalities", type=str, default=None,
               help="planted profile: 26 comma-separated cardinalities (overrides --preset).")
+@click.option("--workers", type=click.IntRange(1), default=_default_workers, show_default="all CPUs",
+              help="Processes drawing chunks of rows (the file does not depend on it).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def synth(out_file, rows, seed, profile, preset, cardinalities, progress):
+def synth(out_file, rows, seed, profile, preset, cardinalities, workers, progress):
     """Write a raw Criteo-format file drawn from a planted click model.
 
     Beside OUT_FILE, OUT_FILE.planted.json holds the planted model's own AUC and
@@ -131,7 +133,8 @@ def synth(out_file, rows, seed, profile, preset, cardinalities, progress):
     try:
         cards = parse_cardinalities(cardinalities, preset or "small")
         with tqdm(total=rows, unit="rows", unit_scale=True, desc="synth", disable=not progress, file=sys.stderr) as bar:
-            info = write_synth(out_file, rows, seed, cards, progress=bar.update, profile=profile)
+            info = write_synth(out_file, rows, seed, cards, progress=bar.update, profile=profile,
+                               workers=workers)
     except PrepError as e:
         raise click.ClickException(str(e)) from None
     t = info["test"]

@@ -42,6 +42,7 @@ PLANTED_AUC = 0.81  # planted AUC on the test day: just above the best Kaggle AU
 EFFECT_CLIP = 10.0
 INTERACTION_DIM = 4  # four 16-bit uniforms per 64-bit hash
 CALIBRATION_ROWS_PER_DAY = 8192
+TAIL, MISSING = -1, -2  # codes in the head-rank array of a row's values
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -105,20 +106,19 @@ class Column:
             out[day] = ids[np.argsort(-score, kind="stable")]
         return out
 
-    def sample(self, u: np.ndarray, day: np.ndarray) -> np.ndarray:
-        """Value ids (>= 1) for uniforms ``u`` [n] on days ``day`` [n]."""
+    def sample(self, u: np.ndarray, day: int) -> tuple[np.ndarray, np.ndarray]:
+        """(value ids >= 1, head rank or TAIL) int64 [n] for uniforms ``u`` [n] on ``day``."""
         rank = np.searchsorted(self.cdf, u, side="right")
-        out = np.empty(len(u), dtype=np.int64)
-        head = rank < len(self.cdf)
-        out[head] = self.day_ids[day[head], rank[head]]
-        tail = ~head
+        out = self.day_ids[day].take(np.minimum(rank, len(self.cdf) - 1))
+        tail = rank == len(self.cdf)
         if tail.any():
             v = (u[tail] - self.cdf[-1]) / max(1e-300, 1.0 - self.cdf[-1])
             lo, hi = self._tail_integral(self.tail_lo), self._tail_integral(self.tail_hi)
             y = lo + np.clip(v, 0.0, 1.0) * (hi - lo)
             x = np.exp(y) - self.q if abs(self.a - 1.0) < 1e-9 else (y * (1.0 - self.a)) ** (1.0 / (1.0 - self.a)) - self.q
             out[tail] = np.clip(np.rint(x), len(self.cdf), self.vocab - 1) + 1
-        return out
+            rank[tail] = TAIL
+        return out, rank
 
 
 class CriteoLikeModel:
@@ -155,6 +155,8 @@ class CriteoLikeModel:
         self._keys = _splitmix64(rng.integers(0, 2**63, size=(NUM_SPARSE, 3), dtype=np.int64).astype(np.uint64))
         self._hash_mul = rng.integers(1, 2**31, size=NUM_SPARSE, dtype=np.uint64) * 2 + 1
         self._hash_add = rng.integers(0, 2**32, size=NUM_SPARSE, dtype=np.uint64)
+        self._head_effect = self._head_tables(self._value_effect)
+        self._head_vectors = self._head_tables(self._vectors)
         self.scale, self.bias = self._calibrate(float(table["ctr"]), planted_auc)
 
     def day_of(self, row: np.ndarray) -> np.ndarray:
@@ -163,11 +165,11 @@ class CriteoLikeModel:
         starts = np.cumsum([0] + [per + 1] * extra + [per] * (DAYS - extra))[1:]
         return np.searchsorted(starts, row, side="right")
 
-    def _draw(self, rng: np.random.Generator, day: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Features of rows on days ``day`` [n]: dense int64 [n, 13] (0 where missing),
-        dense missing bool [n, 13], value ids int64 [n, 26] (0 = missing)."""
-        n = len(day)
-        missing = np.zeros((n, NUM_DENSE + NUM_SPARSE), dtype=bool)
+    def _draw(self, rng: np.random.Generator, n: int, day: int) -> tuple[np.ndarray, ...]:
+        """Features of n rows of ``day``: dense int64 [n, 13] (0 where missing), dense missing
+        bool [n, 13], value ids int64 [n, 26] (0 = missing), and the head rank of each value
+        int64 [n, 26] (or TAIL, MISSING)."""
+        missing = np.zeros((n, NUM_DENSE + NUM_SPARSE), dtype=bool, order="F")  # filled column by column
         for cols, rate in self.missing_groups:
             missing[:, cols] = (rng.random(n) < rate)[:, None]
         dense = np.rint(np.expm1(rng.normal(self.mu, self.sigma, size=(n, NUM_DENSE)))).astype(np.int64)
@@ -180,39 +182,70 @@ class CriteoLikeModel:
                 dense[neg, j] = values[pick[neg]]
         dense_missing = missing[:, :NUM_DENSE]
         dense[dense_missing] = 0
-        ids = np.empty((n, NUM_SPARSE), dtype=np.int64)
+        ids = np.empty((n, NUM_SPARSE), dtype=np.int64, order="F")
+        rank = np.empty((n, NUM_SPARSE), dtype=np.int64, order="F")
         for t, col in enumerate(self.columns):
-            ids[:, t] = col.sample(rng.random(n), day)
-        ids[missing[:, NUM_DENSE:]] = 0
-        return dense, dense_missing, ids
+            ids[:, t], rank[:, t] = col.sample(rng.random(n), day)
+        sparse_missing = missing[:, NUM_DENSE:]
+        ids[sparse_missing] = 0
+        rank[sparse_missing] = MISSING
+        return dense, dense_missing, ids, rank
 
-    def _effects(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """The click model's logit before bias and scale, float64 [n]."""
+    def _effects(self, dense: np.ndarray, ids: np.ndarray, day: int, rank: np.ndarray) -> np.ndarray:
+        """The click model's logit before bias and scale, float64 [n], for rows of ``day``;
+        head values' terms come from the per-day tables, the others are hashed."""
         z = (np.log1p(np.maximum(dense, 0)) - self.mu) / self.sigma
         out = z @ self.dense_weight
-        ids = ids.astype(np.uint64)
         for t in range(NUM_SPARSE):
-            u = _hash_uniform(self._keys[t, 0], ids[:, t])
-            e = np.clip((2 * u - 1) / np.sqrt(2 * u * (1 - u)), -EFFECT_CLIP, EFFECT_CLIP)  # Student-t(2)
-            out += self.column_weight[t] * e
+            out += self.column_weight[t] * self._lookup(self._head_effect[t], self._value_effect, t, ids[:, t],
+                                                        day, rank[:, t])
         for s, t in INTERACTING_PAIRS:
-            out += 0.5 * np.einsum("nd,nd->n", self._vectors(s, ids[:, s]), self._vectors(t, ids[:, t]))
+            u = self._lookup(self._head_vectors[s], self._vectors, s, ids[:, s], day, rank[:, s])
+            v = self._lookup(self._head_vectors[t], self._vectors, t, ids[:, t], day, rank[:, t])
+            out += 0.5 * np.einsum("nd,nd->n", u, v)
         return out
+
+    @staticmethod
+    def _lookup(head_table: np.ndarray, by_hash, t: int, ids: np.ndarray, day: int, rank: np.ndarray) -> np.ndarray:
+        """Per-value terms [n, ...]: ``head_table[day, rank]`` for head values (its last
+        column: the missing value), ``by_hash`` for tail values."""
+        table = head_table[day]
+        out = table.take(np.where(rank == MISSING, len(table) - 1, np.maximum(rank, 0)), axis=0)
+        tail = rank == TAIL
+        if tail.any():
+            out[tail] = by_hash(t, ids[tail].astype(np.uint64))
+        return out
+
+    def _value_effect(self, t: int, ids: np.ndarray) -> np.ndarray:
+        """Heavy-tailed per-value effect (Student-t with 2 degrees of freedom, clipped), [n]."""
+        u = _hash_uniform(self._keys[t, 0], ids)
+        return np.clip((2 * u - 1) / np.sqrt(2 * u * (1 - u)), -EFFECT_CLIP, EFFECT_CLIP)
 
     def _vectors(self, t: int, ids: np.ndarray) -> np.ndarray:
         """N(0, 1) vectors [n, INTERACTION_DIM] per value (Box-Muller on hashed uniforms)."""
         u1, u2 = _hash_uniforms16(self._keys[t, 1], ids), _hash_uniforms16(self._keys[t, 2], ids)
         return np.sqrt(-2.0 * np.log(u1)) * np.cos(2 * np.pi * u2)
 
+    def _head_tables(self, fn) -> list[np.ndarray]:
+        """Per column: fn's terms of the head values of each day, then of the missing value,
+        float64 [DAYS, head + 2, ...]."""
+        tables = []
+        for t, col in enumerate(self.columns):
+            ids = np.concatenate([col.day_ids, np.zeros((DAYS, 1), dtype=np.int64)], axis=1)
+            flat = fn(t, ids.reshape(-1).astype(np.uint64))
+            tables.append(flat.reshape(ids.shape + flat.shape[1:]))
+        return tables
+
     def _calibrate(self, ctr: float, auc: float) -> tuple[float, float]:
         """(scale, bias) giving mean click probability ``ctr`` over all days and expected
         AUC ``auc`` of the planted probabilities on the last day."""
         rng = np.random.default_rng([self.seed, 0xCA1])
-        day = np.repeat(np.arange(DAYS), CALIBRATION_ROWS_PER_DAY)
-        dense, _, ids = self._draw(rng, day)
-        effect = self._effects(dense, ids)
-        last = day == DAYS - 1
-        order = np.argsort(effect[last])
+        effect = []
+        for day in range(DAYS):
+            dense, _, ids, rank = self._draw(rng, CALIBRATION_ROWS_PER_DAY, day)
+            effect.append(self._effects(dense, ids, day, rank))
+        last = np.sort(effect[-1])
+        effect = np.concatenate(effect)
 
         def bias_for(scale: float) -> float:
             lo, hi = -30.0, 30.0
@@ -224,7 +257,7 @@ class CriteoLikeModel:
         lo, hi = 0.0, 5.0
         for _ in range(30):
             mid = (lo + hi) / 2
-            p = _sigmoid(bias_for(mid) + mid * effect[last][order])
+            p = _sigmoid(bias_for(mid) + mid * last)
             lo, hi = (mid, hi) if expected_auc(p) < auc else (lo, mid)
         scale = (lo + hi) / 2
         return scale, bias_for(scale)
@@ -233,8 +266,13 @@ class CriteoLikeModel:
         """File lines start..start+n-1."""
         rng = np.random.default_rng([self.seed, 0xDA7A, int(start)])
         day = self.day_of(np.arange(start, start + n))
-        dense, dense_missing, ids = self._draw(rng, day)
-        prob = _sigmoid(self.bias + self.scale * self._effects(dense, ids))
+        parts = []
+        for d in np.unique(day):
+            k = int(np.count_nonzero(day == d))
+            dense, dense_missing, ids, rank = self._draw(rng, k, int(d))
+            prob = _sigmoid(self.bias + self.scale * self._effects(dense, ids, int(d), rank))
+            parts.append((dense, dense_missing, ids, prob))
+        dense, dense_missing, ids, prob = (np.concatenate(x) for x in zip(*parts))
         label = (rng.random(n) < prob).astype(np.uint8)
         return SyntheticBatch(dense, dense_missing, ids, label, prob)
 

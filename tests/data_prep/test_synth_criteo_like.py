@@ -5,6 +5,7 @@ Tolerances are sampling error plus what the model cannot represent, stated per t
 """
 from __future__ import annotations
 
+import gzip
 import json
 import math
 from pathlib import Path
@@ -157,7 +158,7 @@ def test_test_day_differs_from_training_days(sample):
     """New values appear in later days (in the huge columns over 10 % of test-day rows hold
     a value no training day had; in columns with births, popular values too), and the test day's
     shares of day 0's 50 most frequent values move more than twice as far from day 0's as
-    between the two halves of day 0 (sampling noise)."""
+    between the two halves of day 0 (sampling noise) in most columns."""
     _, _, cols = sample
     train_end = day_slice(DAYS - 2).stop
     for name in HUGE:
@@ -176,14 +177,18 @@ def test_test_day_differs_from_training_days(sample):
         sa, sb = shares(a), shares(b)
         return sum(abs(sa.get(k, 0) - sb.get(k, 0)) for k in head)
 
-    for name in ("C1", "C10", "C18"):
-        col = cols.sparse[SPARSE_NAMES.index(name)]
-        d0, d6 = col[day_slice(0)], col[day_slice(DAYS - 1)]
+    moved = []
+    for t, name in enumerate(SPARSE_NAMES):
+        d0, d6 = cols.sparse[t][day_slice(0)], cols.sparse[t][day_slice(DAYS - 1)]
         half = len(d0) // 2
         first, second, test = d0[:half], d0[half:2 * half], d6[:half]
         head = [k for k, _ in sorted(shares(first).items(), key=lambda kv: -kv[1])[:50]]
         # Same sample sizes on both sides: sampling noise alone gives the day-0 figure.
-        assert head_shift(first, test, head) > 2 * head_shift(first, second, head), name
+        if head_shift(first, test, head) > 2 * head_shift(first, second, head):
+            moved.append(name)
+    # A rank swap hardly moves shares where neighbouring ranks are alike or a column has a
+    # few values far apart (C6, C9, C14, C22); all others move (21 of 26 with seed 0).
+    assert len(moved) >= 18, moved
     # Values born after day 0 among the test day's 200 most frequent (C10 has births).
     col = cols.sparse[SPARSE_NAMES.index("C10")]
     top_test = sorted(shares(col[day_slice(DAYS - 1)]).items(), key=lambda kv: -kv[1])[:200]
@@ -221,3 +226,11 @@ def test_planted_options_are_refused_with_criteo_like(tmp_path):
     r = CliRunner().invoke(cli, ["synth", str(tmp_path / "x.txt"), "--rows", "10", "--profile", "criteo-like",
                                  "--preset", "tiny"])
     assert r.exit_code == 2 and "--profile planted only" in r.output
+
+
+def test_worker_processes_write_the_same_file(tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt.gz"
+    info_a = write_synth(a, 25_000, seed=5, profile="criteo-like", chunk_rows=10_000, workers=1)
+    info_b = write_synth(b, 25_000, seed=5, profile="criteo-like", chunk_rows=10_000, workers=2)
+    assert gzip.decompress(b.read_bytes()) == a.read_bytes()
+    assert info_a["test"] == info_b["test"] and info_a["train"] == info_b["train"]
