@@ -22,36 +22,38 @@ SPARSE_NAMES = FIELD_NAMES[14:]
 
 @dataclass(frozen=True)
 class FileColumns:
-    """label uint8 [n]; dense float64 [n, 13] (NaN = missing); sparse: 26 arrays of strings
-    (object [n], '' = missing), in file order."""
+    """label uint8 [n]; dense float64 [n, 13] (NaN = missing); sparse: 26 arrays int64 [n]
+    of value codes (equal code = equal value within a column; MISSING_CODE = empty)."""
 
     label: np.ndarray
     dense: np.ndarray
     sparse: tuple[np.ndarray, ...]
 
 
+MISSING_CODE = -1
+
+
 def read_columns(path: str | os.PathLike, max_rows: int | None = None) -> FileColumns:
     """Read a Criteo-format file (plain or gzip; LF or CRLF) into columns."""
-    types = {name: pa.string() for name in FIELD_NAMES}
+    types = {name: pa.int64() for name in FIELD_NAMES[:14]}
+    types.update({name: pa.string() for name in SPARSE_NAMES})
     table = pacsv.read_csv(
         str(path),
         read_options=pacsv.ReadOptions(column_names=list(FIELD_NAMES)),
         parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
-        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False),
+        convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=True),
     )
     if max_rows is not None:
         table = table.slice(0, max_rows)
 
-    def strings(name: str) -> np.ndarray:
-        return np.asarray(table.column(name).to_pylist(), dtype=object)
+    def codes(name: str) -> np.ndarray:
+        enc = table.column(name).combine_chunks().dictionary_encode()
+        return enc.indices.fill_null(MISSING_CODE).to_numpy().astype(np.int64)
 
-    label = np.asarray([int(x) for x in strings(FIELD_NAMES[0])], dtype=np.uint8)
-    dense = np.full((table.num_rows, len(DENSE_NAMES)), np.nan)
-    for j, name in enumerate(DENSE_NAMES):
-        col = strings(name)
-        present = col != ""
-        dense[present, j] = col[present].astype(np.int64)
-    return FileColumns(label, dense, tuple(strings(name) for name in SPARSE_NAMES))
+    label = table.column(FIELD_NAMES[0]).to_numpy().astype(np.uint8)
+    dense = np.stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                      for name in DENSE_NAMES], axis=1).reshape(table.num_rows, len(DENSE_NAMES))
+    return FileColumns(label, dense, tuple(codes(name) for name in SPARSE_NAMES))
 
 
 def dense_stats(x: np.ndarray) -> dict:
@@ -71,9 +73,10 @@ def dense_stats(x: np.ndarray) -> dict:
 
 def sparse_stats(col: np.ndarray) -> dict:
     """Missing share; over present rows: distinct values, top-value share, singleton
-    values per present row."""
-    present = col[col != ""]
-    _, counts = np.unique(present, return_counts=True)
+    values per present row.  ``col``: value codes int64 [n] (FileColumns.sparse)."""
+    present = col[col != MISSING_CODE]
+    counts = np.bincount(present)
+    counts = counts[counts > 0]
     n = max(1, len(present))
     return {
         "missing": float(1.0 - len(present) / max(1, len(col))),
@@ -87,7 +90,7 @@ def sparse_stats(col: np.ndarray) -> dict:
 def missing_groups(cols: FileColumns) -> list[list[str]]:
     """Columns (2 or more) whose missing masks are identical: they go missing together."""
     masks = {name: np.isnan(cols.dense[:, j]) for j, name in enumerate(DENSE_NAMES)}
-    masks.update({name: cols.sparse[t] == "" for t, name in enumerate(SPARSE_NAMES)})
+    masks.update({name: cols.sparse[t] == MISSING_CODE for t, name in enumerate(SPARSE_NAMES)})
     groups: dict[bytes, list[str]] = {}
     for name, m in masks.items():
         if m.any():
