@@ -160,7 +160,8 @@ def build_table(rows_file: str | Path = REAL_ROWS_FILE) -> dict:
         nonneg = x[~np.isnan(x) & (x >= 0)]
         p50, p90 = (float(np.quantile(nonneg, p, method="lower")) for p in (0.5, 0.9))
         mu = math.log1p(p50)
-        dense[name] = {**s, "log1p_mu": round(mu, 5), "log1p_sigma": round(max(0.05, (math.log1p(p90) - mu) / 1.2816), 5)}
+        sigma = max(0.05, (math.log1p(p90) - mu) / 1.2816)  # 1.2816: the standard normal's 90 % quantile
+        dense[name] = {**s, "log1p_mu": round(mu, 5), "log1p_sigma": round(sigma, 5)}
     sparse = {}
     for t, name in enumerate(SPARSE_NAMES):
         s = stats["sparse"][name]

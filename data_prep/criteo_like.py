@@ -85,6 +85,7 @@ class Column:
         self.max_id = int(max(self.vocab, self.day_ids.max()))
 
     def _tail_integral(self, x: float | np.ndarray):
+        """Antiderivative of the tail density (x + q)^-a (unnormalised), at rank offset x."""
         if abs(self.a - 1.0) < 1e-9:
             return np.log(x + self.q)
         return (x + self.q) ** (1.0 - self.a) / (1.0 - self.a)
@@ -115,7 +116,10 @@ class Column:
             v = (u[tail] - self.cdf[-1]) / max(1e-300, 1.0 - self.cdf[-1])
             lo, hi = self._tail_integral(self.tail_lo), self._tail_integral(self.tail_hi)
             y = lo + np.clip(v, 0.0, 1.0) * (hi - lo)
-            x = np.exp(y) - self.q if abs(self.a - 1.0) < 1e-9 else (y * (1.0 - self.a)) ** (1.0 / (1.0 - self.a)) - self.q
+            if abs(self.a - 1.0) < 1e-9:
+                x = np.exp(y) - self.q
+            else:
+                x = (y * (1.0 - self.a)) ** (1.0 / (1.0 - self.a)) - self.q
             out[tail] = np.clip(np.rint(x), len(self.cdf), self.vocab - 1) + 1
             rank[tail] = TAIL
         return out, rank
