@@ -13,9 +13,9 @@ Each categorical column is modelled as: missing with its measured share; otherwi
 rank 1 with the measured top-value share, and ranks 2..V Zipf-Mandelbrot,
 p(r) ~ (r - 1 + q)^-a.  (a, q, V) are fitted so that the model's *expected* number of
 distinct values after the real 1,999 rows and after all 45.8 M rows, and its expected
-singletons after 1,999 rows, equal the measured ones (rank 1 kept below the top share).  This reproduces each column's
-Heaps-law growth between the two real points (distinct(n) ~ K n^beta) and its saturation
-at the full-data cardinality for small columns.
+singletons after 1,999 rows, equal the measured ones (rank 1 kept below the top share).
+This reproduces each column's Heaps-law growth between the two real points
+(distinct(n) ~ K n^beta) and its saturation at the full-data cardinality for small columns.
 
 Run ``python -m data_prep.criteo_calibration [ROWS_FILE]`` to regenerate
 ``criteo_like_table.py`` (a test checks that the committed table is what this gives).
@@ -29,12 +29,15 @@ from pathlib import Path
 
 import numpy as np
 
+from dqrm_mpi.data.schema import write_atomic_text
+
 from .criteo_stats import DENSE_NAMES, SPARSE_NAMES, file_stats, read_columns
 
 KAGGLE_ROWS = 45_840_617  # Kaggle train.txt lines (reference doc, "Criteo data")
 KAGGLE_CTR = 0.256  # share of clicks in Kaggle train.txt (reference doc)
 # Per-column distinct values over all of Kaggle train.txt, missing counted as a value
-# (reference doc, "Kaggle cardinalities"; the reference DLRM's counts).
+# (reference doc, "Kaggle cardinalities"; the reference DLRM's counts, whose dictionaries
+# span all 7 days of train.txt; the doc's "33,762,577 rows" is their sum, embedding rows).
 KAGGLE_CARDINALITIES = (
     1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
     27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572,
@@ -191,7 +194,7 @@ def render_table(table: dict) -> str:
 
 def main(argv: list[str]) -> None:
     rows_file = argv[0] if argv else REAL_ROWS_FILE
-    TABLE_FILE.write_text(render_table(build_table(rows_file)))
+    write_atomic_text(TABLE_FILE, render_table(build_table(rows_file)))
     print(f"wrote {TABLE_FILE}")
 
 
