@@ -26,9 +26,9 @@ from dqrm_mpi.data.schema import read_meta
 from prep_testlib import KAGGLE
 
 ROWS = 200_000
-# The columns the reference doc names as "one value per few rows" at any scale.
+# The columns issue 8 wants near "one value per few rows" at any scale.
 HUGE = ("C3", "C4", "C12", "C16", "C21")
-# Columns with at least this many distinct values in the real rows: the Zipf-Mandelbrot
+# Columns with at least 100 distinct values in the real rows: the Zipf-Mandelbrot
 # fit reproduces their distinct and singleton counts (smaller ones saturate early and a
 # power law cannot put, say, 12 common values and 3 rare ones into 15: see the README).
 LARGE = tuple(n for n in SPARSE_NAMES if TABLE["sparse"][n]["distinct"] >= 100)
