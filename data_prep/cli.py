@@ -97,12 +97,19 @@ def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, se
 @click.argument("out_file", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--rows", type=click.IntRange(1), required=True, help="Number of lines to write.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the planted model and the rows.")
-@click.option("--preset", type=click.Choice(["tiny", "small", "large"]), default="small", show_default=True,
-              help="Cardinalities of the 26 categorical features (tiny: ~20-100, small: 3-5000, large: x200).")
+@click.option("--profile", type=click.Choice(["planted", "criteo-like"]), default="planted", show_default=True,
+              help="planted: Zipf categories of fixed cardinalities (--preset); criteo-like: statistics "
+                   "calibrated to real Criteo Kaggle (cardinality growth, missing and top-value shares, "
+                   "dense quantiles, CTR 25.6 %, 7 days with popularity drift and new values).")
+@click.option("--preset", type=click.Choice(["tiny", "small", "large"]), default=None, show_default="small",
+              help="planted profile: cardinalities of the 26 categorical features (tiny: ~20-100, small: 3-5000, "
+                   "large: x200).")
 @click.option("--cardinalities", type=str, default=None,
-              help="26 comma-separated cardinalities (overrides --preset).")
+              help="planted profile: 26 comma-separated cardinalities (overrides --preset).")
+@click.option("--workers", type=click.IntRange(1), default=_default_workers, show_default="all CPUs",
+              help="Processes drawing chunks of rows (the file does not depend on it).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on stderr.")
-def synth(out_file, rows, seed, preset, cardinalities, progress):
+def synth(out_file, rows, seed, profile, preset, cardinalities, workers, progress):
     """Write a raw Criteo-format file drawn from a planted click model.
 
     Beside OUT_FILE, OUT_FILE.planted.json holds the planted model's own AUC and
@@ -113,16 +120,21 @@ def synth(out_file, rows, seed, preset, cardinalities, progress):
     Example:
       dqrm-prep synth raw/train.txt --rows 2000000 --seed 1
       dqrm-prep synth raw/day_0.gz --rows 100000 --preset tiny
+      dqrm-prep synth raw/criteo_like.txt --rows 2000000 --profile criteo-like
     """
     from tqdm import tqdm
 
     from .sources import planted_path
     from .synth import parse_cardinalities, write_synth
 
+    if profile == "criteo-like" and (preset or cardinalities):
+        raise click.UsageError("--preset and --cardinalities apply to --profile planted only "
+                               "(criteo-like cardinalities follow from --rows)")
     try:
-        cards = parse_cardinalities(cardinalities, preset)
+        cards = parse_cardinalities(cardinalities, preset or "small")
         with tqdm(total=rows, unit="rows", unit_scale=True, desc="synth", disable=not progress, file=sys.stderr) as bar:
-            info = write_synth(out_file, rows, seed, cards, progress=bar.update)
+            info = write_synth(out_file, rows, seed, cards, progress=bar.update, profile=profile,
+                               workers=workers)
     except PrepError as e:
         raise click.ClickException(str(e)) from None
     t = info["test"]
