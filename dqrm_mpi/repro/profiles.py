@@ -67,8 +67,9 @@ class Profile:
         return replace(self, max_ranks=max(self.max_ranks, slots), machine_note=f"hosts {hosts}")
 
 
-def _synth(rows: int, preset: str, seed: int = 1) -> tuple[DataCommand, ...]:
-    return (DataCommand(("dqrm-prep", "synth", "raw.txt", "--rows", str(rows), "--preset", preset,
+def _synth(rows: int, kind: tuple[str, ...], seed: int = 1) -> tuple[DataCommand, ...]:
+    """``kind``: the synth options that pick the data, e.g. ("--profile", "criteo-like")."""
+    return (DataCommand(("dqrm-prep", "synth", "raw.txt", "--rows", str(rows), *kind,
                          "--seed", str(seed), "--no-progress"), "raw.txt"),
             DataCommand(("dqrm-prep", "criteo", "raw.txt", "data", "--workers", "1", "--no-progress"),
                         "data/meta.json"))
@@ -76,10 +77,11 @@ def _synth(rows: int, preset: str, seed: int = 1) -> tuple[DataCommand, ...]:
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("smoke", "every table and figure end to end on tiny planted data (minutes; runs in `make test`)",
-            paper="kaggle", data=_synth(4_000, "tiny"), preset="tiny", batch_size=256, epochs=2,
+            paper="kaggle", data=_synth(4_000, ("--preset", "tiny")), preset="tiny", batch_size=256, epochs=2,
             eval_every=5, scale_period=200, comm_ranks=2, max_ranks=2),
-    Profile("small", "the paper's qualitative effects on planted data, Kaggle architecture (<= 2 h on 2 cores)",
-            paper="kaggle", data=_synth(300_000, "small"), preset="kaggle", batch_size=128, epochs=3,
+    Profile("small", "the paper's qualitative effects on Criteo-like data (dqrm-prep synth --profile "
+                     "criteo-like), Kaggle architecture (<= 2 h on 2 cores)",
+            paper="kaggle", data=_synth(300_000, ("--profile", "criteo-like")), preset="kaggle", batch_size=128, epochs=3,
             eval_every=500, scale_period=200, comm_ranks=2, max_ranks=4),
     Profile("kaggle", "the paper's Kaggle settings on a real train.txt (--raw); 1 rank with global batch 512 "
                       "stands in for 4 workers except where gradients are compressed",
