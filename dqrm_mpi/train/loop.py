@@ -202,7 +202,8 @@ class _Training:
             self.log.evaluated(self.step, epoch, split, result)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Rank 0 writes ``checkpoint.pt`` for the current step."""
+        """Rank 0 writes ``checkpoint.pt`` for the current step (metrics.jsonl complete up to it)."""
+        self.log.end_window(epoch)  # collective; a no-op after the last step (finish: rank 0 only)
         if self.run:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
                                                       self.step, epoch))

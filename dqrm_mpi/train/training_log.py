@@ -40,8 +40,8 @@ BETTER = {"accuracy": 1, "auc": 1, "log_loss": -1}
 class TrainingLog:
     """Windows, epochs, evaluations and the summary fields of one run (see the module doc).
 
-    ``after_step`` and ``end_epoch`` are collective (every rank calls them at the same
-    steps); the rest writes on rank 0 (``run`` given) and does nothing elsewhere.
+    ``after_step``, ``end_window`` and ``end_epoch`` are collective (every rank calls them at
+    the same steps); the rest writes on rank 0 (``run`` given) and does nothing elsewhere.
     """
 
     def __init__(self, backend: Collectives, run: RunDir | None, config: LogConfig, timer: StepTimer, *,
@@ -90,7 +90,7 @@ class TrainingLog:
             self._comm[k] += traffic[k]
         self.progress.step(step, epoch, loss, traffic["comm_seconds"], self.timer.train_seconds)
         if step % self.window_steps == 0:
-            self._end_window(epoch)
+            self.end_window(epoch)
         else:
             self.comm.maybe_gather()
         self.timer.lap("other")  # the logging itself
@@ -98,7 +98,7 @@ class TrainingLog:
     def end_epoch(self, step: int, epoch: int) -> None:
         """Every rank when an epoch's training ends (complete or stopped): close the window;
         rank 0 writes the epoch line."""
-        self._end_window(epoch)
+        self.end_window(epoch)
         self.timer.lap("other")
         e, self._epoch = self._epoch, {"loss": 0.0, "batches": 0, "steps": 0, "train_seconds": self.timer.train_seconds}
         if not self.run or not e["steps"]:
@@ -114,8 +114,10 @@ class TrainingLog:
         self.message(f"[dqrm-train] epoch {epoch} trained to step {step}: loss {record['loss']:.4f} "
                      f"(all ranks), {record['samples_per_second']:,.0f} samples/s")
 
-    def _end_window(self, epoch: int) -> None:
-        """Collective: gather the window's figures; rank 0 writes its step (and comm) lines."""
+    def end_window(self, epoch: int) -> None:
+        """Collective unless no step was taken since the last window (the same on every rank):
+        gather the window's figures; rank 0 writes its step (and comm) lines.  The loop also
+        ends a window at each checkpoint, so metrics.jsonl is complete up to a resumed step."""
         if not self._loss[1]:  # nothing since the last window (the same on every rank)
             return
         window = self.comm.flush(self.record if self.run else None, attach=tuple(self._loss))
