@@ -69,11 +69,11 @@ class Progress:
         since["loss"] += loss
         since["comm_seconds"] += comm_seconds
         self._step, self._epoch, self._train_seconds = step, epoch, train_seconds
-        if self.bar is not None:
+        if self.bar is not None:  # the means since the previous redraw
+            self.bar.set_postfix(loss=f"{since['loss'] / since['steps']:.4f}",
+                                 comm=f"{since['comm_seconds'] / since['steps'] * 1e3:.1f}ms", refresh=False)
             self.bar.update(1)
-            if self.bar.n == self.bar.last_print_n:  # just redrawn: show the means since the previous redraw
-                self.bar.set_postfix(loss=f"{since['loss'] / since['steps']:.4f}",
-                                     comm=f"{since['comm_seconds'] / since['steps'] * 1e3:.1f}ms", refresh=False)
+            if self.bar.n == self.bar.last_print_n:  # just redrawn
                 self._reset()
         elif time.monotonic() >= self._next_line:
             self._line()

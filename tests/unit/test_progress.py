@@ -50,8 +50,13 @@ def test_none_and_other_ranks(enabled, mode, shown):
 
 def test_bar_mode_and_bad_mode():
     assert resolve_mode("bar", io.StringIO()) == "bar"
-    progress = Progress("bar", total=2, initial=0, batch_size=1, out=io.StringIO(), err=io.StringIO())
+    out, err = io.StringIO(), io.StringIO()
+    progress = Progress("bar", total=2, initial=0, batch_size=1, out=out, err=err)
     assert progress.eval_bars
+    for step in (1, 2):
+        progress.step(step, 0, loss=0.25, comm_seconds=0.001, train_seconds=float(step))
+    progress.message("between")
     progress.close()
+    assert out.getvalue() == "between\n" and "2/2" in err.getvalue() and "loss=0.2500" in err.getvalue()
     with pytest.raises(ValueError, match="progress must be one of"):
         resolve_mode("fancy")
