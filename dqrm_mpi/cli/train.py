@@ -7,6 +7,7 @@ from ..data.schema import SchemaError
 from ..model.config import PRESETS
 from ..train.config import DEVICES, TrainConfig
 from .compression_options import compression_options, pop_compression_config
+from .log_options import log_options, pop_log_config
 from .options import LayerWidths
 from .quant_options import pop_quant_config, qat_options
 
@@ -48,6 +49,7 @@ from .quant_options import pop_quant_config, qat_options
               help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
 @qat_options
 @compression_options
+@log_options
 def main(**options) -> None:
     """Train a DLRM click model data-parallel with Horovod.
 
@@ -62,7 +64,8 @@ def main(**options) -> None:
     try:
         quant = pop_quant_config(options)
         compression = pop_compression_config(options)
-        config = TrainConfig(**options, quant=quant, compression=compression)
+        log = pop_log_config(options)
+        config = TrainConfig(**options, quant=quant, compression=compression, log=log)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..train.loop import train  # imports Horovod: after the options are known to be good

@@ -9,6 +9,7 @@ from ..data.schema import NUM_SPARSE
 from ..model.config import PRESETS, model_config_from_preset
 from ..quant.config import QuantConfig
 from ..compression.config import CompressionConfig
+from .log_config import LogConfig
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -20,7 +21,8 @@ class TrainConfig:
     batch_size is the global batch (split evenly across ranks); eval_every is in steps
     (0: only at the end of each epoch); max_steps (None: no limit) counts steps over all
     epochs; threads None means OMP_NUM_THREADS or cores / local ranks; checkpoint_every is
-    in steps (0: only at the end); resume continues from ``out/checkpoint.pt``.
+    in steps (0: only at the end); resume continues from ``out/checkpoint.pt``;
+    keep_epoch_checkpoints also keeps the model of every epoch's end (``epoch_checkpoint.py``).
     """
 
     data: Path
@@ -45,6 +47,8 @@ class TrainConfig:
     overwrite: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)  # default: FP32, nothing quantized
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
+    keep_epoch_checkpoints: bool = False
+    log: LogConfig = field(default_factory=LogConfig)  # progress, metrics.jsonl windows, TensorBoard
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -65,6 +69,7 @@ class TrainConfig:
             (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),
             (isinstance(self.compression, CompressionConfig),
              f"compression must be a CompressionConfig, got {type(self.compression).__name__}"),
+            (isinstance(self.log, LogConfig), f"log must be a LogConfig, got {type(self.log).__name__}"),
             (getattr(self.quant, "pretrain_epochs", 0) < self.epochs,
              f"pretrain_epochs ({self.quant.pretrain_epochs}) must be below epochs ({self.epochs}): "
              "quantization-aware training starts after the FP32 pretraining epochs"),

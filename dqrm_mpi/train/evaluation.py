@@ -2,7 +2,6 @@
 over the ranks."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,6 @@ from tqdm import tqdm
 from ..comm.collectives import Collectives
 from ..data.reader import SplitReader, eval_batches
 from .metrics import binary_metrics
-
-
-def bar_interval() -> float:
-    """Seconds between progress-bar refreshes: live on a terminal, every 10 s in logs (horovodrun pipes)."""
-    return 0.1 if sys.stderr.isatty() else 10.0
 
 
 @torch.no_grad()
@@ -38,18 +32,18 @@ def predict(model: nn.Module, data: str | Path, split: str = "test", batch: int 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, reader: SplitReader, backend: Collectives, batch: int,
-             device: torch.device) -> dict[str, float] | None:
+             device: torch.device, show_bar: bool = False) -> dict[str, float] | None:
     """Metrics over every row of the split, computed once from all ranks' predictions.
 
-    Returns the metrics on rank 0 and None elsewhere.
+    Returns the metrics on rank 0 and None elsewhere.  ``show_bar``: rank 0 shows a
+    (vanishing) progress bar on stderr, for terminals (``--progress bar``).
     """
     was_training = model.training
     model.eval()
     probs, labels = [], []
     share = reader.num_rows // backend.size  # rank 0's rows (eval_batches), the rank that shows the bar
     for b in tqdm(eval_batches(reader, batch, backend.rank, backend.size), desc=f"eval {reader.split}",
-                  unit="batch", total=-(-share // batch), leave=False, disable=backend.rank != 0,
-                  mininterval=bar_interval()):
+                  unit="batch", total=-(-share // batch), leave=False, disable=not show_bar or backend.rank != 0):
         b = b.to(device)
         probs.append(torch.sigmoid(model(b.dense, b.sparse)).float().cpu())
         labels.append(b.label.cpu())

@@ -7,16 +7,13 @@ activation-scale averaging, logging), evaluate, checkpoint, and write the summar
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ..comm.backend import HorovodBackend, default_threads
 from ..comm.collectives import Collectives
-from ..comm.overhead import CommOverheadLog
 from ..comm.sync import GradientSynchronizer
 from ..data.reader import SplitReader, TrainBatches
 from ..data.schema import DatasetMeta, read_meta
@@ -24,9 +21,12 @@ from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
 from .config import TrainConfig
-from .evaluation import bar_interval, evaluate
+from .epoch_checkpoint import keep_epoch_checkpoint
+from .evaluation import evaluate
 from .report import format_summary
 from .run_dir import RunDir
+from .step_timer import StepTimer
+from .training_log import TrainingLog
 
 
 def select_device(name: str, local_rank: int) -> torch.device:
@@ -109,7 +109,6 @@ class _Training:
         self.config, self.backend, self.device, self.meta = config, backend, device, meta
         self.model_config, self.model, self.qat = model_config, model, qat
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
-        self.comm_log = CommOverheadLog(backend)  # every rank's per-step comm figures, gathered to rank 0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.train_reader = SplitReader(config.data, "train")
@@ -123,40 +122,42 @@ class _Training:
             raise ValueError(f"--resume: the checkpoint is at step {start_step}, the run asks for "
                              f"{self.total_steps} steps in all: raise --epochs or --max-steps")
         self.start_step = self.step = start_step
-        self.train_seconds = 0.0
-        self.last: dict[str, dict[str, float]] = {}  # rank 0: latest metrics per split
-        self.best_test: dict[str, Any] | None = None  # rank 0: the evaluation with the best test AUC
         self.saved_step: int | None = None  # step of the last checkpoint written
         self.run = RunDir(config.out) if backend.rank == 0 else None
+        self.timer = StepTimer(device)  # where each step's time goes
+        self.log = TrainingLog(backend, self.run, config.log, self.timer, batch_size=config.batch_size,
+                               steps_per_epoch=self.batches.steps_per_epoch, total_steps=self.total_steps,
+                               start_step=start_step)  # metrics.jsonl, progress, TensorBoard, summary fields
         if self.run:
             self._write_config()
-        self.bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", disable=not self.run,
-                        dynamic_ncols=True, mininterval=bar_interval())
 
     def _write_config(self) -> None:
         config = self.config
         self.run.write_json("config.json", {"train": config.to_dict(), "model": self.model_config.to_dict(),
                                             "world_size": self.backend.size, "dataset": self.meta.to_dict(),
-                                            "device": str(self.device), "threads": torch.get_num_threads()})
+                                            "device": str(self.device), "threads": torch.get_num_threads(),
+                                            "steps_per_epoch": self.batches.steps_per_epoch,
+                                            "total_steps": self.total_steps, "log_every": self.log.window_steps})
         if self.start_step:
-            tqdm.write(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
+            self.log.message(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
         if self.batches.dropped_per_epoch:
-            tqdm.write(f"[dqrm-train] {self.batches.dropped_per_epoch} of {self.train_reader.num_rows} training "
-                       f"rows do not fill a global batch of {config.batch_size} and are left out of each epoch "
-                       f"(a different set every epoch)")
+            self.log.message(f"[dqrm-train] {self.batches.dropped_per_epoch} of {self.train_reader.num_rows} "
+                             f"training rows do not fill a global batch of {config.batch_size} and are left out "
+                             f"of each epoch (a different set every epoch)")
 
     def train_epochs(self) -> int:
         """Train until ``total_steps``, evaluating and checkpointing as configured; returns the last epoch."""
         config, per_epoch = self.config, self.batches.steps_per_epoch
         first_epoch = epoch = self.start_step // per_epoch
         self.model.train()
+        self.timer.restart()
         for epoch in range(first_epoch, config.epochs):
             if self.step >= self.total_steps:
                 break
             if self.qat is not None:
                 self.qat.on_epoch(epoch)  # FP32 during --pretrain-epochs, quantization-aware after
             skip = self.start_step % per_epoch if epoch == first_epoch else 0
-            for batch in self.batches.epoch(epoch, start_step=skip):
+            for batch in self.timer.timed(self.batches.epoch(epoch, start_step=skip)):
                 self.train_step(batch, epoch)
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate(epoch)
@@ -164,71 +165,70 @@ class _Training:
                     self.save_checkpoint(epoch)
                 if self.step >= self.total_steps:
                     break
+            self.log.end_epoch(self.step, epoch)
             self.evaluate(epoch)
-        self.bar.close()
-        self.comm_log.flush(self.run.log if self.run else None)
+            if config.keep_epoch_checkpoints and self.step % per_epoch == 0:
+                self.save_epoch_checkpoint(epoch)
         return epoch
 
     def train_step(self, batch, epoch: int) -> None:
         """One SGD step on this rank's share of the global batch, with gradients averaged over ranks."""
-        t0 = time.perf_counter()
+        batch = batch.to(self.device)
+        self.timer.lap("data")
         if self.qat is not None:
             self.qat.on_step(self.step)  # full-table scale pass only at multiples of --scale-period
-        batch = batch.to(self.device)
+        self.timer.lap("scale_pass")
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
         loss.backward()
+        self.timer.lap("forward_backward")
         self.sync.synchronize()
+        self.timer.lap("exchange")
         self.optimizer.step()
+        self.timer.lap("optimizer")
         average_activation_scales(self.qat, self.backend)
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss became {loss_value} at step {self.step}; lower --lr")
-        seconds = time.perf_counter() - t0
         self.step += 1
-        self.train_seconds += seconds
-        traffic = self.comm_log.record_step(self.step)
-        self.comm_log.maybe_flush(self.step, self.run.log if self.run else None)  # collective, same steps everywhere
-        if self.run:
-            self.run.log({"event": "step", "step": self.step, "epoch": epoch, "loss": loss_value,
-                          "seconds": seconds, **traffic})
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        self.log.after_step(self.step, epoch, loss_value)  # collective at the ends of logging windows
 
     def evaluate(self, epoch: int) -> None:
-        """Every configured split (collective); rank 0 logs the metrics and tracks the best test AUC."""
+        """Every configured split (collective); rank 0 logs the metrics and tracks the best ones."""
         for split, reader in self.eval_readers.items():
-            result = evaluate(self.model, reader, self.backend, self.config.eval_batch_size, self.device)
-            if not self.run or result is None:
-                continue
-            self.run.log({"event": "eval", "split": split, "epoch": epoch, "step": self.step, **result})
-            self.last[split] = result
-            if split == "test" and (self.best_test is None or result["auc"] > self.best_test["auc"]):
-                self.best_test = {"epoch": epoch, "step": self.step, **result}
-            tqdm.write(f"[dqrm-train] step {self.step} epoch {epoch} {split}: acc {result['accuracy']:.4f} "
-                       f"auc {result['auc']:.4f} logloss {result['log_loss']:.4f}")
+            result = evaluate(self.model, reader, self.backend, self.config.eval_batch_size, self.device,
+                              show_bar=self.log.eval_bars)
+            self.timer.lap("eval")
+            self.log.evaluated(self.step, epoch, split, result)
 
     def save_checkpoint(self, epoch: int) -> None:
-        """Rank 0 writes ``checkpoint.pt`` for the current step."""
+        """Rank 0 writes ``checkpoint.pt`` for the current step (metrics.jsonl complete up to it)."""
+        self.log.end_window(epoch)  # collective; a no-op after the last step (finish: rank 0 only)
         if self.run:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
                                                       self.step, epoch))
             self.saved_step = self.step
+        self.timer.lap("checkpoint")
+
+    def save_epoch_checkpoint(self, epoch: int) -> None:
+        """Rank 0 writes ``checkpoint.pt`` at the end of ``epoch`` and keeps it as
+        ``checkpoint-epoch{epoch}.pt`` (--keep-epoch-checkpoints)."""
+        if self.saved_step != self.step:
+            self.save_checkpoint(epoch)
+        if self.run:
+            keep_epoch_checkpoint(self.run.path, epoch)
+        self.timer.lap("checkpoint")
 
     def summary(self, last_epoch: int) -> dict[str, Any]:
-        samples = (self.step - self.start_step) * self.config.batch_size
         return {
             "world_size": self.backend.size,
             "steps": self.step,
             "resumed_from_step": self.start_step,
             "epochs_started": last_epoch + 1,
-            "samples": samples,
-            "train_seconds": self.train_seconds,
-            "samples_per_second": samples / self.train_seconds if self.train_seconds else 0.0,
+            "samples": (self.step - self.start_step) * self.config.batch_size,
             "rows_left_out_per_epoch": self.batches.dropped_per_epoch,
-            "final": self.last,
-            "best_test": self.best_test,
-            **self.comm_log.summary_fields(),  # comm_*_per_step (this rank), comm_per_rank (rank 0)
+            # train_seconds, samples_per_second, step_time, train_loss, final, best, best_test, comm_*
+            **self.log.summary_fields(),
             "error_feedback_bytes": self.sync.error_feedback_nbytes(),  # residual memory per rank at the end
             "planted": self.meta.extra.get("planted"),
             "qat": self.qat.summary() if self.qat is not None else None,
@@ -239,13 +239,13 @@ class _Training:
         summary = self.summary(last_epoch)
         if self.run:
             self.run.write_json("summary.json", summary)
-            tqdm.write(format_summary(summary))
+            self.log.message(format_summary(summary))
             if self.saved_step != self.step:  # else the periodic checkpoint of this very step is the final one
                 self.save_checkpoint(last_epoch)
         return summary
 
     def close(self) -> None:
-        self.bar.close()
+        self.log.close()
         if self.run:
             self.run.close()
         for reader in (self.train_reader, *self.eval_readers.values()):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .step_timer import TRAIN_PARTS
+
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.3f} MB"
@@ -21,17 +23,36 @@ def format_comm_table(comm_per_rank: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def format_step_time(step_time: dict[str, float]) -> str:
+    """``step_time`` (seconds per step by part) as one line of ms and shares of the step."""
+    total = step_time["total"] or 1.0
+    return (f"step time {step_time['total'] * 1e3:.2f} ms: "
+            + ", ".join(f"{p} {step_time[p] * 1e3:.2f} ({100 * step_time[p] / total:.0f}%)" for p in TRAIN_PARTS)
+            + f"; exchange waited {step_time['comm_wait'] * 1e3:.2f} ms, codec {step_time['codec'] * 1e3:.2f} ms")
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """Rank 0's end-of-run report: communication per rank (``format_comm_table``), test
-    metrics (final and best), throughput and communication per step."""
+    metrics (final and best, with their steps), training loss per epoch, throughput (wall
+    clock, data wait included), step-time breakdown and communication per step."""
     lines = ["[dqrm-train] communication per step and rank:", format_comm_table(summary["comm_per_rank"]),
              f"== dqrm-train: {summary['steps']} steps on {summary['world_size']} rank(s), "
-             f"{summary['samples_per_second']:.0f} samples/s"]
+             f"{summary['samples_per_second']:.0f} samples/s (wall clock, data wait included)"]
     for label, m in (("final test", summary["final"].get("test")), ("best test", summary.get("best_test")),
                      ("final val", summary["final"].get("val"))):
         if m:
             lines.append(f"   {label:<10}  accuracy {m['accuracy']:.4f}  ROC AUC {m['auc']:.4f}  "
                          f"log loss {m['log_loss']:.4f}  ({m['rows']} rows)")
+    best = (summary.get("best") or {}).get("test") or {}
+    if "accuracy" in best and "auc" in best:
+        lines.append(f"   best test accuracy {best['accuracy']['value']:.4f} at step {best['accuracy']['step']}, "
+                     f"best ROC AUC {best['auc']['value']:.4f} at step {best['auc']['step']}")
+    epochs = (summary.get("train_loss") or {}).get("per_epoch") or []
+    if epochs:
+        lines.append("   train loss per epoch (all ranks): "
+                     + ", ".join(f"{e['epoch']}: {e['loss']:.4f}" for e in epochs))
+    if summary.get("step_time"):
+        lines.append("   " + format_step_time(summary["step_time"]))
     planted = (summary.get("planted") or {}).get("test")
     if planted and "auc" in planted:
         lines.append(f"   planted model's own test AUC {planted['auc']:.4f} (the best reachable)")
