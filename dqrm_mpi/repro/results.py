@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .plan import RUNS_DIR, eval_json, export_json
 
-LOSS_FIELD = "loss"  # metrics.jsonl step field read as the training loss (rank 0's batch today)
+LOSS_FIELD = "loss"  # metrics.jsonl step field: the mean training loss of a window over all ranks
 
 
 class MetricError(Exception):
@@ -97,12 +97,18 @@ def _auc_per_epoch(run: RunFiles) -> Value:
 
 
 def _train_loss(run: RunFiles) -> Value:
+    """The last epoch's training loss averaged over all ranks (summary.json ``train_loss``);
+    for runs written before that field, the step-weighted mean of the last epoch's step lines."""
+    epochs = (run.summary.get("train_loss") or {}).get("per_epoch") or []
+    if epochs:
+        mean = epochs[-1]["loss"]
+        return Value(mean, f"{mean:.4f}")
     steps = [r for r in run.steps if r.get(LOSS_FIELD) is not None]
     if not steps:
-        raise MetricError(f"no step `{LOSS_FIELD}` in metrics.jsonl")
-    epoch = steps[-1]["epoch"]
-    losses = [r[LOSS_FIELD] for r in steps if r["epoch"] == epoch]
-    mean = sum(losses) / len(losses)
+        raise MetricError(f"no `train_loss` in summary.json and no step `{LOSS_FIELD}` in metrics.jsonl")
+    last = [r for r in steps if r["epoch"] == steps[-1]["epoch"]]
+    weights = [r.get("steps", 1) for r in last]
+    mean = sum(r[LOSS_FIELD] * w for r, w in zip(last, weights)) / sum(weights)
     return Value(mean, f"{mean:.4f}")
 
 
