@@ -48,6 +48,10 @@ from .quant_options import pop_quant_config, qat_options
               help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
 @qat_options
 @compression_options
+@click.option("--stall-timeout", type=click.FloatRange(min=0), default=600.0,
+              help="Seconds a rank may wait in one collective for the others (a stopped or hung rank) "
+                   "before the job is ended with exit code 124; a warning naming the silent ranks comes "
+                   "every quarter of it.  0: wait forever.")
 def main(**options) -> None:
     """Train a DLRM click model data-parallel with Horovod.
 

@@ -6,7 +6,6 @@ activation-scale averaging, logging), evaluate, checkpoint, and write the summar
 """
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -20,13 +19,17 @@ from ..comm.overhead import CommOverheadLog
 from ..comm.sync import GradientSynchronizer
 from ..data.reader import SplitReader, TrainBatches
 from ..data.schema import DatasetMeta, read_meta
+from ..locking import DirectoryLock
 from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
+from .agreement import agree_finite, shard_row
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
 from .config import TrainConfig
 from .evaluation import bar_interval, evaluate
 from .report import format_summary
+from .launcher_watch import LauncherWatch
 from .run_dir import RunDir
+from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
 
 
 def select_device(name: str, local_rank: int) -> torch.device:
@@ -43,17 +46,47 @@ def select_device(name: str, local_rank: int) -> torch.device:
 def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, Any]:
     """Run training as configured; returns the summary (on every rank; rank 0 writes files)."""
     backend = backend or HorovodBackend()
-    torch.set_num_threads(config.threads or default_threads(backend.local_size))
-    device = select_device(config.device, backend.local_rank)
-    meta = read_meta(config.data)
-    model_config, model, qat = build_model(config, meta, device)
-    start_step = start_or_resume(config, model, backend)
-    run = _Training(config, backend, device, meta, model_config, model, qat, start_step)
+    launcher = LauncherWatch(backend.rank).start()  # a signal that ends the launcher ends every rank
+    lock = watchdog = None
     try:
-        last_epoch = run.train_epochs()
-        return run.finish(last_epoch)
+        torch.set_num_threads(config.threads or default_threads(backend.local_size))
+        device = select_device(config.device, backend.local_rank)
+        meta = read_meta(config.data)
+        model_config, model, qat = build_model(config, meta, device)
+        lock = lock_out_dir(config, backend)
+        if config.stall_timeout:
+            watchdog = StallWatchdog(backend.rank, backend.size, config.stall_timeout,
+                                     config.out / HEARTBEAT_DIR).start()
+            backend = WatchedCollectives(backend, watchdog)
+        start_step = start_or_resume(config, model, backend)
+        run = _Training(config, backend, device, meta, model_config, model, qat, start_step, watchdog)
+        try:
+            last_epoch = run.train_epochs()
+            return run.finish(last_epoch)
+        finally:
+            run.close()
     finally:
-        run.close()
+        for held in (watchdog, launcher):
+            if held is not None:
+                held.stop()
+        if lock is not None:
+            lock.release()
+
+
+def lock_out_dir(config: TrainConfig, backend: Collectives) -> DirectoryLock | None:
+    """Rank 0 takes ``--out``'s lock for the life of the run (``locking.DirectoryLock``): a
+    second run on the same directory is refused, on every rank, naming the first's host and
+    pid.  Returns the lock on rank 0, None elsewhere."""
+    error, lock = None, None
+    if backend.rank == 0:
+        try:
+            lock = DirectoryLock(config.out, f"--out {config.out}")
+        except (ValueError, OSError) as e:
+            error = str(e) if isinstance(e, ValueError) else f"--out {config.out}: {e}"
+    error = backend.broadcast_object(error, name="lock")
+    if error:
+        raise ValueError(error)
+    return lock
 
 
 def build_model(config: TrainConfig, meta: DatasetMeta, device: torch.device
@@ -105,9 +138,11 @@ class _Training:
     """One run between set-up and summary: the exchange, data, run directory and counters."""
 
     def __init__(self, config: TrainConfig, backend: Collectives, device: torch.device, meta: DatasetMeta,
-                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int) -> None:
+                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int,
+                 watchdog: StallWatchdog | None = None) -> None:
         self.config, self.backend, self.device, self.meta = config, backend, device, meta
         self.model_config, self.model, self.qat = model_config, model, qat
+        self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
         self.comm_log = CommOverheadLog(backend)  # every rank's per-step comm figures, gathered to rank 0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
@@ -127,7 +162,7 @@ class _Training:
         self.last: dict[str, dict[str, float]] = {}  # rank 0: latest metrics per split
         self.best_test: dict[str, Any] | None = None  # rank 0: the evaluation with the best test AUC
         self.saved_step: int | None = None  # step of the last checkpoint written
-        self.run = RunDir(config.out) if backend.rank == 0 else None
+        self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         if self.run:
             self._write_config()
         self.bar = tqdm(total=self.total_steps, initial=start_step, desc="train", unit="step", disable=not self.run,
@@ -178,14 +213,15 @@ class _Training:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
         loss.backward()
+        agree_finite(self.backend, loss, self.model, batch.dense, self._batch_row, self.step + 1, self.config.lr)
         self.sync.synchronize()
         self.optimizer.step()
         average_activation_scales(self.qat, self.backend)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss became {loss_value} at step {self.step}; lower --lr")
         seconds = time.perf_counter() - t0
         self.step += 1
+        if self.watchdog:
+            self.watchdog.step = self.step
         self.train_seconds += seconds
         traffic = self.comm_log.record_step(self.step)
         self.comm_log.maybe_flush(self.step, self.run.log if self.run else None)  # collective, same steps everywhere
@@ -194,6 +230,12 @@ class _Training:
                           "seconds": seconds, **traffic})
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+
+    def _batch_row(self, i: int) -> str:
+        """Where row ``i`` of this rank's batch of the current step was read from."""
+        per_epoch = self.batches.steps_per_epoch
+        start = int(self.batches.batch_starts(self.step // per_epoch)[self.step % per_epoch])
+        return shard_row(self.train_reader, start + self.backend.rank * self.batches.local_batch + i)
 
     def evaluate(self, epoch: int) -> None:
         """Every configured split (collective); rank 0 logs the metrics and tracks the best test AUC."""
