@@ -70,8 +70,9 @@ def main(**options) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..train.loop import train  # imports Horovod: after the options are known to be good
+    from ..train.failures import RankFailure
 
     try:
         train(config)
-    except (SchemaError, ValueError, OSError, FloatingPointError) as e:
+    except (SchemaError, ValueError, OSError, FloatingPointError, RankFailure) as e:
         raise click.ClickException(str(e)) from None

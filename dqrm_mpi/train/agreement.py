@@ -38,11 +38,11 @@ def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> to
 
 
 def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, dense: torch.Tensor,
-                 locate_row: Callable[[int], str], step: int, lr: float) -> None:
+                 locate_rows: Callable[[int, int], str], step: int, lr: float) -> None:
     """Raise NonFiniteStepError on every rank when any rank's step ``step`` is not finite.
 
-    dense: this rank's batch inputs float [b, 13]; locate_row(i): where row i of this rank's
-    batch comes from (shard file and row), asked only on the failure path."""
+    dense: this rank's batch inputs float [b, 13]; locate_rows(i, j): where rows i..j of this
+    rank's batch come from (shard file and rows), asked only on the failure path."""
     flags = local_flags(loss, model, dense)
     if backend.size > 1:
         flags = backend.allgather_stacked(flags, name="finite.flags", kind="check")  # [size, 3]
@@ -55,7 +55,7 @@ def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, den
         here = ", ".join(name for name, f in zip(FLAGS, flags[backend.rank].tolist()) if f)
         bad_rows = (~torch.isfinite(dense)).any(dim=1).nonzero().flatten().tolist()
         if bad_rows:
-            here += f"; NaN/inf dense values in {len(bad_rows)} row(s) of its batch, first {locate_row(bad_rows[0])}"
+            here += f"; NaN/inf dense values in {len(bad_rows)} row(s) of its batch, first {locate_rows(bad_rows[0], bad_rows[0])}"
     details = backend.allgather_object(here, name="finite.details") if backend.size > 1 else [here]
     culprits = "; ".join(f"rank {r}: {d}" for r, d in enumerate(details) if d)
     if bool(flags[:, 2].any()):
@@ -66,7 +66,14 @@ def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, den
                              f"checkpoint written is the last finite state; {cause}")
 
 
-def shard_row(reader, row: int) -> str:
-    """'row R of train (shard part-00001.h5, row r)' for row ``row`` of a SplitReader's split."""
-    s = max(0, int(reader.starts.searchsorted(row, side="right")) - 1)
-    return f"row {row} of {reader.split} (shard {reader.paths[s]}, row {row - int(reader.starts[s])})"
+def shard_rows(reader, first: int, last: int) -> str:
+    """Where rows ``first..last`` (inclusive) of a SplitReader's split are stored, e.g.
+    'train rows 6200-6399 (shard .../part-00001.h5 rows 1200-1399)'."""
+    parts = []
+    for s, path in enumerate(reader.paths):
+        lo, hi = max(first, int(reader.starts[s])), min(last, int(reader.starts[s + 1]) - 1)
+        if lo <= hi:
+            local = f"{lo - int(reader.starts[s])}" + (f"-{hi - int(reader.starts[s])}" if hi > lo else "")
+            parts.append(f"shard {path} row{'s' if hi > lo else ''} {local}")
+    rows = f"{first}-{last}" if last > first else f"{first}"
+    return f"{reader.split} row{'s' if last > first else ''} {rows} ({', '.join(parts)})"

@@ -22,8 +22,9 @@ from ..data.schema import DatasetMeta, read_meta
 from ..locking import DirectoryLock
 from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
-from .agreement import agree_finite, shard_row
+from .agreement import agree_finite, shard_rows
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
+from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .config import TrainConfig
 from .evaluation import bar_interval, evaluate
 from .report import format_summary
@@ -65,6 +66,10 @@ def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, 
             return run.finish(last_epoch)
         finally:
             run.close()
+    except RuntimeError as e:
+        if backend.size > 1 and is_peer_shutdown(e):
+            raise peer_failed(backend.rank) from e
+        raise
     finally:
         for held in (watchdog, launcher):
             if held is not None:
@@ -211,9 +216,13 @@ class _Training:
             self.qat.on_step(self.step)  # full-table scale pass only at multiples of --scale-period
         batch = batch.to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
-        loss.backward()
-        agree_finite(self.backend, loss, self.model, batch.dense, self._batch_row, self.step + 1, self.config.lr)
+        try:  # local computation only: an error here is this rank's, named with its batch
+            loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
+            loss.backward()
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
+                              f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e
+        agree_finite(self.backend, loss, self.model, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
         self.sync.synchronize()
         self.optimizer.step()
         average_activation_scales(self.qat, self.backend)
@@ -231,11 +240,12 @@ class _Training:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
 
-    def _batch_row(self, i: int) -> str:
-        """Where row ``i`` of this rank's batch of the current step was read from."""
+    def _batch_rows(self, i: int, j: int) -> str:
+        """Where rows ``i..j`` of this rank's batch of the current step were read from."""
         per_epoch = self.batches.steps_per_epoch
         start = int(self.batches.batch_starts(self.step // per_epoch)[self.step % per_epoch])
-        return shard_row(self.train_reader, start + self.backend.rank * self.batches.local_batch + i)
+        start += self.backend.rank * self.batches.local_batch
+        return shard_rows(self.train_reader, start + i, start + j)
 
     def evaluate(self, epoch: int) -> None:
         """Every configured split (collective); rank 0 logs the metrics and tracks the best test AUC."""

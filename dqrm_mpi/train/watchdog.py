@@ -54,6 +54,8 @@ class StallWatchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join()
+        (self.dir / f"rank-{self.rank:05d}.json").unlink(missing_ok=True)
 
     @contextmanager
     def waiting(self, collective: str) -> Iterator[None]:
