@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dqrm_mpi.train.run_dir import read_metrics
+from dqrm_mpi.train.run_dir import CHECKPOINT, RunDir, read_metrics
 
 from ..conftest import VENV_BIN, mpi_env, run_cmd
 from .conftest import run, start, train_args
@@ -89,3 +89,13 @@ def test_disk_full_names_the_path_and_leaves_no_partial_file(small_dataset, tmp_
     proc = run([str(VENV_BIN / "dqrm-export"), str(model / "checkpoint.pt"), str(tiny_fs / "m.dqrm")])
     assert proc.returncode == 1 and f"{tiny_fs / 'm.dqrm'}: no space left on the device" in proc.stderr
     assert list(tiny_fs.iterdir()) == [out]
+
+
+def test_checkpoint_with_non_finite_weights_keeps_the_previous_one(tmp_path):
+    run_dir = RunDir(tmp_path)
+    run_dir.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1})
+    with pytest.raises(FloatingPointError, match="step 2: w holds NaN/inf values"):
+        run_dir.save_checkpoint({"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}, "step": 2})
+    run_dir.close()
+    assert torch.load(tmp_path / CHECKPOINT)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "metrics.jsonl"]
