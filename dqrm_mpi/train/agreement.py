@@ -1,11 +1,10 @@
 """Every rank agrees that a step is finite before anything changes state.
 
 After ``loss.backward()`` and before the gradient exchange, each rank checks its own loss,
-gradients and dense inputs; one allgather of those three flags ([3] float per rank) lets every
-rank see which rank (if any) went non-finite (12 bytes per rank, not counted in the step's
-communication figures).  A NaN gradient on one rank would poison the
-averaged gradient of all ranks, so the check comes before the exchange, where it still names
-the culprit.  On any flag every rank raises the same ``NonFiniteStepError`` (the culprits'
+gradients and dense inputs; one allgather of those three flags ([3] float per rank, 12 bytes,
+not counted in the step's communication figures) lets every rank see which rank (if any) went
+non-finite.  A NaN gradient on one rank would poison the averaged gradient of all ranks, so
+the check comes before the exchange, where it still names the culprit.  On any flag every rank raises the same ``NonFiniteStepError`` (the culprits'
 details are gathered once, on that path only): no ``optimizer.step()``, no checkpoint, the
 last checkpoint written stays the last finite one.
 """
