@@ -35,6 +35,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
 
     from ..quant.packed import load_packed, packed_size
     from ..quant.packfile import is_packed_file
+    from ..data.schema import read_meta
     from ..train.checkpoint import load_checkpoint
     from ..train.evaluation import predict
     from ..train.metrics import binary_metrics
@@ -47,6 +48,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
         else:
             net, quant, _ = load_checkpoint(model)
             source, size = "checkpoint", packed_size(net.config, quant)
+        check_cardinalities(net.config.cardinalities, read_meta(data).cardinalities, model, data)
         prob, label = predict(net, data, split, batch_size)
         metrics = binary_metrics(label, prob)
     except (SchemaError, ValueError, OSError, RuntimeError) as e:
@@ -55,3 +57,16 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
         np.save(predictions, prob)
     click.echo(json.dumps({"model": model, "source": source, "split": split, **metrics,
                            "model_bytes": size, "model_mb": size / 2**20}))
+
+
+def check_cardinalities(model_cards: list[int], data_cards: list[int], model: str, data: str) -> None:
+    """The data's ids must index the model's tables: the same rows per table, else ValueError
+    naming the first table that differs (fewer rows: the ids mean other categories; more: out
+    of range)."""
+    if len(model_cards) != len(data_cards):
+        raise ValueError(f"--data {data} has {len(data_cards)} embedding tables, {model} {len(model_cards)}")
+    for t, (m, d) in enumerate(zip(model_cards, data_cards)):
+        if m != d:
+            raise ValueError(f"--data {data} does not match {model}: embedding table {t} has {d} rows in the "
+                             f"data, {m} in the model (data cardinalities {list(data_cards)}, model "
+                             f"{list(model_cards)}); evaluate on the dataset the model was trained on")

@@ -49,6 +49,10 @@ from .quant_options import pop_quant_config, qat_options
               help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
 @qat_options
 @compression_options
+@click.option("--stall-timeout", type=click.FloatRange(min=0), default=600.0,
+              help="Seconds a rank may wait in one collective for the others (a stopped or hung rank) "
+                   "before the job is ended with exit code 124; a warning naming the silent ranks comes "
+                   "every quarter of it.  0: wait forever.")
 @log_options
 def main(**options) -> None:
     """Train a DLRM click model data-parallel with Horovod.
@@ -69,8 +73,9 @@ def main(**options) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from ..train.loop import train  # imports Horovod: after the options are known to be good
+    from ..train.failures import RankFailure
 
     try:
         train(config)
-    except (SchemaError, ValueError, OSError, FloatingPointError) as e:
+    except (SchemaError, ValueError, OSError, FloatingPointError, RankFailure) as e:
         raise click.ClickException(str(e)) from None

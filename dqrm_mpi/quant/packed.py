@@ -165,8 +165,14 @@ def _frozen_tables(weights: list[torch.Tensor]) -> EmbeddingTables:
 def load_packed(path: str | Path) -> DLRM:
     """Read a packed file into a ``DLRM`` in eval mode (tables stay packed in memory)."""
     header, tensors = packfile.read(path)
-    config = ModelConfig(**header["architecture"])
-    quant = QuantConfig.from_dict(header["quant"])
+    try:
+        config = ModelConfig(**header["architecture"])
+        quant = QuantConfig.from_dict(header["quant"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the header does not describe a model ({type(e).__name__}: {e})") from None
+    for e in _layout(config, quant):
+        if e.name not in tensors or tuple(tensors[e.name].shape) != tuple(e.stored_shape):
+            raise ValueError(f"{path}: tensor {e.name} is missing or not of shape {e.stored_shape}")
     n = len(config.cardinalities)
     if quant.emb_bits is None:
         embeddings = _frozen_tables([tensors[f"embeddings.{t}.weight"] for t in range(n)])

@@ -8,17 +8,23 @@ Layout (all integers little-endian)::
     offset 20   H bytes   header, UTF-8 JSON (compact):
                             format_version   int
                             ...              what the writer adds (``packed.py``: architecture, quant)
-                            tensors          [{name, dtype, shape, bits, offset, nbytes}]
-    offset 20+H           payload: the tensors back to back, ``offset`` counted from here
+                            tensors          [{name, dtype, shape, bits, offset, nbytes, crc32}]
+    offset 20+H u32       CRC-32 of bytes [0, 20+H) (magic, version, length and header)
+    offset 24+H           payload: the tensors back to back, ``offset`` counted from here
 
 Tensor dtypes: "float32" (little-endian IEEE, C order) or "packed": signed ``bits``-bit
 integers packed by ``qcore.pack`` row by row (shape = [rows, values per row]; each row
-takes ceil(values * bits / 8) bytes; INT4 two values per byte, INT2 four).
+takes ceil(values * bits / 8) bytes; INT4 two values per byte, INT2 four).  ``crc32`` is the
+CRC-32 (``zlib.crc32``) of the tensor's stored bytes: a damaged file is refused on load with
+the tensor named.
+
+Version 1 files (no header CRC word, no tensor ``crc32``) are still read, unchecked.
 """
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from ..qcore import packed_row_bytes
 
 MAGIC = b"DQRMPACK"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
+_CRC = struct.Struct("<I")  # CRC-32 of prefix + header (version 2)
 
 
 @dataclass(frozen=True)
@@ -55,16 +64,19 @@ class TensorEntry:
         return int(np.prod(self.stored_shape)) * (4 if self.dtype == "float32" else 1)
 
 
-def encode_header(meta: dict[str, Any], entries: list[TensorEntry]) -> bytes:
-    """The prefix and JSON header of a file holding ``entries`` in order, ``meta`` beside them."""
+def encode_header(meta: dict[str, Any], entries: list[TensorEntry], crcs: dict[str, int] | None = None) -> bytes:
+    """The prefix, JSON header and header CRC of a file holding ``entries`` in order, ``meta``
+    beside them; ``crcs``: name -> CRC-32 of the tensor's bytes (0 when only sizing the file:
+    written as 8 hex digits, the header's length does not depend on them)."""
     tensors, offset = [], 0
     for e in entries:
         tensors.append({"name": e.name, "dtype": e.dtype, "shape": list(e.shape), "bits": e.bits,
-                        "offset": offset, "nbytes": e.nbytes})
+                        "offset": offset, "nbytes": e.nbytes, "crc32": f"{(crcs or {}).get(e.name, 0):08x}"})
         offset += e.nbytes
     header = {"format_version": FORMAT_VERSION, **meta, "tensors": tensors}
     blob = json.dumps(header, separators=(",", ":")).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)) + blob
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(blob)) + blob
+    return head + _CRC.pack(zlib.crc32(head))
 
 
 def file_size(meta: dict[str, Any], entries: list[TensorEntry]) -> int:
@@ -75,21 +87,23 @@ def file_size(meta: dict[str, Any], entries: list[TensorEntry]) -> int:
 def write(path: str | Path, meta: dict[str, Any], entries: list[TensorEntry],
           tensors: dict[str, torch.Tensor]) -> int:
     """Write ``tensors`` (float32, or packed uint8 [rows, bytes per row]) as ``entries`` say,
-    through a temporary name; returns the file size in bytes."""
+    through a temporary name (``files.write_atomic``: a full disk is named with the size);
+    returns the file size in bytes."""
+    def stored(e: TensorEntry) -> np.ndarray:
+        t = tensors[e.name]
+        if tuple(t.shape) != tuple(e.stored_shape):
+            raise AssertionError(f"{e.name}: shape {tuple(t.shape)}, layout says {e.stored_shape}")
+        return np.ascontiguousarray(t.numpy(), dtype="<f4" if e.dtype == "float32" else np.uint8)
+
+    head = encode_header(meta, entries, {e.name: zlib.crc32(stored(e)) for e in entries})
+
+    def write_all(f) -> None:
+        f.write(head)
+        for e in entries:
+            f.write(stored(e).data)
+
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(encode_header(meta, entries))
-            for e in entries:
-                t = tensors[e.name]
-                if tuple(t.shape) != tuple(e.stored_shape):
-                    raise AssertionError(f"{e.name}: shape {tuple(t.shape)}, layout says {e.stored_shape}")
-                f.write(t.contiguous().numpy().astype("<f4" if e.dtype == "float32" else np.uint8).tobytes())
-        tmp.replace(path)
-    except BaseException:  # no half-written .tmp left beside the output
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, write_all, len(head) + sum(e.nbytes for e in entries))
     return path.stat().st_size
 
 
@@ -99,7 +113,8 @@ def is_packed_file(path: str | Path) -> bool:
 
 
 def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
-    """(header dict, payload start offset); ValueError if not a packed model of this version."""
+    """(header dict, payload start offset); ValueError if not a packed model of a readable
+    version or if its header fails its CRC."""
     with open(path, "rb") as f:
         prefix = f.read(_PREFIX.size)
         if len(prefix) < _PREFIX.size:
@@ -107,14 +122,24 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
         magic, version, length = _PREFIX.unpack(prefix)
         if magic != MAGIC:
             raise ValueError(f"{path}: not a packed DQRM model (no {MAGIC!r} magic)")
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {version}, this dqrm_mpi reads {FORMAT_VERSION}")
-        header = json.loads(f.read(length).decode())
-    return header, _PREFIX.size + length
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path}: format version {version}, this dqrm_mpi reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        blob = f.read(length)
+        if version >= 2:
+            crc = f.read(_CRC.size)
+            if len(blob) != length or len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(prefix + blob):
+                raise ValueError(f"{path}: the header is damaged (CRC-32 mismatch or truncated); export the model again")
+        try:
+            header = json.loads(blob.decode())
+        except ValueError as e:
+            raise ValueError(f"{path}: the header is not readable JSON ({e})") from None
+    return header, _PREFIX.size + length + (_CRC.size if version >= 2 else 0)
 
 
 def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(header, name -> tensor): float32 tensors, packed ones as uint8 [rows, bytes per row]."""
+    """(header, name -> tensor): float32 tensors, packed ones as uint8 [rows, bytes per row].
+    ValueError naming the tensor when one is truncated or fails its CRC-32."""
     header, start = read_header(path)
     raw = np.fromfile(path, dtype=np.uint8, offset=start)
     tensors = {}
@@ -122,6 +147,9 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         chunk = raw[e["offset"]:e["offset"] + e["nbytes"]]
         if len(chunk) != e["nbytes"]:
             raise ValueError(f"{path}: truncated at tensor {e['name']}")
+        if "crc32" in e and f"{zlib.crc32(chunk):08x}" != e["crc32"]:
+            raise ValueError(f"{path}: tensor {e['name']} is damaged (CRC-32 {zlib.crc32(chunk):08x}, the file "
+                             f"says {e['crc32']}): the file changed after export; export the model again")
         entry = TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["bits"])
         if e["dtype"] == "float32":
             tensors[e["name"]] = torch.from_numpy(chunk.view("<f4").astype(np.float32).reshape(entry.shape))

@@ -49,6 +49,7 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
     keep_epoch_checkpoints: bool = False
     log: LogConfig = field(default_factory=LogConfig)  # progress, metrics.jsonl windows, TensorBoard
+    stall_timeout: float = 600.0  # seconds one collective may wait before the job is ended; 0: never
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -64,6 +65,7 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
+            (self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}"),
             (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
             (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
             (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),

@@ -6,7 +6,6 @@ activation-scale averaging, logging), evaluate, checkpoint, and write the summar
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -17,16 +16,21 @@ from ..comm.collectives import Collectives
 from ..comm.sync import GradientSynchronizer
 from ..data.reader import SplitReader, TrainBatches
 from ..data.schema import DatasetMeta, read_meta
+from ..locking import DirectoryLock
 from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
+from .agreement import agree_finite, shard_rows
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
 from .config import TrainConfig
 from .epoch_checkpoint import keep_epoch_checkpoint
 from .evaluation import evaluate
+from .failures import RankFailure, is_peer_shutdown, peer_failed
+from .launcher_watch import LauncherWatch
 from .report import format_summary
 from .run_dir import RunDir
 from .step_timer import StepTimer
 from .training_log import TrainingLog
+from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
 
 
 def select_device(name: str, local_rank: int) -> torch.device:
@@ -43,17 +47,51 @@ def select_device(name: str, local_rank: int) -> torch.device:
 def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, Any]:
     """Run training as configured; returns the summary (on every rank; rank 0 writes files)."""
     backend = backend or HorovodBackend()
-    torch.set_num_threads(config.threads or default_threads(backend.local_size))
-    device = select_device(config.device, backend.local_rank)
-    meta = read_meta(config.data)
-    model_config, model, qat = build_model(config, meta, device)
-    start_step = start_or_resume(config, model, backend)
-    run = _Training(config, backend, device, meta, model_config, model, qat, start_step)
+    launcher = LauncherWatch(backend.rank).start()  # a signal that ends the launcher ends every rank
+    lock = watchdog = None
     try:
-        last_epoch = run.train_epochs()
-        return run.finish(last_epoch)
+        torch.set_num_threads(config.threads or default_threads(backend.local_size))
+        device = select_device(config.device, backend.local_rank)
+        meta = read_meta(config.data)
+        model_config, model, qat = build_model(config, meta, device)
+        lock = lock_out_dir(config, backend)
+        if config.stall_timeout:
+            watchdog = StallWatchdog(backend.rank, backend.size, config.stall_timeout,
+                                     config.out / HEARTBEAT_DIR).start()
+            backend = WatchedCollectives(backend, watchdog)
+        start_step = start_or_resume(config, model, backend)
+        run = _Training(config, backend, device, meta, model_config, model, qat, start_step, watchdog)
+        try:
+            last_epoch = run.train_epochs()
+            return run.finish(last_epoch)
+        finally:
+            run.close()
+    except RuntimeError as e:
+        if backend.size > 1 and is_peer_shutdown(e):
+            raise peer_failed(backend.rank) from e
+        raise
     finally:
-        run.close()
+        for held in (watchdog, launcher):
+            if held is not None:
+                held.stop()
+        if lock is not None:
+            lock.release()
+
+
+def lock_out_dir(config: TrainConfig, backend: Collectives) -> DirectoryLock | None:
+    """Rank 0 takes ``--out``'s lock for the life of the run (``locking.DirectoryLock``): a
+    second run on the same directory is refused, on every rank, naming the first's host and
+    pid.  Returns the lock on rank 0, None elsewhere."""
+    error, lock = None, None
+    if backend.rank == 0:
+        try:
+            lock = DirectoryLock(config.out, f"--out {config.out}")
+        except (ValueError, OSError) as e:
+            error = str(e) if isinstance(e, ValueError) else f"--out {config.out}: {e}"
+    error = backend.broadcast_object(error, name="lock")
+    if error:
+        raise ValueError(error)
+    return lock
 
 
 def build_model(config: TrainConfig, meta: DatasetMeta, device: torch.device
@@ -105,9 +143,11 @@ class _Training:
     """One run between set-up and summary: the exchange, data, run directory and counters."""
 
     def __init__(self, config: TrainConfig, backend: Collectives, device: torch.device, meta: DatasetMeta,
-                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int) -> None:
+                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int,
+                 watchdog: StallWatchdog | None = None) -> None:
         self.config, self.backend, self.device, self.meta = config, backend, device, meta
         self.model_config, self.model, self.qat = model_config, model, qat
+        self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
@@ -123,7 +163,7 @@ class _Training:
                              f"{self.total_steps} steps in all: raise --epochs or --max-steps")
         self.start_step = self.step = start_step
         self.saved_step: int | None = None  # step of the last checkpoint written
-        self.run = RunDir(config.out) if backend.rank == 0 else None
+        self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         self.timer = StepTimer(device)  # where each step's time goes
         self.log = TrainingLog(backend, self.run, config.log, self.timer, batch_size=config.batch_size,
                                steps_per_epoch=self.batches.steps_per_epoch, total_steps=self.total_steps,
@@ -179,19 +219,31 @@ class _Training:
             self.qat.on_step(self.step)  # full-table scale pass only at multiples of --scale-period
         self.timer.lap("scale_pass")
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
-        loss.backward()
+        try:  # local computation only: an error here is this rank's, named with its batch
+            loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
+            loss.backward()
+        except (RuntimeError, IndexError, ValueError) as e:
+            raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
+                              f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e
         self.timer.lap("forward_backward")
+        agree_finite(self.backend, loss, self.model, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
         self.sync.synchronize()
         self.timer.lap("exchange")
         self.optimizer.step()
         self.timer.lap("optimizer")
         average_activation_scales(self.qat, self.backend)
         loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss became {loss_value} at step {self.step}; lower --lr")
         self.step += 1
+        if self.watchdog:
+            self.watchdog.step = self.step
         self.log.after_step(self.step, epoch, loss_value)  # collective at the ends of logging windows
+
+    def _batch_rows(self, i: int, j: int) -> str:
+        """Where rows ``i..j`` of this rank's batch of the current step were read from."""
+        per_epoch = self.batches.steps_per_epoch
+        start = int(self.batches.batch_starts(self.step // per_epoch)[self.step % per_epoch])
+        start += self.backend.rank * self.batches.local_batch
+        return shard_rows(self.train_reader, start + i, start + j)
 
     def evaluate(self, epoch: int) -> None:
         """Every configured split (collective); rank 0 logs the metrics and tracks the best ones."""

@@ -1,4 +1,8 @@
-"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt."""
+"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt.
+
+Every file is written whole or not at all (JSON and checkpoint through a temporary name,
+metrics one whole line at a time), readable like any file the user creates, and a full
+disk is reported with the path and the space needed (``files.DiskFullError``)."""
 from __future__ import annotations
 
 import json
@@ -9,9 +13,10 @@ from typing import Any
 
 import torch
 
-from ..data.schema import write_atomic_text
+from ..files import append_line, write_atomic, write_atomic_bytes
 
 CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
 
 
 def json_safe(obj: Any) -> Any:
@@ -28,37 +33,70 @@ def json_safe(obj: Any) -> Any:
 
 
 class RunDir:
-    """Written by rank 0 only.  ``metrics.jsonl`` is appended line by line and flushed."""
+    """Written by rank 0 only.  ``metrics.jsonl`` is appended line by line.
 
-    def __init__(self, path: str | Path) -> None:
+    ``resume_step``: the step of the checkpoint a resumed run starts from; metrics lines of
+    later steps (written after that checkpoint by the interrupted run) are dropped, so the
+    resumed run's lines follow on without repeats."""
+
+    def __init__(self, path: str | Path, resume_step: int = 0) -> None:
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(f"--out {self.path}: cannot create the run directory ({e.strerror})") from None
-        self._metrics = open(self.path / "metrics.jsonl", "a", buffering=1)
+        metrics = self.path / METRICS
+        if resume_step and metrics.exists():
+            truncate_metrics(metrics, resume_step)
+        self._metrics_path = metrics
+        self._metrics = os.open(metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
     def write_json(self, name: str, obj: dict[str, Any]) -> None:
-        write_atomic_text(self.path / name, json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n")
+        write_atomic_bytes(self.path / name, (json.dumps(json_safe(obj), indent=2, sort_keys=True) + "\n").encode())
 
     def log(self, record: dict[str, Any]) -> None:
-        self._metrics.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+        append_line(self._metrics, self._metrics_path, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode())
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
+        """Write ``checkpoint.pt`` in place of the previous one, refusing non-finite weights
+        (FloatingPointError naming the tensor: the previous checkpoint stays)."""
+        for name, value in state["model"].items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise FloatingPointError(f"step {state['step']}: {name} holds NaN/inf values; the checkpoint "
+                                         f"{self.path / CHECKPOINT} was not overwritten (lower --lr)")
         final = self.path / CHECKPOINT
-        tmp = final.with_name(f".{CHECKPOINT}.tmp")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, final)
-        except BaseException:  # keep the previous checkpoint, leave no partial file
-            tmp.unlink(missing_ok=True)
-            raise
+        needed = sum(v.numel() * v.element_size() for v in state["model"].values()) + 1_000_000
+        write_atomic(final, lambda f: torch.save(state, f), needed)
         return final
 
     def close(self) -> None:
-        self._metrics.close()
+        if self._metrics is not None:
+            os.close(self._metrics)
+            self._metrics = None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` up to ``step`` (records without a step stay; an unreadable
+    last line, cut off by a crash, goes)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not JSON; cannot resume its metrics") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            kept.append(line)
+    if kept and not kept[-1].endswith(b"\n"):
+        kept[-1] += b"\n"
+    if kept != lines:
+        write_atomic_bytes(path, b"".join(kept))
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with open(Path(path) / "metrics.jsonl") as f:
+    with open(Path(path) / METRICS) as f:
         return [json.loads(line) for line in f if line.strip()]

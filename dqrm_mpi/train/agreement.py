@@ -1,0 +1,80 @@
+"""Every rank agrees that a step is finite before anything changes state.
+
+After ``loss.backward()`` and before the gradient exchange, each rank checks its own loss,
+gradients and dense inputs; one allgather of those three flags ([3] float per rank, 12 bytes,
+not counted in the step's communication figures) lets every rank see which rank (if any) went
+non-finite.  A NaN gradient on one rank would poison the averaged gradient of all ranks, so
+the check comes before the exchange, where it still names the culprit.  On any flag every rank raises the same ``NonFiniteStepError`` (the culprits'
+details are gathered once, on that path only): no ``optimizer.step()``, no checkpoint, the
+last checkpoint written stays the last finite one.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..comm.collectives import Collectives
+
+FLAGS = ("loss", "gradients", "dense inputs")
+
+
+class NonFiniteStepError(FloatingPointError):
+    """A step's loss, gradients or inputs were NaN/inf on some rank (message names rank and cause)."""
+
+
+def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    values = t._values() if t.is_sparse else t
+    return (~torch.isfinite(values)).any()
+
+
+def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> torch.Tensor:
+    """float32 [3]: 1 where this rank's loss, any gradient, or its dense inputs hold NaN/inf."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bad_grad = torch.stack([_nonfinite(g) for g in grads]).any() if grads else torch.tensor(False)
+    return torch.stack([_nonfinite(loss.detach()), bad_grad.to(loss.device), _nonfinite(dense).to(loss.device)]
+                       ).float().cpu()
+
+
+def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, dense: torch.Tensor,
+                 locate_rows: Callable[[int, int], str], step: int, lr: float) -> None:
+    """Raise NonFiniteStepError on every rank when any rank's step ``step`` is not finite.
+
+    dense: this rank's batch inputs float [b, 13]; locate_rows(i, j): where rows i..j of this
+    rank's batch come from (shard file and rows), asked only on the failure path."""
+    flags = local_flags(loss, model, dense)
+    if backend.size > 1:
+        # bookkeeping like evaluation: not counted in the step's communication figures
+        flags = backend.allgather_array(flags, name="finite.flags").view(backend.size, len(FLAGS))
+    else:
+        flags = flags.unsqueeze(0)
+    if not bool(flags.any()):
+        return
+    here = None
+    if bool(flags[backend.rank].any()):
+        here = ", ".join(name for name, f in zip(FLAGS, flags[backend.rank].tolist()) if f)
+        bad_rows = (~torch.isfinite(dense)).any(dim=1).nonzero().flatten().tolist()
+        if bad_rows:
+            here += f"; NaN/inf dense values in {len(bad_rows)} row(s) of its batch, first {locate_rows(bad_rows[0], bad_rows[0])}"
+    details = backend.allgather_object(here, name="finite.details") if backend.size > 1 else [here]
+    culprits = "; ".join(f"rank {r}: {d}" for r, d in enumerate(details) if d)
+    if bool(flags[:, 2].any()):
+        cause = "the training data holds non-finite values: repair or re-prepare that shard (dqrm-prep verify)"
+    else:
+        cause = f"training diverged: lower --lr (now {lr:g})"
+    raise NonFiniteStepError(f"step {step}: NaN/inf in {culprits}; stopped before the update, the last "
+                             f"checkpoint written is the last finite state; {cause}")
+
+
+def shard_rows(reader, first: int, last: int) -> str:
+    """Where rows ``first..last`` (inclusive) of a SplitReader's split are stored, e.g.
+    'train rows 6200-6399 (shard .../part-00001.h5 rows 1200-1399)'."""
+    parts = []
+    for s, path in enumerate(reader.paths):
+        lo, hi = max(first, int(reader.starts[s])), min(last, int(reader.starts[s + 1]) - 1)
+        if lo <= hi:
+            local = f"{lo - int(reader.starts[s])}" + (f"-{hi - int(reader.starts[s])}" if hi > lo else "")
+            parts.append(f"shard {path} row{'s' if hi > lo else ''} {local}")
+    rows = f"{first}-{last}" if last > first else f"{first}"
+    return f"{reader.split} row{'s' if last > first else ''} {rows} ({', '.join(parts)})"
