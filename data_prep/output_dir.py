@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dqrm_mpi.data.schema import META_FILE, SPLITS, SchemaError, read_meta, write_atomic_text
+from dqrm_mpi.locking import DirectoryInUseError, DirectoryLock
 
 from .errors import OptionsMismatchError, OutputError
 from .options import PrepOptions
-from .output_lock import OutputLock
 from .plan import GZ_BYTES_PER_ROW_EST, PLAIN_BYTES_PER_ROW_EST
 from .sources import Source
 from .workdir import STATE_DIR, WorkDir
+
+# One dqrm-prep run per output directory (``locking.DirectoryLock``: released by the OS when
+# the run ends, however it ends); named apart from dqrm-train's lock.
+PREP_LOCK_FILE = ".dqrm-prep.lock"
 
 PREP_VERSION = 1
 Status = Literal["done", "resume", "fresh"]
@@ -94,13 +98,18 @@ def _inputs_only(old: dict | None, new: dict) -> bool:
         {k: v for k, v in new.items() if k != "sources"}
 
 
-def prepare_output(out: Path, fp: dict[str, Any], overwrite: bool, lock: OutputLock) -> Status:
+def prepare_output(out: Path, fp: dict[str, Any], overwrite: bool, lock: DirectoryLock) -> Status:
     """Check OUT, take its ``lock`` and record the run's fingerprint in it.  Returns 'done'
     (the same dataset is already there), 'resume' (an unfinished run with the same
     fingerprint) or 'fresh'; raises OutputError when OUT is unusable, locked by another
     run or holds something else."""
     _check_writable(out)
-    lock.acquire()
+    try:
+        lock.acquire()
+    except DirectoryInUseError as e:
+        raise OutputError(str(e)) from None
+    except OSError as e:
+        raise OutputError(f"{lock.path}: cannot create the lock file ({e.strerror or e})") from None
     work = WorkDir(out)
     ours = [out / META_FILE, work.root] + [out / s for s in SPLITS]
     existing = [p for p in ours if p.exists()]

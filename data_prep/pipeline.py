@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Callable
 
 from dqrm_mpi.data.schema import DatasetMeta, read_meta, write_meta
+from dqrm_mpi.locking import DirectoryLock
 
 from .errors import InputError
 from .executor import Executor
 from .map_ids import map_all
 from .meta import RunRecord, build_meta, split_totals, summary_line
 from .options import PrepOptions
-from .output_dir import fingerprint, no_space_error, prepare_output
-from .output_lock import OutputLock
+from .output_dir import PREP_LOCK_FILE, fingerprint, no_space_error, prepare_output
 from .parse import parse_all
 from .plan import load_or_make_plan
 from .shards import shard_jobs, split_layouts, write_all
@@ -45,7 +45,7 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
     clock = _StageClock()
     out = Path(out)
     ex = Executor(opts.workers, opts.progress)
-    lock = OutputLock(out)  # held by rank 0 until the run ends
+    lock = DirectoryLock(out, str(out), PREP_LOCK_FILE)  # taken by rank 0 (prepare_output) until the run ends
     sources: list = []
     try:
         kind, sources = ex.root_call(lambda: discover(raw, opts.dataset))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Callable, BinaryIO
@@ -52,7 +53,7 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], nee
     up anyway; on any failure the temporary file is removed and ``path`` is left as it was."""
     path = Path(path)
     check_space(path, needed)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:  # mode 0666 & ~umask, like any file the user creates
             write(f)

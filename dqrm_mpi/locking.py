@@ -23,13 +23,18 @@ class DirectoryInUseError(ValueError):
 
 
 class DirectoryLock:
-    """Take ``directory``'s lock now (creating the directory) or raise DirectoryInUseError.
+    """``directory``'s lock: ``acquire()`` takes it now (creating the directory) or raises
+    DirectoryInUseError; ``release()`` (or the process ending) gives it up.
 
-    ``what`` names the directory in messages (e.g. "--out runs/a").  ``release()`` (or the
-    process ending) gives the lock up."""
+    ``what`` names the directory in messages (e.g. "--out runs/a"); ``lock_file`` is the
+    lock's name inside it (tools that share a directory use different names)."""
 
-    def __init__(self, directory: str | os.PathLike, what: str) -> None:
-        self.path = Path(directory) / LOCK_FILE
+    def __init__(self, directory: str | os.PathLike, what: str, lock_file: str = LOCK_FILE) -> None:
+        self.path = Path(directory) / lock_file
+        self.what = what
+        self._fd: int | None = None
+
+    def acquire(self) -> "DirectoryLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -37,7 +42,7 @@ class DirectoryLock:
         except BlockingIOError:
             holder = _describe(os.read(fd, 4096))
             os.close(fd)
-            raise DirectoryInUseError(f"{what} is in use by another run ({holder}; lock {self.path}): "
+            raise DirectoryInUseError(f"{self.what} is in use by another run ({holder}; lock {self.path}): "
                                       "wait for it to end, stop it, or choose another directory") from None
         except BaseException:
             os.close(fd)
@@ -46,7 +51,8 @@ class DirectoryLock:
                   "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
-        self._fd: int | None = fd
+        self._fd = fd
+        return self
 
     def release(self) -> None:
         if self._fd is not None:
@@ -54,7 +60,7 @@ class DirectoryLock:
             self._fd = None
 
     def __enter__(self) -> "DirectoryLock":
-        return self
+        return self.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.release()

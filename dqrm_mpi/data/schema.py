@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import secrets
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from ..files import write_atomic_bytes
 
 SCHEMA_VERSION = 1
 NUM_DENSE = 13
@@ -99,17 +100,8 @@ class DatasetMeta:
 
 
 def write_atomic_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        # Created like any new file (0666 less the umask), not 0600 as mkstemp would.
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, then rename (``files.write_atomic``)."""
+    write_atomic_bytes(path, text.encode())
 
 
 def write_meta(root: str | os.PathLike, meta: DatasetMeta) -> None:

@@ -85,7 +85,7 @@ def lock_out_dir(config: TrainConfig, backend: Collectives) -> DirectoryLock | N
     error, lock = None, None
     if backend.rank == 0:
         try:
-            lock = DirectoryLock(config.out, f"--out {config.out}")
+            lock = DirectoryLock(config.out, f"--out {config.out}").acquire()
         except (ValueError, OSError) as e:
             error = str(e) if isinstance(e, ValueError) else f"--out {config.out}: {e}"
     error = backend.broadcast_object(error, name="lock")

@@ -3,7 +3,6 @@ processes: a full disk, two runs into one OUT, an input edited in place, a kille
 process, file modes."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -75,14 +74,15 @@ def test_second_prep_into_one_output_is_refused_naming_the_first(raw, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from data_prep.output_lock import OutputLock; "
-         f"OutputLock({str(out)!r}).acquire(); print('locked', flush=True); time.sleep(600)"],
+        [sys.executable, "-c", "import sys, time; from dqrm_mpi.locking import DirectoryLock; "
+         f"DirectoryLock({str(out)!r}, 'x', '.dqrm-prep.lock').acquire(); print('locked', flush=True); "
+         "time.sleep(600)"],
         env=env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = crit(raw, out, code=1)
-        assert (f"{out}: another dqrm-prep is writing this dataset (host {socket.gethostname()}, "
-                f"pid {holder.pid}, since ") in r.output, r.output
+        assert (f"{out} is in use by another run (pid {holder.pid} on host {socket.gethostname()} since "
+                in r.output), r.output
         assert not (out / "meta.json").exists() and not (out / ".prep").exists()
     finally:
         holder.kill()  # SIGKILL: the operating system releases the lock
