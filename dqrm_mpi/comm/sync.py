@@ -398,10 +398,10 @@ class GradientSynchronizer:
             nbytes = 4 * self.total_rows * self.dim
             if nbytes > config.dense_emb_max_bytes:
                 raise ValueError(
-                    f"--emb-exchange dense would allreduce {nbytes / 1e9:.3g} GB of FP32 embedding gradients per "
-                    f"step and rank ({len(rows)} tables, {self.total_rows:,} rows x {self.dim}), above the limit of "
-                    f"{config.dense_emb_max_bytes / 1e9:.3g} GB; use --emb-exchange sparse (lossless: the touched "
-                    "rows only) or smaller tables")
+                    f"--emb-exchange dense would allreduce {nbytes / 2**30:.3g} GiB of FP32 embedding gradients "
+                    f"per step and rank ({len(rows)} tables, {self.total_rows:,} rows x {self.dim}), above the "
+                    f"limit of {config.dense_emb_max_bytes / 2**30:.3g} GiB; use --emb-exchange sparse (lossless: "
+                    "the touched rows only) or smaller tables")
             self.table_exchange = DenseExchange(backend, {n: p.shape for n, p in self.sparse},
                                                 get_compressor(config.emb), "tensor", config.emb_error_feedback,
                                                 kind="emb")

@@ -61,7 +61,8 @@ class CompressionConfig:
             (self.emb_exchange in EMB_EXCHANGES,
              f"emb_exchange must be one of {EMB_EXCHANGES}, got {self.emb_exchange!r}"),
             (self.emb_exchange == "sparse" or emb.linear,
-             f"emb_exchange dense averages whole tables by allreduce: emb must be none or fp16, got {self.emb!r}"),
+             f"emb_exchange dense (--emb-exchange dense) averages whole tables by allreduce: emb "
+             f"(--emb-compress) must be none or fp16, got {self.emb!r}"),
             (self.error_feedback in ERROR_FEEDBACK,
              f"error_feedback must be one of {ERROR_FEEDBACK}, got {self.error_feedback!r}"),
             (self.collective in COLLECTIVES, f"collective must be one of {COLLECTIVES}, got {self.collective!r}"),

@@ -138,6 +138,8 @@ class _Training:
         self.run.write_json("config.json", {"train": config.to_dict(), "model": self.model_config.to_dict(),
                                             "world_size": self.backend.size, "dataset": self.meta.to_dict(),
                                             "device": str(self.device), "threads": torch.get_num_threads()})
+        if self.backend.size == 1 and (notice := config.compression.single_rank_notice()):
+            tqdm.write(f"[dqrm-train] {notice}")
         if self.start_step:
             tqdm.write(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
         if self.batches.dropped_per_epoch:
