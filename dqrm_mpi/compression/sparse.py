@@ -34,6 +34,7 @@ import re
 
 import torch
 
+from ..qcore import group_scales, pack_int4_into, qrange, unpack_int4_into
 from .base import ALLGATHER, Compressed, Compressor, as_bytes, from_bytes, get_compressor, register_parametric
 from .layout import Layout
 
@@ -73,34 +74,108 @@ def select_topk(a: torch.Tensor, k: int, method: str = "sample",
     Ties at the k-th largest value are broken towards the lowest indices.  ``method``:
     exact or sample (the same set), chunk (per-chunk top-k, about k indices); see the module doc.
     """
-    n = a.numel()
-    if k >= n:
-        return torch.arange(n)
-    if k <= 0:
-        return torch.empty(0, dtype=torch.int64)
-    if method == "chunk":
-        return _chunk_topk(a, k)
-    cand = None
-    if method == "sample":
-        size = min(n, max(1024, math.ceil(32 * n / k)))  # ~64 sampled values above the estimate
-        if size < n // 2:
-            sample = a[torch.randint(n, (size,), generator=generator)]
-            estimate = torch.topk(sample, math.ceil(2 * k * size / n), sorted=False).values.min()
-            cand = torch.nonzero(a >= estimate).squeeze(1)
-            if cand.numel() < k:
-                cand = None  # the estimate overshot: exact selection
-    elif method != "exact":
+    return select_topk_segments(a, [a.numel()], [k], method, generator)
+
+
+def select_topk_segments(a: torch.Tensor, sizes: list[int], ks: list[int], method: str = "sample",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """``select_topk`` of each segment (consecutive runs of ``sizes`` values of a float32 [n],
+    keeping ks[t] of segment t): ascending indices into a.  ``chunk`` ignores the segments
+    (chunks of 4,096 of the whole vector keep sum(ks) / n of their values)."""
+    if method not in SELECT_METHODS:
         raise ValueError(f"select must be one of {SELECT_METHODS}, got {method!r}")
-    values = a if cand is None else a[cand]
-    kth = torch.topk(values, k, sorted=False).values.min()
-    above = torch.nonzero(values > kth).squeeze(1)
-    at = torch.nonzero(values == kth).squeeze(1)[:k - above.numel()]  # lowest indices first
-    picked = torch.cat([above, at]).sort().values
-    return picked if cand is None else cand[picked]
+    ks = [max(0, min(k, n)) for k, n in zip(ks, sizes)]
+    if method == "chunk":
+        return _chunk_topk(a, sum(ks))
+    if method == "exact":
+        parts, lo = [], 0
+        for n, k in zip(sizes, ks):
+            parts.append(_topk_ties_low(a[lo:lo + n], k) + lo)
+            lo += n
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+    return _sampled_topk(a, sizes, ks, generator)
+
+
+def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Exact: torch.topk for the k-th largest value, then the values above it and the first
+    of those equal to it (ascending indices)."""
+    if k >= a.numel():
+        return torch.arange(a.numel())
+    if k == 0:
+        return torch.empty(0, dtype=torch.int64)
+    top = torch.topk(a, k, sorted=False)
+    kth = top.values.min()
+    if int((a >= kth).sum()) == k:  # no value outside the top k ties with its smallest
+        return top.indices.sort().values
+    above = torch.nonzero(a > kth).squeeze(1)
+    at = torch.nonzero(a == kth).squeeze(1)[:k - above.numel()]
+    return torch.cat([above, at]).sort().values
+
+
+def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """DGC-style: a threshold per segment from a random sample, aiming at about 2k candidates
+    (segments keeping too few values to sample use torch.topk's k-th value, small ones take
+    all their values as candidates), then the exact top-k of each segment among its
+    candidates: one pass over a for the candidates, the rest on about 2k values.  A segment
+    whose estimate leaves fewer than k candidates takes all its values instead, so the result
+    equals ``exact``."""
+    t = len(sizes)
+    los = [0]
+    for n in sizes[:-1]:
+        los.append(los[-1] + n)
+    # a segment is sampled when it holds at least twice the sample that puts ~32 values above its
+    # estimate (the count above it then falls short of k about once in 400 segments and steps)
+    need = [max(1024, math.ceil(16 * n / k)) if 0 < k < n else n + 1 for n, k in zip(sizes, ks)]
+    sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
+    thresholds = [0.0] * t
+    if sampled:
+        sample = max(need[i] for i in sampled)
+        above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
+        pos = (torch.rand(len(sampled), sample, generator=generator)
+               * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
+        pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
+        pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
+        estimates = torch.topk(a[pos], above, dim=1, sorted=False).values.amin(dim=1).tolist()
+        for i, e in zip(sampled, estimates):
+            thresholds[i] = e
+    for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
+        if k == 0:
+            thresholds[i] = math.inf
+        elif i not in sampled and k < n and n > CHUNK:  # too few kept to sample: the exact k-th value
+            thresholds[i] = float(torch.topk(a[lo:lo + n], k, sorted=False).values.min())
+    mask = torch.empty(a.numel(), dtype=torch.bool)
+    for _ in range(2):  # a second pass only when an estimate overshot
+        for lo, n, thr in zip(los, sizes, thresholds):
+            torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
+        cand = torch.nonzero(mask).squeeze(1)
+        bounds = torch.searchsorted(cand, torch.tensor([*los, a.numel()])).tolist()
+        short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
+        if not short:
+            break
+        for i in short:
+            thresholds[i] = 0.0
+    # the k-th largest candidate of each segment, then the values above it and, of those equal
+    # to it, the lowest indices
+    values = a[cand]
+    kth = torch.tensor([float(torch.topk(values[b0:b1], k, sorted=False).values.min()) if 0 < k < b1 - b0
+                        else (-math.inf if k else math.inf)
+                        for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)])
+    seg = torch.repeat_interleave(torch.arange(t), torch.tensor(bounds).diff(), output_size=cand.numel())
+    kth_c = kth[seg]
+    above_c = values > kth_c
+    at_c = values == kth_c
+    n_above = torch.zeros(t, dtype=torch.int64).index_add_(0, seg, above_c.long())
+    at_rank = at_c.long().cumsum(0)
+    at_before = torch.cat([torch.zeros(1, dtype=torch.int64), at_rank])[torch.tensor(bounds[:-1])]
+    keep = above_c | (at_c & (at_rank - at_before[seg] <= (torch.tensor(ks) - n_above)[seg]))
+    return cand[keep]
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
     n = a.numel()
+    if k >= n:
+        return torch.arange(n)
     full, tail = divmod(n, CHUNK)
     parts = []
     if full:
@@ -109,7 +184,7 @@ def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
         parts.append((idx + torch.arange(full).unsqueeze(1) * CHUNK).reshape(-1))
     if tail:
         parts.append(torch.topk(a[full * CHUNK:], math.ceil(k * tail / n), sorted=False).indices + full * CHUNK)
-    return torch.cat(parts).sort().values
+    return torch.cat(parts).sort().values if parts else torch.empty(0, dtype=torch.int64)
 
 
 class SparseCompressor(Compressor):
@@ -151,13 +226,11 @@ class SparseCompressor(Compressor):
     def encode(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
         """x float32 [n] -> (message uint8, the dense float32 [n] the receivers will decode)."""
         idx = self._indices(x, layout)
-        k, groups = idx.numel(), layout.num_groups
-        kept_layout = Layout.from_sizes(_counts(idx, layout))
-        msg = torch.empty(self.message_nbytes(k, groups), dtype=torch.uint8)
+        k = idx.numel()
+        msg = torch.empty(self.message_nbytes(k, layout.num_groups), dtype=torch.uint8)
         msg[:HEADER].copy_(self._header(layout.numel, k))
         msg[HEADER:HEADER + 4 * k].copy_(as_bytes(idx.to(torch.int32)))
-        sent = torch.empty(k, dtype=torch.float32)
-        self.values.encode_into(x[idx], kept_layout, msg[HEADER + 4 * k:], sent)
+        sent = self._encode_values(x[idx], _segment_of(idx, layout), layout.num_groups, msg[HEADER + 4 * k:])
         transmitted = torch.zeros_like(x)
         transmitted[idx] = sent
         return msg, transmitted
@@ -167,10 +240,43 @@ class SparseCompressor(Compressor):
         compressor (selector, parameter, codec) or another vector size built."""
         k = self._check_header(msg, layout, source)
         idx = from_bytes(msg[HEADER:HEADER + 4 * k], torch.int32).to(torch.int64)
-        vals = torch.empty(1, k, dtype=torch.float32)
-        if k:
-            self.values.decode_many(msg[HEADER + 4 * k:].view(1, -1), Layout.from_sizes(_counts(idx, layout)), vals)
-        out.index_add_(0, idx, vals.view(-1))
+        out.index_add_(0, idx, self._decode_values(msg[HEADER + 4 * k:], _segment_of(idx, layout),
+                                                   layout.num_groups, k))
+
+    def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
+        """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
+        then one FP32 scale per tensor for the integer codecs); returns what receivers decode."""
+        codec = self.values
+        if codec.name == "none":
+            out.copy_(as_bytes(v))
+            return v
+        if codec.name == "fp16":
+            half = v.to(torch.float16)
+            out.copy_(as_bytes(half))
+            return half.to(torch.float32)
+        qmin, qmax = qrange(codec.bits)
+        scales = group_scales(v, seg, groups, codec.bits)  # qcore's rule: max|v| of the tensor / qmax
+        per_value = scales[seg]
+        q = torch.div(v, per_value).round_().clamp_(qmin, qmax)
+        nd = codec.data_nbytes(v.numel())
+        if codec.bits == 4:
+            pack_int4_into(q, out[:nd])
+        else:
+            out[:nd].copy_(as_bytes(q.to(torch.int8 if codec.bits == 8 else torch.int16)))
+        out[nd:].copy_(as_bytes(scales))
+        return q.mul_(per_value)
+
+    def _decode_values(self, buf: torch.Tensor, seg: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+        codec = self.values
+        if codec.name in ("none", "fp16"):
+            return from_bytes(buf, codec.wire_dtype).to(torch.float32)
+        nd = codec.data_nbytes(k)
+        scales = from_bytes(buf[nd:nd + 4 * groups], torch.float32)
+        if codec.bits == 4:
+            q = unpack_int4_into(buf[:nd].view(1, -1), torch.empty(1, k)).view(-1)
+        else:
+            q = from_bytes(buf[:nd], torch.int8 if codec.bits == 8 else torch.int16).to(torch.float32)
+        return q.mul_(scales[seg])
 
     # -- Compressor interface ----------------------------------------------------------
     def compress(self, x, groups=None, num_groups=1):
@@ -201,9 +307,9 @@ class SparseCompressor(Compressor):
         a = x.abs()
         if self.selector == "threshold":
             return torch.nonzero(a >= self.param).squeeze(1)
-        parts = [select_topk(a[lo:lo + n], math.ceil(self.param * n), self.select, self._generator) + lo
-                 for lo, n in _segments(layout) if n]
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        sizes = [n for _, n in _segments(layout)]
+        return select_topk_segments(a, sizes, [math.ceil(self.param * n) for n in sizes], self.select,
+                                    self._generator)
 
     def _header(self, numel: int, k: int) -> torch.Tensor:
         head = torch.zeros(HEADER, dtype=torch.uint8)
@@ -235,11 +341,10 @@ def _segments(layout: Layout) -> list[tuple[int, int]]:
     return [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
 
 
-def _counts(idx: torch.Tensor, layout: Layout) -> list[int]:
-    """Kept values per scale group, from the ascending indices."""
+def _segment_of(idx: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """The scale group (tensor) of each ascending flat index: int64 [k]."""
     ends = torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
-    cum = torch.searchsorted(idx, ends).tolist()
-    return [b - a for a, b in zip([0, *cum[:-1]], cum)]
+    return torch.searchsorted(ends, idx, right=True)
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:
