@@ -211,9 +211,10 @@ class DenseExchange:
         """(index, value) messages of any size per rank: allgathered with their byte counts, each
         rank's kept values added into one dense sum in rank order, then averaged."""
         layout = self.layouts[0]
-        msg, transmitted = self.compressor.encode(flat, layout)
-        if residual is not None:
-            torch.sub(flat, transmitted, out=residual)  # what was not sent waits for the next step
+        msg, idx, sent = self.compressor.encode(flat, layout)
+        if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
+            residual.copy_(flat)
+            residual[idx] -= sent
         parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
         for r, p in enumerate(parts):

@@ -223,17 +223,16 @@ class SparseCompressor(Compressor):
         return self.message_nbytes(numel, num_groups)
 
     # -- the exchange's form ---------------------------------------------------------
-    def encode(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float32 [n] -> (message uint8, the dense float32 [n] the receivers will decode)."""
+    def encode(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x float32 [n] -> (message uint8, kept indices int64 [k] ascending, their values float32
+        [k] as the receivers will decode them)."""
         idx = self._indices(x, layout)
         k = idx.numel()
         msg = torch.empty(self.message_nbytes(k, layout.num_groups), dtype=torch.uint8)
         msg[:HEADER].copy_(self._header(layout.numel, k))
         msg[HEADER:HEADER + 4 * k].copy_(as_bytes(idx.to(torch.int32)))
         sent = self._encode_values(x[idx], _segment_of(idx, layout), layout.num_groups, msg[HEADER + 4 * k:])
-        transmitted = torch.zeros_like(x)
-        transmitted[idx] = sent
-        return msg, transmitted
+        return msg, idx, sent
 
     def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank") -> None:
         """Add the values of ``msg`` into out float32 [n]; ValueError for a payload that another
@@ -280,7 +279,7 @@ class SparseCompressor(Compressor):
 
     # -- Compressor interface ----------------------------------------------------------
     def compress(self, x, groups=None, num_groups=1):
-        msg, _ = self.encode(x.to(torch.float32), _layout(groups, num_groups, x.numel()))
+        msg, _, _ = self.encode(x.to(torch.float32), _layout(groups, num_groups, x.numel()))
         return Compressed(msg, torch.empty(0), x.numel())
 
     def decompress(self, c, groups=None):
