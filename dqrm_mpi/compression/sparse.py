@@ -4,10 +4,11 @@
     threshold:VALUE[+VALUES]   every element with |x| >= VALUE is sent (a variable count per rank)
 
 VALUES (default ``none``: FP32) is the codec of the kept values: ``fp16``, ``int16``, ``int8``
-or ``int4``, quantized with one scale per gradient tensor (``qcore``'s symmetric rule through
-``quantize``).  What is not sent (and the kept values' quantization error) stays in the
-error-feedback residual of the exchange.  Payloads are never summed: they declare allgather,
-and every rank adds every rank's kept values into a dense sum, in rank order.
+or ``int4``, quantized with one scale per gradient tensor (``qcore.group_scales``: max|v| of
+the tensor's kept values / qmax; INT4 packed by ``qcore``).  What is not sent (and the kept
+values' rounding) stays in the error-feedback residual of the exchange.  Payloads are never
+summed: they declare allgather, and every rank adds every rank's kept values into a dense
+sum, in rank order.
 
 Payload, one uint8 message per rank (little-endian)::
 
@@ -19,13 +20,17 @@ Payload, one uint8 message per rank (little-endian)::
 A receiver checks the header against its own compressor and refuses a payload built with
 another selector, parameter, codec or vector size.
 
-Top-k selection (``select``): ``exact`` runs ``torch.topk`` over each tensor; ``sample``
-(default) estimates the threshold from a random sample as Deep Gradient Compression does
-(aiming at about 2k candidates), keeps the candidates above it and runs ``torch.topk`` on
-those only, falling back to ``exact`` when the estimate leaves fewer than k; both return
-the same set.  Ties at the k-th largest |value| go to the lowest indices, so the set is
-deterministic.  ``chunk`` keeps the ceil(RATIO * 4096) largest of each run of 4,096 values
-(and ceil(RATIO * rest) of the tail): close to k in all, but not the k largest of the tensor.
+Top-k selection (``select``), one call for all tensors of the flat vector:
+  exact   ``torch.topk`` per tensor.
+  sample  (default) a threshold per tensor estimated from a random sample, as Deep Gradient
+          Compression does, aiming at about 2k candidates; one pass over the vector keeps the
+          candidates, and the exact top-k of each tensor is taken among them.  A tensor whose
+          estimate leaves fewer than k candidates is redone with all its values, so the set
+          equals ``exact``.
+  chunk   per-chunk top-k of the whole flat vector (tensor boundaries ignored): each run of
+          4,096 values keeps its ceil(k * 4096 / n) largest; about k in all, not the k largest.
+Ties at a tensor's k-th largest |value| go to the lowest indices (exact and sample), so the
+set is deterministic.
 """
 from __future__ import annotations
 
@@ -46,10 +51,6 @@ CHUNK = 4096
 SPEC_FORM = ("topk:RATIO[+VALUES] (0 < RATIO <= 1, e.g. topk:0.01+int8) or threshold:VALUE[+VALUES] "
              f"(VALUE > 0, e.g. threshold:1e-4); VALUES one of {', '.join(VALUE_CODECS)}")
 _SPEC = re.compile(r"^(topk|threshold):([^+]+)(?:\+(\w+))?$")
-
-
-def is_sparse_spec(spec: str) -> bool:
-    return spec.split(":", 1)[0] in SELECTORS
 
 
 def parse_spec(spec: str) -> tuple[str, float, str]:
@@ -200,8 +201,8 @@ class SparseCompressor(Compressor):
             raise ValueError(f"select must be one of {SELECT_METHODS}, got {select!r}")
         self.selector, self.param, values = parse_spec(spec)
         self.name = spec
-        self.values = get_compressor(values)
-        self.bits = self.values.bits
+        self.value_codec = get_compressor(values)
+        self.bits = self.value_codec.bits
         self.select = select
         self._generator = torch.Generator().manual_seed(seed)  # the sampling (not the result)
 
@@ -216,7 +217,7 @@ class SparseCompressor(Compressor):
         return sum(min(n, math.ceil(self.param * n)) for _, n in _segments(layout))
 
     def message_nbytes(self, k: int, num_groups: int) -> int:
-        return HEADER + 4 * k + self.values.nbytes(k, num_groups)
+        return HEADER + 4 * k + self.value_codec.nbytes(k, num_groups)
 
     def nbytes(self, numel: int, num_groups: int = 1) -> int:
         """Upper bound (every value kept); the top-k size is ``message_nbytes(kept(layout), groups)``."""
@@ -245,7 +246,7 @@ class SparseCompressor(Compressor):
     def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
         """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
         then one FP32 scale per tensor for the integer codecs); returns what receivers decode."""
-        codec = self.values
+        codec = self.value_codec
         if codec.name == "none":
             out.copy_(as_bytes(v))
             return v
@@ -266,7 +267,7 @@ class SparseCompressor(Compressor):
         return q.mul_(per_value)
 
     def _decode_values(self, buf: torch.Tensor, seg: torch.Tensor, groups: int, k: int) -> torch.Tensor:
-        codec = self.values
+        codec = self.value_codec
         if codec.name in ("none", "fp16"):
             return from_bytes(buf, codec.wire_dtype).to(torch.float32)
         nd = codec.data_nbytes(k)
@@ -312,7 +313,7 @@ class SparseCompressor(Compressor):
 
     def _header(self, numel: int, k: int) -> torch.Tensor:
         head = torch.zeros(HEADER, dtype=torch.uint8)
-        head[0], head[1] = SELECTORS[self.selector], VALUE_CODECS.index(self.values.name)
+        head[0], head[1] = SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name)
         head[8:16].copy_(as_bytes(torch.tensor([self.param], dtype=torch.float64)))
         head[16:32].copy_(as_bytes(torch.tensor([numel, k], dtype=torch.int64)))
         return head
@@ -325,9 +326,9 @@ class SparseCompressor(Compressor):
         param = float(from_bytes(msg[8:16], torch.float64)[0])
         their_numel, k = from_bytes(msg[16:32], torch.int64).tolist()
         theirs = f"{selector}:{param:g}+{codec}"
-        if (selector, param, codec) != (self.selector, self.param, self.values.name):
+        if (selector, param, codec) != (self.selector, self.param, self.value_codec.name):
             raise ValueError(f"{source} sent a {theirs} payload, this rank runs {self.selector}:{self.param:g}+"
-                             f"{self.values.name}: every rank must use the same --mlp-compress")
+                             f"{self.value_codec.name}: every rank must use the same --mlp-compress")
         if their_numel != layout.numel or msg.numel() != self.message_nbytes(k, layout.num_groups):
             raise ValueError(f"{source} sent a {theirs} payload of {their_numel} values and {msg.numel()} bytes, "
                              f"this rank expects {layout.numel} values in {layout.num_groups} tensors: the "
