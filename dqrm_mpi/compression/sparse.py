@@ -23,7 +23,8 @@ another selector, parameter, codec or vector size.
 Top-k selection (``select``), one call for all tensors of the flat vector:
   exact   ``torch.topk`` per tensor.
   sample  (default) a threshold per tensor estimated from a random sample, as Deep Gradient
-          Compression does, aiming at about 2k candidates; one pass over the vector keeps the
+          Compression does, aiming at about 2k candidates (tensors keeping fewer than 512
+          values take torch.topk's k-th value instead); one pass over the vector keeps the
           candidates, and the exact top-k of each tensor is taken among them.  A tensor whose
           estimate leaves fewer than k candidates is redone with all its values, so the set
           equals ``exact``.
@@ -48,6 +49,7 @@ VALUE_CODECS = ("none", "fp16", "int16", "int8", "int4")
 SELECT_METHODS = ("sample", "exact", "chunk")
 HEADER = 32
 CHUNK = 4096
+MIN_SAMPLED_K = 512
 SPEC_FORM = ("topk:RATIO[+VALUES] (0 < RATIO <= 1, e.g. topk:0.01+int8) or threshold:VALUE[+VALUES] "
              f"(VALUE > 0, e.g. threshold:1e-4); VALUES one of {', '.join(VALUE_CODECS)}")
 _SPEC = re.compile(r"^(topk|threshold):([^+]+)(?:\+(\w+))?$")
@@ -125,9 +127,10 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     los = [0]
     for n in sizes[:-1]:
         los.append(los[-1] + n)
-    # a segment is sampled when it holds at least twice the sample that puts ~32 values above its
-    # estimate (the count above it then falls short of k about once in 400 segments and steps)
-    need = [max(1024, math.ceil(16 * n / k)) if 0 < k < n else n + 1 for n, k in zip(sizes, ks)]
+    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, torch.topk is the
+    # cheaper way to its k-th value) and holds at least twice the sample that puts ~32 values
+    # above its estimate (the count above it then falls short of k about once in 400 segments)
+    need = [max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1 for n, k in zip(sizes, ks)]
     sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
     thresholds = [0.0] * t
     if sampled:
@@ -143,7 +146,7 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
         if k == 0:
             thresholds[i] = math.inf
-        elif i not in sampled and k < n and n > CHUNK:  # too few kept to sample: the exact k-th value
+        elif i not in sampled and k < n and n > CHUNK:  # not worth sampling: the exact k-th value
             thresholds[i] = float(torch.topk(a[lo:lo + n], k, sorted=False).values.min())
     mask = torch.empty(a.numel(), dtype=torch.bool)
     for _ in range(2):  # a second pass only when an estimate overshot

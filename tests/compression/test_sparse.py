@@ -52,7 +52,8 @@ def test_ties_at_the_kth_value_go_to_the_lowest_indices(method):
     assert select_topk(a, 3, method).tolist() == [1, 3, 4]
     assert select_topk(a, 5, method).tolist() == [1, 2, 3, 4, 6]
     flat = torch.ones(100_000)  # all tied (sampling, then the candidates, meet the same rule)
-    assert select_topk(flat, 40, method, torch.Generator().manual_seed(1)).tolist() == list(range(40))
+    for k in (40, 1000):  # a k-th value from torch.topk, then from a sample
+        assert select_topk(flat, k, method, torch.Generator().manual_seed(1)).tolist() == list(range(k))
     spiky = torch.zeros(100_000)
     spiky[[5, 70_000, 99_999]] = 2.0
     assert select_topk(spiky, 5, method, torch.Generator().manual_seed(1)).tolist() == [0, 1, 5, 70_000, 99_999]
