@@ -12,7 +12,8 @@ measured (TrafficMeter: tensors handed to Horovod); time is the wall time of the
 dqrm-train runs on planted synthetic data (uncompressed / INT8 + MLP error feedback / INT8
 without / MLP top-k 0.01 + INT8 with error feedback; ``--accuracy-runs`` picks some).
 ``--codec`` times the codecs in process and compares the top-k selection methods (sample,
-chunk) with ``torch.topk`` (exact) on the Kaggle MLP's tensors and on one flat vector.
+chunk, exact: torch.topk with the tie rule) with plain ``torch.topk`` on the Kaggle MLP's
+tensors and on one flat vector.
 
     python benchmarks/comm.py --np 2 4 --net loopback
     python benchmarks/comm.py --np 4 --net emulated --rates 1gbit 10gbit     # as root
@@ -219,30 +220,42 @@ def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, b
 
 
 def selection(mlp_shapes: dict, steps: int, flat_numel: int = 4_000_000) -> dict:
-    """ms per step selecting the top-k of every Kaggle MLP tensor (and of one flat vector of
-    ``flat_numel`` values) by each method, with the ratio to torch.topk (exact) of the same run."""
+    """ms per step selecting the top-k of every Kaggle MLP tensor (one flat vector of all of
+    them, as the compressor does) and of one flat vector of ``flat_numel`` values, by each
+    method and by plain ``torch.topk`` per tensor (no tie rule), with ratios to torch.topk
+    from the same run."""
     import torch
 
-    from dqrm_mpi.compression.sparse import SELECT_METHODS, select_topk
+    from dqrm_mpi.compression.sparse import SELECT_METHODS, select_topk_segments
 
     gen = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(torch.Size(s).numel(), generator=gen).abs() for s in mlp_shapes.values()]
-    flat = torch.randn(flat_numel, generator=gen).abs()
-    out = {"mlp_numel": sum(t.numel() for t in tensors), "flat_numel": flat_numel}
-    for target, vectors in (("kaggle_mlp_per_tensor", tensors), ("flat", [flat])):
+    mlp_sizes = [torch.Size(s).numel() for s in mlp_shapes.values()]
+    targets = {"kaggle_mlp": (torch.randn(sum(mlp_sizes), generator=gen).abs(), mlp_sizes),
+               "flat": (torch.randn(flat_numel, generator=gen).abs(), [flat_numel])}
+
+    def torch_topk(a, sizes, ks):
+        lo = 0
+        for n, k in zip(sizes, ks):
+            torch.topk(a[lo:lo + n], k, sorted=False)
+            lo += n
+
+    out = {"mlp_numel": sum(mlp_sizes), "flat_numel": flat_numel}
+    for target, (a, sizes) in targets.items():
         for ratio in TOPK_RATIOS:
+            ks = [math.ceil(ratio * n) for n in sizes]
+            fns = {"torch.topk": lambda: torch_topk(a, sizes, ks),
+                   **{m: (lambda m=m: select_topk_segments(a, sizes, ks, m, gen)) for m in SELECT_METHODS}}
             row = {}
-            for method in SELECT_METHODS:
+            for name, fn in fns.items():
                 times: list[float] = []
                 for step in range(steps + 2):
                     t0 = time.perf_counter()
-                    for v in vectors:
-                        select_topk(v, math.ceil(ratio * v.numel()), method, gen)
+                    fn()
                     if step >= 2:
                         times.append(time.perf_counter() - t0)
-                row[f"{method}_ms_p50"] = round(sorted(times)[len(times) // 2] * 1e3, 3)
-            for method in SELECT_METHODS:
-                row[f"{method}_vs_exact"] = round(row[f"{method}_ms_p50"] / row["exact_ms_p50"], 3)
+                row[f"{name}_ms_p50"] = round(sorted(times)[len(times) // 2] * 1e3, 3)
+            for name in fns:
+                row[f"{name}_vs_torch.topk"] = round(row[f"{name}_ms_p50"] / row["torch.topk_ms_p50"], 3)
             out[f"{target} ratio {ratio}"] = row
     return out
 

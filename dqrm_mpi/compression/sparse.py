@@ -91,12 +91,16 @@ def select_topk_segments(a: torch.Tensor, sizes: list[int], ks: list[int], metho
     if method == "chunk":
         return _chunk_topk(a, sum(ks))
     if method == "exact":
-        parts, lo = [], 0
-        for n, k in zip(sizes, ks):
-            parts.append(_topk_ties_low(a[lo:lo + n], k) + lo)
-            lo += n
-        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+        return _exact_topk(a, sizes, ks)
     return _sampled_topk(a, sizes, ks, generator)
+
+
+def _exact_topk(a: torch.Tensor, sizes: list[int], ks: list[int]) -> torch.Tensor:
+    parts, lo = [], 0
+    for n, k in zip(sizes, ks):
+        parts.append(_topk_ties_low(a[lo:lo + n], k) + lo)
+        lo += n
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
 def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,10 +123,10 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
                   generator: torch.Generator | None) -> torch.Tensor:
     """DGC-style: a threshold per segment from a random sample, aiming at about 2k candidates
     (segments keeping too few values to sample use torch.topk's k-th value, small ones take
-    all their values as candidates), then the exact top-k of each segment among its
-    candidates: one pass over a for the candidates, the rest on about 2k values.  A segment
-    whose estimate leaves fewer than k candidates takes all its values instead, so the result
-    equals ``exact``."""
+    all their values as candidates; ``exact`` when no segment is worth sampling), then the
+    exact top-k of each segment among its candidates: one pass over a for the candidates, the
+    rest on about 2k values.  A segment whose estimate leaves fewer than k candidates takes
+    all its values instead, so the result equals ``exact``."""
     t = len(sizes)
     los = [0]
     for n in sizes[:-1]:
@@ -132,17 +136,18 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     # above its estimate (the count above it then falls short of k about once in 400 segments)
     need = [max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1 for n, k in zip(sizes, ks)]
     sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
+    if not sampled:
+        return _exact_topk(a, sizes, ks)
     thresholds = [0.0] * t
-    if sampled:
-        sample = max(need[i] for i in sampled)
-        above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
-        pos = (torch.rand(len(sampled), sample, generator=generator)
-               * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
-        pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
-        pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
-        estimates = torch.topk(a[pos], above, dim=1, sorted=False).values.amin(dim=1).tolist()
-        for i, e in zip(sampled, estimates):
-            thresholds[i] = e
+    sample = max(need[i] for i in sampled)
+    above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
+    pos = (torch.rand(len(sampled), sample, generator=generator)
+           * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
+    pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
+    pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
+    estimates = torch.topk(a[pos], above, dim=1, sorted=False).values.amin(dim=1).tolist()
+    for i, e in zip(sampled, estimates):
+        thresholds[i] = e
     for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
         if k == 0:
             thresholds[i] = math.inf

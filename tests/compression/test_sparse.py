@@ -67,6 +67,20 @@ def test_sample_selection_equals_exact_on_gradient_like_vectors():
                                select_topk(a, k, "exact"))
 
 
+def test_sampled_selection_of_mixed_tensors_equals_exact():
+    """Sampled, torch.topk-thresholded (k < 512) and all-candidate (small) tensors in one call."""
+    from dqrm_mpi.compression.sparse import select_topk_segments
+
+    sizes = [200_000, 6000, 50, 70_000, 1]
+    a = _x(9, sum(sizes)).abs()
+    a[200_000:206_000] = torch.round(a[200_000:206_000] * 4) / 4  # many ties in one tensor
+    for ratio in (0.01, 0.05):
+        ks = [math.ceil(ratio * n) for n in sizes]
+        exact = select_topk_segments(a, sizes, ks, "exact")
+        assert exact.numel() == sum(ks)
+        assert torch.equal(select_topk_segments(a, sizes, ks, "sample", torch.Generator().manual_seed(2)), exact)
+
+
 def test_chunk_selection_keeps_each_chunks_largest():
     a = _x(3, 10_000).abs()
     idx = select_topk(a, 100, "chunk")
