@@ -10,6 +10,7 @@ from ..compression.config import (COLLECTIVES, DENSE_EMB_MAX_BYTES, EMB_EXCHANGE
                                   MLP_SCALES)
 from ..compression.sparse import SPEC_FORM
 
+
 def _check_mlp_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
     try:
         get_compressor(value)
