@@ -5,11 +5,15 @@ and on the emulated cluster (launch/netns_cluster.sh, one rank per network names
 
 Configurations: uncompressed dense embedding gradients (tables up to 100k rows only: the
 whole Kaggle model is 2.16 GB a step), sparse FP32, sparse + INT8, sparse + INT4 (MLP at
-the same width, with error feedback), MLP INT8 with and without error feedback.  Bytes are
+the same width, with error feedback), MLP INT8 with and without error feedback, MLP top-k
+at ratios 0.1, 0.01 and 0.001 with FP32 or INT8 values (error feedback).  Bytes are
 measured (TrafficMeter: tensors handed to Horovod); time is the wall time of the exchange
 (collectives + compression), mean over steps, slowest rank.  ``--accuracy`` adds 4-rank
 dqrm-train runs on planted synthetic data (uncompressed / INT8 + MLP error feedback / INT8
-without).
+without / MLP top-k 0.01 + INT8 with error feedback; ``--accuracy-runs`` picks some).
+``--codec`` times the codecs in process and compares the top-k selection methods (sample,
+chunk, exact: torch.topk with the tie rule) with plain ``torch.topk`` on the Kaggle MLP's
+tensors and on one flat vector.
 
     python benchmarks/comm.py --np 2 4 --net loopback
     python benchmarks/comm.py --np 4 --net emulated --rates 1gbit 10gbit     # as root
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -40,7 +45,10 @@ CONFIGS = {  # name -> (emb, mlp, error_feedback, collective)
     "mlp_int8_ef": ("none", "int8", "mlp", "allgather"),
     "mlp_int8_no_ef": ("none", "int8", "none", "allgather"),
     "sparse_int8_two_phase": ("int8", "int8", "mlp", "two-phase"),
+    **{f"mlp_topk{r}{v.replace('+', '_')}_ef": ("none", f"topk:{r}{v}", "mlp", "allgather")
+       for r in ("0.1", "0.01", "0.001") for v in ("", "+int8")},
 }
+TOPK_RATIOS = (0.1, 0.01, 0.001)
 SMALL_TABLE_ROWS = 100_000
 
 
@@ -127,66 +135,128 @@ class _LocalBackend:
         from dqrm_mpi.comm.traffic import TrafficMeter
         self.rank, self.size, self.traffic = 0, world, TrafficMeter()
 
+    def _count(self, kind, collective, tensors):  # what this rank hands over (no dim-0 counts)
+        self.traffic.record(kind, collective, sum(t.numel() * t.element_size() for t in tensors), 0, 0.0)
+
     def allgather_stacked(self, t, name, kind):
+        self._count(kind, "allgather", [t])
         return t.unsqueeze(0).expand(self.size, *t.shape).clone()
 
     def allgather(self, tensors, name, kind):
+        self._count(kind, "allgather", tensors)
         return [[t.clone() for _ in range(self.size)] for t in tensors]
 
     def allreduce_average(self, tensors, name, kind):
+        self._count(kind, "allreduce", tensors)
         return [t.clone() for t in tensors]
 
 
 def codec(world: int, steps: int, configs: list[str], batch: int) -> dict:
     """Codec seconds per step (compress + decompress + error feedback, no network) at Kaggle
-    dimensions, in this process, as one of ``world`` ranks; OMP threads as set."""
+    dimensions, in this process, as one of ``world`` ranks; OMP threads as set.  Top-k rows
+    run once per selection method (``name`` is the default, sample; ``name[exact]``, ``name[chunk]``)."""
     import torch
 
-    from dqrm_mpi.comm.sync import DenseExchange, SparseExchange
     from dqrm_mpi.compression import get_compressor
+    from dqrm_mpi.compression.sparse import SELECT_METHODS, SparseCompressor
     from dqrm_mpi.model.config import model_config_from_preset
     from dqrm_mpi.model.dlrm import BottomMLP, TopMLP
 
     cfg = model_config_from_preset("kaggle", KAGGLE_CARDINALITIES)
     mlp_shapes = {f"bottom.{n}": p.shape for n, p in BottomMLP(13, cfg.bottom_mlp).named_parameters()}
     mlp_shapes.update({f"top.{n}": p.shape for n, p in TopMLP(cfg.num_interactions, cfg.top_mlp).named_parameters()})
-    cards, dim = KAGGLE_CARDINALITIES, cfg.embedding_dim
-    offsets = torch.tensor([0, *torch.tensor(cards).cumsum(0).tolist()])
-    names = [f"embeddings.tables.{t}.weight" for t in range(26)]
     backend = _LocalBackend(world)
     out = {"world": world, "batch": batch, "threads": torch.get_num_threads(),
            "mlp_params": sum(torch.Size(s).numel() for s in mlp_shapes.values()), "configs": {}}
     for name in configs:
         spec = CONFIGS[name]
-        if spec is None:
-            continue
-        emb_c, mlp_c, ef, collective = spec
-        if collective == "two-phase":
-            continue  # needs real alltoall
-        mlp = DenseExchange(backend, mlp_shapes, get_compressor(mlp_c), "channel", ef in ("mlp", "both"))
-        emb = SparseExchange(backend, names, list(cards), dim, get_compressor(emb_c), "table", ef in ("emb", "both"))
-        times = {"mlp": [], "emb": []}
-        rows = []
-        for step in range(steps + 2):
-            gen = torch.Generator().manual_seed(step)
-            grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in mlp_shapes.items()}
-            gid = torch.unique(torch.stack([_zipf_ids(gen, c, batch) for c in cards], dim=1) + offsets[:-1])
-            vals = torch.randn(gid.numel(), dim, generator=gen) * 1e-3
-            t0 = time.perf_counter()
-            mlp.exchange(grads)
-            t1 = time.perf_counter()
-            emb.exchange(gid, vals)
-            t2 = time.perf_counter()
-            if step >= 2:
-                times["mlp"].append(t1 - t0)
-                times["emb"].append(t2 - t1)
-                rows.append(gid.numel())
+        if spec is None or spec[3] == "two-phase":
+            continue  # dense tables: no codec; two-phase needs a real alltoall
+        emb_c, mlp_c, ef, _ = spec
+        for select in (SELECT_METHODS if mlp_c.startswith("topk") else (None,)):
+            mlp = get_compressor(mlp_c) if select is None else SparseCompressor(mlp_c, select)
+            key = name if select in (None, "sample") else f"{name}[{select}]"
+            out["configs"][key] = _codec_steps(backend, mlp_shapes, mlp, get_compressor(emb_c), ef, steps, batch)
+    out["topk_selection"] = selection(mlp_shapes, steps)
+    return out
+
+
+def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, batch: int) -> dict:
+    """Median ms per step of the MLP and embedding exchanges over ``backend`` (no network)."""
+    import torch
+
+    from dqrm_mpi.comm.sync import DenseExchange, SparseExchange
+
+    cards, dim = KAGGLE_CARDINALITIES, 16
+    offsets = torch.tensor([0, *torch.tensor(cards).cumsum(0).tolist()])
+    names = [f"embeddings.tables.{t}.weight" for t in range(26)]
+    mlp = DenseExchange(backend, mlp_shapes, mlp_c, "channel", ef in ("mlp", "both"))
+    emb = SparseExchange(backend, names, list(cards), dim, emb_c, "table", ef in ("emb", "both"))
+    times: dict[str, list[float]] = {"mlp": [], "emb": []}
+    rows, mlp_bytes = [], []
+    for step in range(steps + 2):
+        gen = torch.Generator().manual_seed(step)
+        grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in mlp_shapes.items()}
+        gid = torch.unique(torch.stack([_zipf_ids(gen, c, batch) for c in cards], dim=1) + offsets[:-1])
+        vals = torch.randn(gid.numel(), dim, generator=gen) * 1e-3
         backend.traffic.take()
-        med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-        out["configs"][name] = {"mlp_codec_ms_p50": round(med(times["mlp"]) * 1e3, 3),
-                                "emb_codec_ms_p50": round(med(times["emb"]) * 1e3, 3),
-                                "codec_ms_p50": round(med([a + b for a, b in zip(times["mlp"], times["emb"])]) * 1e3, 3),
-                                "emb_rows_per_rank": round(sum(rows) / len(rows))}
+        t0 = time.perf_counter()
+        mlp.exchange(grads)
+        t1 = time.perf_counter()
+        emb.exchange(gid, vals)
+        t2 = time.perf_counter()
+        if step >= 2:
+            times["mlp"].append(t1 - t0)
+            times["emb"].append(t2 - t1)
+            rows.append(gid.numel())
+            mlp_bytes.append(sum(v for k, v in backend.traffic.sent.items() if k.startswith("mlp/")))
+    backend.traffic.take()
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    return {"mlp_codec_ms_p50": round(med(times["mlp"]) * 1e3, 3),
+            "emb_codec_ms_p50": round(med(times["emb"]) * 1e3, 3),
+            "codec_ms_p50": round(med([a + b for a, b in zip(times["mlp"], times["emb"])]) * 1e3, 3),
+            "emb_rows_per_rank": round(sum(rows) / len(rows)),
+            "mlp_sent_bytes_per_step": round(sum(mlp_bytes) / len(mlp_bytes))}
+
+
+def selection(mlp_shapes: dict, steps: int, flat_numel: int = 4_000_000) -> dict:
+    """ms per step selecting the top-k of every Kaggle MLP tensor (one flat vector of all of
+    them, as the compressor does) and of one flat vector of ``flat_numel`` values, by each
+    method and by plain ``torch.topk`` per tensor (no tie rule), with ratios to torch.topk
+    from the same run."""
+    import torch
+
+    from dqrm_mpi.compression.sparse import SELECT_METHODS, select_topk_segments
+
+    gen = torch.Generator().manual_seed(0)
+    mlp_sizes = [torch.Size(s).numel() for s in mlp_shapes.values()]
+    targets = {"kaggle_mlp": (torch.randn(sum(mlp_sizes), generator=gen).abs(), mlp_sizes),
+               "flat": (torch.randn(flat_numel, generator=gen).abs(), [flat_numel])}
+
+    def torch_topk(a, sizes, ks):
+        lo = 0
+        for n, k in zip(sizes, ks):
+            torch.topk(a[lo:lo + n], k, sorted=False)
+            lo += n
+
+    out = {"mlp_numel": sum(mlp_sizes), "flat_numel": flat_numel}
+    for target, (a, sizes) in targets.items():
+        for ratio in TOPK_RATIOS:
+            ks = [math.ceil(ratio * n) for n in sizes]
+            fns = {"torch.topk": lambda: torch_topk(a, sizes, ks),
+                   **{m: (lambda m=m: select_topk_segments(a, sizes, ks, m, gen)) for m in SELECT_METHODS}}
+            row = {}
+            for name, fn in fns.items():
+                times: list[float] = []
+                for step in range(steps + 2):
+                    t0 = time.perf_counter()
+                    fn()
+                    if step >= 2:
+                        times.append(time.perf_counter() - t0)
+                row[f"{name}_ms_p50"] = round(sorted(times)[len(times) // 2] * 1e3, 3)
+            for name in fns:
+                row[f"{name}_vs_torch.topk"] = round(row[f"{name}_ms_p50"] / row["torch.topk_ms_p50"], 3)
+            out[f"{target} ratio {ratio}"] = row
     return out
 
 
@@ -204,6 +274,7 @@ def summarize(per_rank: dict[str, list[dict]]) -> dict:
         for name, r in out.items():
             r["sent_ratio_vs_sparse_fp32"] = round(r["sent_bytes_per_rank"] / base["sent_bytes_per_rank"], 4)
             r["emb_sent_ratio_vs_sparse_fp32"] = round(r["emb_sent_bytes_per_rank"] / base["emb_sent_bytes_per_rank"], 4)
+            r["mlp_sent_ratio_vs_fp32"] = round(r["mlp_sent_bytes_per_rank"] / base["mlp_sent_bytes_per_rank"], 4)
     return out
 
 
@@ -223,14 +294,22 @@ def launch_worker(np_: int, net: str, rate: str | None, steps: int, configs: lis
         return summarize(json.loads(out.read_text()))
 
 
-def accuracy(np_: int, rows: int, epochs: int) -> dict:
-    """Best test AUC of dqrm-train on planted synthetic data: uncompressed vs INT8 +/- MLP error feedback."""
+ACCURACY_RUNS = {
+    "uncompressed": [],
+    "int8_mlp_ef": ["--emb-compress", "int8", "--mlp-compress", "int8"],
+    "int8_no_ef": ["--emb-compress", "int8", "--mlp-compress", "int8", "--error-feedback", "none"],
+    "mlp_topk0.01_int8_ef": ["--mlp-compress", "topk:0.01+int8"],
+}
+
+
+def accuracy(np_: int, rows: int, epochs: int, names: list[str]) -> dict:
+    """Test AUC of dqrm-train on planted synthetic data: uncompressed vs INT8 +/- MLP error
+    feedback vs MLP top-k 0.01 with INT8 values and error feedback (``names``: which runs)."""
     from dqrm_mpi.data.synthetic import PlantedClickModel, write_synthetic_dataset
 
     cards = (1460, 583, 5000, 5000, 305, 24, 5000, 633, 3, 5000, 5000, 5000, 3194, 27, 5000, 5000, 10,
              5000, 2173, 4, 5000, 18, 15, 5000, 105, 5000)
-    runs = {"uncompressed": [], "int8_mlp_ef": ["--emb-compress", "int8", "--mlp-compress", "int8"],
-            "int8_no_ef": ["--emb-compress", "int8", "--mlp-compress", "int8", "--error-feedback", "none"]}
+    runs = {name: extra for name, extra in ACCURACY_RUNS.items() if name == "uncompressed" or name in names}
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
@@ -248,7 +327,11 @@ def accuracy(np_: int, rows: int, epochs: int) -> dict:
             s = json.loads((out / "summary.json").read_text())
             res[name] = {"test_auc": s["final"]["test"]["auc"], "best_test_auc": s["best_test"]["auc"],
                          "steps": s["steps"], "seconds": round(time.time() - t0, 1),
-                         "comm_bytes_sent_per_step_rank0": s["comm_bytes_sent_per_step"]["mean"]}
+                         "comm_bytes_sent_per_step_rank0": s["comm_bytes_sent_per_step"]["mean"],
+                         # from the run's comm log (rank 0's figures per step)
+                         "mlp_bytes_sent_per_step_rank0": s["comm_per_rank"]["per_rank"]["0"]["mlp.sent"]["mean"],
+                         "codec_ms_per_step_rank0": round(
+                             s["comm_per_rank"]["per_rank"]["0"]["codec_seconds"]["mean"] * 1e3, 3)}
     base = res["uncompressed"]["test_auc"]
     for r in res.values():
         r["auc_delta_vs_uncompressed"] = round(r["test_auc"] - base, 5)
@@ -267,6 +350,8 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true")
     ap.add_argument("--accuracy-rows", type=int, default=200_000)
     ap.add_argument("--accuracy-epochs", type=int, default=1)
+    ap.add_argument("--accuracy-runs", nargs="+", default=list(ACCURACY_RUNS), choices=list(ACCURACY_RUNS),
+                    help="which accuracy runs (uncompressed always runs: the reference)")
     ap.add_argument("--out", default=str(ROOT / "bench_out/comm.json"))
     ap.add_argument("--codec", action="store_true",
                     help="codec micro benchmark only: in-process, no network, seconds per step spent "
@@ -297,7 +382,7 @@ def main() -> None:
                 result["runs"].append({"net": net if rate is None else f"emulated {rate}", "ranks": np_, "configs": r})
                 print(f"{net} {rate or ''} np={np_} done", file=sys.stderr)
     if a.accuracy:
-        result["accuracy"] = accuracy(max(a.np), a.accuracy_rows, a.accuracy_epochs)
+        result["accuracy"] = accuracy(max(a.np), a.accuracy_rows, a.accuracy_epochs, a.accuracy_runs)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

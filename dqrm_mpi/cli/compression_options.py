@@ -5,8 +5,20 @@ from typing import Any, Callable
 
 import click
 
-from ..compression import CompressionConfig, compressor_names
-from ..compression.config import COLLECTIVES, EMB_SCALES, ERROR_FEEDBACK, MLP_SCALES
+from ..compression import CompressionConfig, compressor_names, get_compressor
+from ..compression.config import (COLLECTIVES, DENSE_EMB_MAX_BYTES, EMB_EXCHANGES, EMB_SCALES, ERROR_FEEDBACK,
+                                  MLP_SCALES)
+from ..compression.sparse import SPEC_FORM
+
+
+def _check_mlp_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        get_compressor(value)
+    except ValueError:
+        raise click.BadParameter(f"expected one of {', '.join(compressor_names())}, or {SPEC_FORM}; "
+                                 f"got {value!r}") from None
+    return value
+
 
 _OPTIONS = [
     click.option("--emb-compress", type=click.Choice(compressor_names()), default="none",
@@ -17,9 +29,14 @@ _OPTIONS = [
     click.option("--emb-grad-scale", type=click.Choice(EMB_SCALES), default="table",
                  help="Scale granularity of quantized embedding gradients: one FP32 scale per table "
                       "(DQRM; 104 bytes a message), per row (4 bytes a row) or per message."),
-    click.option("--mlp-compress", type=click.Choice(compressor_names()), default="none",
+    click.option("--mlp-compress", callback=_check_mlp_spec, default="none", metavar="CODEC",
                  help="MLP gradients: none or fp16 are averaged by allreduce; int16/int8/int4 are "
-                      "quantized and never summed as integers (see --collective)."),
+                      "quantized and never summed as integers (see --collective).  topk:RATIO sends each "
+                      "tensor's ceil(RATIO x size) largest |values| as (int32 index, value), "
+                      "threshold:VALUE every |value| >= VALUE; append +int8 (or +fp16, +int16, +int4) to "
+                      "quantize the kept values with one scale per tensor, e.g. topk:0.01+int8.  What is "
+                      "not sent stays in the error-feedback residual (--error-feedback mlp).  Sparse "
+                      "payloads are always allgathered."),
     click.option("--mlp-grad-scale", type=click.Choice(MLP_SCALES), default="channel",
                  help="Scale granularity of quantized MLP gradients: one per output channel (row of "
                       "a weight; a bias gets one) or one per tensor."),
@@ -29,6 +46,11 @@ _OPTIONS = [
                       "for Kaggle).  emb costs one FP32 copy of EVERY embedding table per rank (the "
                       "size of the model: 2.16 GB for Kaggle, 12.6 GB for Terabyte), allocated as "
                       "tables are touched.  Ignored for none."),
+    click.option("--emb-exchange", type=click.Choice(EMB_EXCHANGES), default="sparse",
+                 help="sparse: each rank sends the embedding rows it touched (lossless).  dense: whole "
+                      "table-sized FP32 gradients averaged by allreduce, the paper's uncompressed baseline "
+                      f"(with --emb-compress none or fp16; refused above {DENSE_EMB_MAX_BYTES / 2**30:g} GiB "
+                      "of tables)."),
     click.option("--collective", type=click.Choice(COLLECTIVES), default="auto",
                  help="How quantized payloads are reduced: allgather (every rank decodes every "
                       "rank's payload: receive grows with ranks), two-phase (alltoall of one chunk "
@@ -49,4 +71,5 @@ def pop_compression_config(options: dict[str, Any]) -> CompressionConfig:
     return CompressionConfig(
         emb=options.pop("emb_compress"), mlp=options.pop("mlp_compress"),
         error_feedback=options.pop("error_feedback"), collective=options.pop("collective"),
-        emb_scale=options.pop("emb_grad_scale"), mlp_scale=options.pop("mlp_grad_scale"))
+        emb_scale=options.pop("emb_grad_scale"), mlp_scale=options.pop("mlp_grad_scale"),
+        emb_exchange=options.pop("emb_exchange"))

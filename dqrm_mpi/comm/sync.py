@@ -10,12 +10,16 @@ Per gradient, keyed by parameter name:
   scales) are packed into one flat byte buffer per rank and either allgathered (every rank
   dequantizes every payload and sums in rank order) or exchanged two-phase (alltoall of
   chunks, the chunk owner dequantizes, averages and re-quantizes, allgather of the reduced
-  chunks).
+  chunks).  Sparsifying compressors (topk, threshold) send (index, value) messages whose
+  size may differ per rank: always allgathered with their byte counts; every rank adds
+  every rank's kept values into a dense sum in rank order.
 - Embedding gradients (sparse COO from ``EmbeddingBag(sparse=True)``), ``SparseExchange``:
   duplicate rows are merged locally, the tables are flattened into one id space (table
   offset + row), and each rank's ids and (compressed) values travel as one byte message
   (allgather, or two-phase with the id space split into one range per rank).  Received
-  rows are summed per id and averaged.
+  rows are summed per id and averaged.  ``--emb-exchange dense`` instead averages whole
+  table-sized gradients by allreduce (a ``DenseExchange`` over the tables; the paper's
+  uncompressed baseline), for tables up to ``CompressionConfig.dense_emb_max_bytes``.
 
 Every rank decodes the same bytes and reduces them in the same order, so parameters stay
 identical.  With ``none`` everywhere the result equals the uncompressed exchange bit for bit.
@@ -81,7 +85,9 @@ class DenseExchange:
     payloads themselves (one grouped allreduce); any other works on one flat float32 buffer
     of all gradients (and one flat residual with error feedback), encodes straight into a
     reused byte buffer, allgathers it (or, ``two_phase``, exchanges chunks) and decodes every
-    rank's payload in one pass; the scale groups are a ``Layout`` of 2-D blocks.
+    rank's payload in one pass; the scale groups are a ``Layout`` of 2-D blocks.  A sparse
+    compressor (``compressor.sparse``) selects per tensor, scales per tensor (``granularity``
+    and ``two_phase`` do not apply) and its messages are allgathered with their sizes.
     """
 
     def __init__(self, backend: Collectives, shapes: dict[str, torch.Size], compressor: Compressor,
@@ -98,11 +104,12 @@ class DenseExchange:
         self.numels = [self.shapes[n].numel() for n in self.names]
         self.numel = sum(self.numels)
         self.memory = ResidualMemory() if error_feedback else None
-        self.two_phase = two_phase and not self.allreduce
+        self.sparse = compressor.sparse
+        self.two_phase = two_phase and not self.allreduce and not self.sparse
         seg_sizes: list[int] = []
         for n in self.names:
             s = self.shapes[n]
-            if granularity == "channel" and len(s) >= 2:
+            if granularity == "channel" and len(s) >= 2 and not self.sparse:
                 seg_sizes += [s[1:].numel()] * s[0]
             else:
                 seg_sizes.append(s.numel())
@@ -127,6 +134,9 @@ class DenseExchange:
         """Bytes of this rank's compressed payload handed to the first collective."""
         if self.allreduce:
             return self.compressor.data_nbytes(self.numel)
+        if self.sparse:  # top-k: fixed; threshold: at most every value (+ the allgather's dim-0 count)
+            kept = self.compressor.kept(self.layouts[0])
+            return self.compressor.message_nbytes(self.numel if kept is None else kept, self.num_groups)
         return sum(self.chunk_nbytes)
 
     def exchange(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,7 +152,10 @@ class DenseExchange:
             residual = self._residual()
             if residual is not None:
                 flat.add_(residual)  # error-feedback compensation
-            out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
+            if self.sparse:
+                out = self._sparse_allgather(flat, residual)
+            else:
+                out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
     def _residual(self) -> torch.Tensor | None:
@@ -193,6 +206,20 @@ class DenseExchange:
         self._encode(flat, residual, msg)
         gathered = self.backend.allgather_stacked(msg, name=f"grad.{self.kind}", kind=self.kind)
         return self._reduce(gathered, self.chunks[0], self.layouts[0])
+
+    def _sparse_allgather(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """(index, value) messages of any size per rank: allgathered with their byte counts, each
+        rank's kept values added into one dense sum in rank order, then averaged."""
+        layout = self.layouts[0]
+        msg, idx, sent = self.compressor.encode(flat, layout)
+        if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
+            residual.copy_(flat)
+            residual[idx] -= sent
+        parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
+        out = torch.zeros(self.numel, dtype=torch.float32)
+        for r, p in enumerate(parts):
+            self.compressor.decode_add(p, layout, out, source=f"rank {r}")
+        return out.div_(self.backend.size)
 
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (sum(self.chunk_nbytes),), torch.uint8)
@@ -338,8 +365,9 @@ class SparseExchange:
 class GradientSynchronizer:
     """Averages the gradients of ``model`` across ranks; parameters are keyed by name.
 
-    ``config`` (default: no compression) picks the compressors, error feedback and
-    collective; see ``CompressionConfig``.  A single rank communicates nothing.
+    ``config`` (default: no compression) picks the compressors, error feedback, collective
+    and embedding exchange (sparse rows or dense tables); see ``CompressionConfig``.  A single
+    rank communicates nothing.
     """
 
     def __init__(self, backend: Collectives, model: nn.Module, sparse_names: set[str],
@@ -366,17 +394,40 @@ class GradientSynchronizer:
         self.sparse_exchange = SparseExchange(
             backend, [n for n, _ in self.sparse], rows, self.dim, get_compressor(config.emb), config.emb_scale,
             config.emb_error_feedback, two_phase, kind="emb")
+        self.table_exchange = None  # --emb-exchange dense: whole tables through one allreduce
+        if config.emb_exchange == "dense" and self.sparse and backend.size > 1:
+            nbytes = 4 * self.total_rows * self.dim
+            if nbytes > config.dense_emb_max_bytes:
+                raise ValueError(
+                    f"--emb-exchange dense would allreduce {nbytes / 2**30:.3g} GiB of FP32 embedding gradients "
+                    f"per step and rank ({len(rows)} tables, {self.total_rows:,} rows x {self.dim}), above the "
+                    f"limit of {config.dense_emb_max_bytes / 2**30:.3g} GiB; use --emb-exchange sparse (lossless: "
+                    "the touched rows only) or smaller tables")
+            self.table_exchange = DenseExchange(backend, {n: p.shape for n, p in self.sparse},
+                                                get_compressor(config.emb), "tensor", config.emb_error_feedback,
+                                                kind="emb")
 
     def error_feedback_nbytes(self) -> int:
         """Bytes held by residuals now (embedding residuals are table-sized)."""
-        return sum(e.memory.nbytes() for e in (self.dense_exchange, self.sparse_exchange) if e.memory)
+        exchanges = (self.dense_exchange, self.sparse_exchange, self.table_exchange)
+        return sum(e.memory.nbytes() for e in exchanges if e is not None and e.memory)
 
     def synchronize(self) -> None:
         if self.backend.size == 1:
             return
         self._dense()
-        if self.sparse:
+        if self.table_exchange:
+            self._dense_tables()
+        elif self.sparse:
             self._sparse()
+
+    def _dense_tables(self) -> None:
+        """Dense embedding exchange: every table's full-size gradient averaged (rows no rank
+        touched are zeros), then stored sparse again (the rows with a nonzero average)."""
+        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.to_dense() for n, p in self.sparse}
+        averaged = self.table_exchange.exchange(grads)
+        for n, p in self.sparse:
+            p.grad = averaged[n].to_sparse(sparse_dim=1)
 
     def _dense(self) -> None:
         grads = {}

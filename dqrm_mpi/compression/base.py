@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 
@@ -51,6 +51,8 @@ class Compressor(ABC):
     bits: ClassVar[int]
     #: decompress(compress(x)) == x exactly
     lossless: ClassVar[bool] = False
+    #: payloads are (index, value) pairs of varying size (``sparse.SparseCompressor``)
+    sparse: ClassVar[bool] = False
 
     @abstractmethod
     def compress(self, x: torch.Tensor, groups: torch.Tensor | None = None, num_groups: int = 1) -> Compressed:
@@ -125,6 +127,7 @@ def from_bytes(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 # -- registry -------------------------------------------------------------------
 _REGISTRY: dict[str, type[Compressor]] = {}
+_PARAMETRIC: dict[str, Callable[[str], Compressor]] = {}  # "topk" -> factory of "topk:0.01+int8"
 
 
 def register(cls: type[Compressor]) -> type[Compressor]:
@@ -135,13 +138,25 @@ def register(cls: type[Compressor]) -> type[Compressor]:
     return cls
 
 
+def register_parametric(prefix: str, factory: Callable[[str], Compressor]) -> None:
+    """Make specs ``prefix:...`` (e.g. ``topk:0.01+int8``) build ``factory(spec)``."""
+    if prefix in _PARAMETRIC:
+        raise ValueError(f"compressor family {prefix!r} registered twice")
+    _PARAMETRIC[prefix] = factory
+
+
 def compressor_names() -> tuple[str, ...]:
+    """The plain compressor names (the parametric families take ``FAMILY:...`` specs)."""
     return tuple(_REGISTRY)
 
 
 def get_compressor(name: str) -> Compressor:
-    """The compressor registered as ``name``; unknown names raise ValueError listing the known ones."""
-    try:
+    """The compressor registered as ``name``, or built from a parametric spec such as
+    ``topk:0.01+int8``; unknown names and malformed specs raise ValueError saying what is expected."""
+    if name in _REGISTRY:
         return _REGISTRY[name]()
-    except KeyError:
-        raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+    family = name.split(":", 1)[0]
+    if ":" in name and family in _PARAMETRIC:
+        return _PARAMETRIC[family](name)
+    families = "".join(f", {f}:..." for f in _PARAMETRIC)
+    raise ValueError(f"unknown compressor {name!r}; choose one of {', '.join(_REGISTRY)}{families}")

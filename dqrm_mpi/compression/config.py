@@ -8,6 +8,8 @@ from ..qcore import CHANNEL, ROW, TABLE, TENSOR
 from .base import compressor_names, get_compressor
 
 ERROR_FEEDBACK = ("mlp", "emb", "both", "none")
+EMB_EXCHANGES = ("sparse", "dense")
+DENSE_EMB_MAX_BYTES = 1 << 30  # --emb-exchange dense: FP32 table gradients per rank and step
 COLLECTIVES = ("auto", "allgather", "two-phase")
 EMB_SCALES = (TABLE, ROW, TENSOR)
 MLP_SCALES = (CHANNEL, TENSOR)
@@ -18,7 +20,12 @@ class CompressionConfig:
     """Gradient compression for the data-parallel exchange.
 
     emb / mlp: compressor names (``none``, ``fp16``, ``int16``, ``int8``, ``int4``) for the
-      embedding gradients (sent sparse: coalesced rows, ids + values) and the MLP gradients.
+      embedding gradients (sent sparse: coalesced rows, ids + values) and the MLP gradients;
+      the MLP also takes the sparsifying specs ``topk:RATIO[+VALUES]`` and
+      ``threshold:VALUE[+VALUES]`` (``compression.sparse``: always allgathered, one scale per tensor).
+    emb_exchange: ``sparse`` (the touched rows, as above) or ``dense`` (whole table-sized
+      gradients averaged by allreduce: the paper's uncompressed baseline; emb must be none or
+      fp16, and the tables at most ``dense_emb_max_bytes`` of FP32).
     error_feedback: which gradients keep a residual (mlp, emb, both, none).  MLP residuals
       cost one FP32 copy of the MLP; embedding residuals one FP32 copy of every table.
     collective: for quantized payloads, ``allgather`` (receive grows with ranks), ``two-phase``
@@ -36,17 +43,33 @@ class CompressionConfig:
     emb_scale: str = TABLE
     mlp_scale: str = CHANNEL
     two_phase_min_ranks: int = 5
+    emb_exchange: str = "sparse"
+    dense_emb_max_bytes: int = DENSE_EMB_MAX_BYTES
 
     def __post_init__(self) -> None:
-        for field_name in ("emb", "mlp"):
-            get_compressor(getattr(self, field_name))  # raises for unknown names
+        try:
+            emb = get_compressor(self.emb)
+        except ValueError as e:
+            raise ValueError(f"emb: {e}") from None
+        try:
+            get_compressor(self.mlp)
+        except ValueError as e:
+            raise ValueError(f"mlp: {e}") from None
         checks = [
+            (not emb.sparse, f"emb: {self.emb} sparsifies dense gradients (MLP only); embedding gradients "
+                             "already travel as their touched rows"),
+            (self.emb_exchange in EMB_EXCHANGES,
+             f"emb_exchange must be one of {EMB_EXCHANGES}, got {self.emb_exchange!r}"),
+            (self.emb_exchange == "sparse" or emb.linear,
+             f"emb_exchange dense (--emb-exchange dense) averages whole tables by allreduce: emb "
+             f"(--emb-compress) must be none or fp16, got {self.emb!r}"),
             (self.error_feedback in ERROR_FEEDBACK,
              f"error_feedback must be one of {ERROR_FEEDBACK}, got {self.error_feedback!r}"),
             (self.collective in COLLECTIVES, f"collective must be one of {COLLECTIVES}, got {self.collective!r}"),
             (self.emb_scale in EMB_SCALES, f"emb_scale must be one of {EMB_SCALES}, got {self.emb_scale!r}"),
             (self.mlp_scale in MLP_SCALES, f"mlp_scale must be one of {MLP_SCALES}, got {self.mlp_scale!r}"),
             (self.two_phase_min_ranks >= 2, f"two_phase_min_ranks must be >= 2, got {self.two_phase_min_ranks}"),
+            (self.dense_emb_max_bytes >= 0, f"dense_emb_max_bytes must be >= 0, got {self.dense_emb_max_bytes}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -65,8 +88,18 @@ class CompressionConfig:
             return world_size >= self.two_phase_min_ranks
         return self.collective == "two-phase"
 
+    def single_rank_notice(self) -> str | None:
+        """What to tell a 1-rank run that asked for compression (it exchanges nothing), or None."""
+        asked = [f"--{k} {v}" for k, v in (("emb-compress", self.emb), ("mlp-compress", self.mlp),
+                                            ("emb-exchange", self.emb_exchange))
+                 if v not in ("none", "sparse")]
+        if not asked:
+            return None
+        return f"{', '.join(asked)}: a single rank exchanges no gradients, so this does nothing here"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-__all__ = ["CompressionConfig", "compressor_names", "ERROR_FEEDBACK", "COLLECTIVES", "EMB_SCALES", "MLP_SCALES"]
+__all__ = ["CompressionConfig", "compressor_names", "ERROR_FEEDBACK", "COLLECTIVES", "EMB_SCALES", "MLP_SCALES",
+           "EMB_EXCHANGES", "DENSE_EMB_MAX_BYTES"]

@@ -178,6 +178,8 @@ class _Training:
                                             "device": str(self.device), "threads": torch.get_num_threads(),
                                             "steps_per_epoch": self.batches.steps_per_epoch,
                                             "total_steps": self.total_steps, "log_every": self.log.window_steps})
+        if self.backend.size == 1 and (notice := config.compression.single_rank_notice()):
+            self.log.message(f"[dqrm-train] {notice}")
         if self.start_step:
             self.log.message(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
         if self.batches.dropped_per_epoch:
