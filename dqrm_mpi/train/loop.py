@@ -24,6 +24,7 @@ from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
 from .config import TrainConfig
+from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .evaluation import bar_interval, evaluate
 from .report import format_summary
 from .run_dir import RunDir
@@ -41,19 +42,23 @@ def select_device(name: str, local_rank: int) -> torch.device:
 
 
 def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, Any]:
-    """Run training as configured; returns the summary (on every rank; rank 0 writes files)."""
-    backend = backend or HorovodBackend()
-    torch.set_num_threads(config.threads or default_threads(backend.local_size))
-    device = select_device(config.device, backend.local_rank)
-    meta = read_meta(config.data)
-    model_config, model, qat = build_model(config, meta, device)
-    start_step = start_or_resume(config, model, backend)
-    run = _Training(config, backend, device, meta, model_config, model, qat, start_step)
-    try:
-        last_epoch = run.train_epochs()
-        return run.finish(last_epoch)
-    finally:
-        run.close()
+    """Run training as configured; returns the summary (on every rank; rank 0 writes files).
+
+    Raises ``Preempted`` on every rank after SIGUSR1 or SIGTERM stopped the run at a
+    checkpoint (see ``preemption``)."""
+    with StopSignals() as signals:
+        backend = backend or HorovodBackend()
+        torch.set_num_threads(config.threads or default_threads(backend))
+        device = select_device(config.device, backend.local_rank)
+        meta = read_meta(config.data)
+        model_config, model, qat = build_model(config, meta, device)
+        start_step = start_or_resume(config, model, backend)
+        run = _Training(config, backend, device, meta, model_config, model, qat, start_step, signals)
+        try:
+            last_epoch = run.train_epochs()
+            return run.finish(last_epoch)
+        finally:
+            run.close()
 
 
 def build_model(config: TrainConfig, meta: DatasetMeta, device: torch.device
@@ -105,7 +110,8 @@ class _Training:
     """One run between set-up and summary: the exchange, data, run directory and counters."""
 
     def __init__(self, config: TrainConfig, backend: Collectives, device: torch.device, meta: DatasetMeta,
-                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int) -> None:
+                 model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int,
+                 signals: StopSignals) -> None:
         self.config, self.backend, self.device, self.meta = config, backend, device, meta
         self.model_config, self.model, self.qat = model_config, model, qat
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
@@ -127,6 +133,7 @@ class _Training:
         self.last: dict[str, dict[str, float]] = {}  # rank 0: latest metrics per split
         self.best_test: dict[str, Any] | None = None  # rank 0: the evaluation with the best test AUC
         self.saved_step: int | None = None  # step of the last checkpoint written
+        self.schedule = CheckpointSchedule(backend, signals, config.checkpoint_every, config.checkpoint_minutes * 60)
         self.run = RunDir(config.out) if backend.rank == 0 else None
         if self.run:
             self._write_config()
@@ -160,8 +167,7 @@ class _Training:
                 self.train_step(batch, epoch)
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate(epoch)
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint(epoch)
+                self.checkpoint_or_stop(epoch)
                 if self.step >= self.total_steps:
                     break
             self.evaluate(epoch)
@@ -208,12 +214,26 @@ class _Training:
             tqdm.write(f"[dqrm-train] step {self.step} epoch {epoch} {split}: acc {result['accuracy']:.4f} "
                        f"auc {result['auc']:.4f} logloss {result['log_loss']:.4f}")
 
+    def checkpoint_or_stop(self, epoch: int) -> None:
+        """After a step: the checkpoint the schedule asks for; on SIGUSR1/SIGTERM (agreed by
+        all ranks) also stop, raising ``Preempted`` everywhere, unless this was the last step."""
+        decision = self.schedule.after_step(self.step)
+        if decision.checkpoint:
+            self.save_checkpoint(epoch)
+        if decision.stop and self.step < self.total_steps:
+            self.bar.close()
+            self.comm_log.flush(self.run.log if self.run else None)
+            if self.run:
+                self.run.log({"event": "preempted", "step": self.step, "signal": decision.stop})
+            raise Preempted(self.step, decision.stop, str(self.config.out / CHECKPOINT))
+
     def save_checkpoint(self, epoch: int) -> None:
         """Rank 0 writes ``checkpoint.pt`` for the current step."""
-        if self.run:
+        if self.run and self.saved_step != self.step:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
                                                       self.step, epoch))
             self.saved_step = self.step
+        self.schedule.saved()
 
     def summary(self, last_epoch: int) -> dict[str, Any]:
         samples = (self.step - self.start_step) * self.config.batch_size
