@@ -232,6 +232,7 @@ class _Training:
         if self.run and self.saved_step != self.step:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
                                                       self.step, epoch))
+            self.run.log({"event": "checkpoint", "step": self.step, "epoch": epoch})
             self.saved_step = self.step
         self.schedule.saved()
 

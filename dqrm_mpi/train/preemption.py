@@ -99,11 +99,14 @@ class CheckpointSchedule:
         return Decision(periodic or posts[0][1] or stop is not None, stop)
 
 
-def exit_all_ranks(backend: Collectives | None, code: int = PREEMPTED_EXIT) -> None:
+def exit_all_ranks(backend: Collectives, code: int = PREEMPTED_EXIT) -> None:
     """End this rank's process now with ``code``, as every rank does at the same moment:
-    after a barrier, without Python's slow teardown, so that the launcher sees ``code`` from
-    every rank (mpirun kills the ranks still running once one has exited non-zero)."""
-    if backend is not None and backend.size > 1:
+    after a barrier, without Python's slow teardown, and deaf to the SIGTERM with which
+    mpirun or srun end the other ranks once one has exited non-zero, so that the launcher
+    sees ``code`` from every rank (mpirun reports the first non-zero code, srun the highest)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    if backend.size > 1:
         backend.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
