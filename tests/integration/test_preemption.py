@@ -80,11 +80,15 @@ def test_usr1_to_one_rank_stops_all_and_resume_auto_completes(small_dataset, tmp
     assert {"event": "preempted", "step": stopped, "signal": "SIGUSR1"} in records
     assert not (out / "summary.json").exists()
 
-    # the requeued job: --resume auto continues; an empty --out with --resume auto starts afresh
+    # the requeued job: --resume auto continues.  The uninterrupted run (--resume auto on an
+    # empty --out starts afresh) checkpoints by time too: rank 0's 1 ns interval has passed at
+    # every agreement (every AGREE_EVERY steps), and the last step is always checkpointed.
     end = str(stopped + 7)
     horovodrun(2, _args(small_dataset, out, "--epochs", "1000", "--max-steps", end, "--resume", "auto"))
     horovodrun(2, _args(small_dataset, tmp_path / "whole", "--epochs", "1000", "--max-steps", end,
-                        "--resume", "auto"))
+                        "--resume", "auto", "--checkpoint-minutes", "1e-9"))
+    saved = [r["step"] for r in read_metrics(tmp_path / "whole") if r["event"] == "checkpoint"]
+    assert saved == [*range(AGREE_EVERY, stopped + 1, AGREE_EVERY), stopped + 7]
     resumed, whole = (torch.load(p / "checkpoint.pt") for p in (out, tmp_path / "whole"))
     assert resumed["step"] == whole["step"] == stopped + 7
     for name, value in whole["model"].items():
@@ -100,19 +104,10 @@ def test_resume_auto_starts_afresh_over_a_run_killed_before_its_first_checkpoint
     (out / "metrics.jsonl").write_text('{"event": "step", "step": 1}\n{"event": "step", "st')  # cut off by a kill
     run_cmd(_args(small_dataset, out, "--max-steps", "2", "--resume", "auto"))
     assert _steps(out) == [1, 2]
-    # with a checkpoint, auto resumes (and the plain flag still means "must resume")
-    run_cmd(_args(small_dataset, out, "--max-steps", "4", "--resume", "auto"))
-    run_cmd(_args(small_dataset, out, "--max-steps", "5", "--resume"))
-    assert _steps(out) == [1, 2, 3, 4, 5]
-    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 4
+    run_cmd(_args(small_dataset, out, "--max-steps", "4", "--resume", "auto"))  # with a checkpoint: resumes
+    assert _steps(out) == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["resumed_from_step"] == 2
     proc = subprocess.run(_args(small_dataset, tmp_path / "none", "--resume"), env=mpi_env(), capture_output=True,
                           text=True)
     assert proc.returncode == 1 and "nothing to resume; --resume auto starts afresh then" in proc.stderr
 
-
-def test_time_based_checkpoints_are_taken_at_agreed_steps(small_dataset, tmp_path):
-    """A tiny --checkpoint-minutes: rank 0's interval has passed at every agreement."""
-    out = tmp_path / "r"
-    horovodrun(2, _args(small_dataset, out, "--max-steps", "25", "--checkpoint-minutes", "1e-9"))
-    saved = [r["step"] for r in read_metrics(out) if r["event"] == "checkpoint"]
-    assert saved == [10, 20, 25]  # agreements at 10 and 20; the last step always
