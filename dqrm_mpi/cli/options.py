@@ -8,7 +8,7 @@ import click
 
 def version_option(fn):
     """``--version``: the installed dqrm_mpi package's version."""
-    return click.version_option(package_name="dqrm_mpi", message="%(prog)s %(version)s")(fn)
+    return click.version_option(package_name="dqrm_mpi")(fn)
 
 
 def warn(message: str) -> None:
