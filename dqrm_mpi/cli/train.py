@@ -51,7 +51,8 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto: one GPU per local rank when torch sees CUDA, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
+              help="Torch threads per rank [default: OMP_NUM_THREADS, else this rank's share of the cores it may "
+                   "use (sched_getaffinity) among the ranks on its node].")
 @qat_options
 @compression_options
 @version_option
