@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -35,6 +36,15 @@ def _usr1_pending(pid: int) -> bool:
     status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     bit = 1 << (signal.SIGUSR1 - 1)
     return any(int(status[k].strip(), 16) & bit for k in ("SigPnd", "ShdPnd"))
+
+
+def _steps_running(cluster, job: str) -> set[str]:
+    """The job's steps (batch script included) that slurmd started and is not yet done with (its log)."""
+    log = (cluster.dir / "log" / "slurmd.log").read_text(errors="replace")
+    launched = set(re.findall(rf"launch task StepId=({job}\.\d+) ", log))
+    if f"Launching batch job {job} " in log:
+        launched.add(f"{job}.batch")
+    return {step for step in launched if f"[{step}] done with job" not in log}
 
 
 def _wait(what: str, predicate, timeout: float = 300.0):
@@ -69,7 +79,12 @@ def test_usr1_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, launcher
         for pid in ranks:
             os.kill(pid, signal.SIGCONT)
     slurm_cluster.wait_until(job, "requeue", lambda f: f.get("Restarts") == "1")
-    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])  # else held for about 2 minutes
+    # SLURM holds a requeued job for about 2 minutes.  Start it sooner, but only once slurmd
+    # is done with the first run (a step J.0 launched while the old J.0 ends does not start)
+    # and a few seconds after it revoked the first run's credential (at one-second
+    # granularity: a job started within that second is refused as "already killed").
+    _wait("the first run's steps to end", lambda: not _steps_running(slurm_cluster, job), timeout=120)
+    slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3"])
     end = slurm_cluster.wait(job, output)
     text = end.text
     assert (end.state, end.exit_code) == ("COMPLETED", "0:0"), f"{end}\n{slurm_cluster.logs()}"
