@@ -31,7 +31,7 @@ test-mpi:
 
 # A real one-node SLURM cluster (launch/slurm_local.sh: munged, slurmctld, slurmd under a temporary
 # directory; installs Debian's munge and slurm packages when missing; needs root, skipped otherwise):
-# prep.sbatch (mpirun and srun) and train.sbatch with 2 tasks.  About 1.5 minutes on 2 cores.
+# prep.sbatch (mpirun and srun) and train.sbatch with 2 tasks.  About 3.5 minutes on 2 cores (with the requeue test).
 SLURM_TESTS = $(PY) -m pytest tests/slurm -m slurm -q -p no:cacheprovider
 test-slurm: install
 	$(SLURM_TESTS)

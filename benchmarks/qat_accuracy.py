@@ -31,8 +31,8 @@ RUNS = {
     "qat_emb_int16": ["--emb-bits", "16"],
     "qat_emb_int8": ["--emb-bits", "8"],
     "qat_emb_int4": ["--emb-bits", "4"],
-    "qat_emb_int4_mlp_int4_matrix": ["--emb-bits", "4", "--mlp-bits", "4", "--mlp-quant", "matrix"],
-    "qat_emb_int4_mlp_int4_channel": ["--emb-bits", "4", "--mlp-bits", "4", "--mlp-quant", "channel"],
+    "qat_emb_int4_mlp_int4_matrix": ["--emb-bits", "4", "--mlp-bits", "4", "--mlp-scale", "tensor"],
+    "qat_emb_int4_mlp_int4_channel": ["--emb-bits", "4", "--mlp-bits", "4", "--mlp-scale", "channel"],
 }
 
 

@@ -33,7 +33,7 @@ echo "== 3/4 horovodrun -np $NP dqrm-train: kaggle architecture, INT4 QAT, INT8 
 rm -rf "$RUN"
 horovodrun -np "$NP" -H "localhost:$NP" \
   dqrm-train --data "$DATA" --out "$RUN" --preset kaggle --batch-size 256 --lr 0.1 --epochs 1 --eval-every 500 \
-    --emb-bits 4 --mlp-bits 4 --mlp-quant channel --scale-period 200 \
+    --emb-bits 4 --mlp-bits 4 --mlp-scale channel --scale-period 200 \
     --emb-compress int8 --mlp-compress int8 --error-feedback mlp
 echo "== run directory: $RUN (config.json, metrics.jsonl, summary.json, checkpoint.pt)"
 

@@ -7,6 +7,7 @@ import os
 import click
 
 from ..data.schema import SchemaError
+from .options import version_option
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -18,6 +19,7 @@ from ..data.schema import SchemaError
 @click.option("--predictions", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Also save the click probabilities (float64, file order) to this .npy file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's].")
+@version_option
 def main(model: str, data: str, split: str, batch_size: int, predictions: str | None, threads: int | None) -> None:
     """Evaluate MODEL on a split: accuracy, ROC AUC, log loss and the model size.
 

@@ -5,15 +5,17 @@ import json
 
 import click
 
-from .quant_options import BITS, EMB_SCALE_CHOICES, MLP_QUANT_CHOICES, pop_quant_config, weight_options
+from .options import version_option
+from .quant_options import BITS, pop_quant_config, weight_options
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False, writable=True))
 @click.option("--bits", type=BITS, default=None,
-              help="PTQ shorthand: --emb-bits B --mlp-bits B (MLP channel-wise unless --mlp-quant says otherwise).")
+              help="PTQ shorthand: --emb-bits B --mlp-bits B (MLP channel-wise unless --mlp-scale says otherwise).")
 @weight_options
+@version_option
 def main(checkpoint: str, out: str, bits: int | None, **options) -> None:
     """Pack CHECKPOINT (a dqrm-train checkpoint.pt) into OUT.
 
@@ -60,13 +62,11 @@ def main(checkpoint: str, out: str, bits: int | None, **options) -> None:
 
 def _describe(q) -> str:
     """The quantization in the options' words, e.g. "emb INT4 table, mlp INT4 channel"."""
-    emb_word = {v: k for k, v in EMB_SCALE_CHOICES.items()}
-    mlp_word = {v: k for k, v in MLP_QUANT_CHOICES.items()}
     parts = []
     if q.emb_bits:
-        parts.append(f"emb INT{q.emb_bits} {emb_word[q.emb_scale]}")
+        parts.append(f"emb INT{q.emb_bits} {q.emb_scale}")
     if q.mlp_bits:
-        parts.append(f"mlp INT{q.mlp_bits} {mlp_word[q.mlp_scale]}")
+        parts.append(f"mlp INT{q.mlp_bits} {q.mlp_scale}")
     if q.act_bits:
         parts.append(f"act INT{q.act_bits}")
     return ", ".join(parts) or "fp32"

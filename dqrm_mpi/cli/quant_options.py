@@ -1,4 +1,8 @@
-"""The quantization options shared by ``dqrm-train`` (QAT) and ``dqrm-export`` (PTQ)."""
+"""The quantization options shared by ``dqrm-train`` (QAT) and ``dqrm-export`` (PTQ).
+
+Scale granularities use qcore's words (table, row, tensor, channel), as the gradient
+options do (--emb-grad-scale, --mlp-grad-scale); the older spellings (rowwise, matrix,
+--mlp-quant) still work, with a warning."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -6,30 +10,38 @@ from typing import Any, Callable
 import click
 
 from ..qcore import CHANNEL, MAX_BITS, MIN_BITS, ROW, TABLE, TENSOR
-from ..quant.config import QuantConfig
+from ..quant.config import EMB_SCALES, MLP_SCALES, QuantConfig
+from .options import Words, in_flags, warn
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
-# The option values users type -> the granularity names in code (None: MLP weights FP32).
-EMB_SCALE_CHOICES = {"table": TABLE, "rowwise": ROW}
-MLP_QUANT_CHOICES = {"none": None, "matrix": TENSOR, "channel": CHANNEL}
+OLD_WORDS = {"rowwise": ROW, "matrix": TENSOR}
+
+
+def _mlp_quant(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        warn(f"--mlp-quant is deprecated: use --mlp-scale {CHANNEL}|{TENSOR} (matrix is {TENSOR}; "
+             "none: leave out --mlp-bits)")
+    return value
 
 
 def weight_options(fn: Callable) -> Callable:
-    """--emb-bits --emb-scale --mlp-bits --mlp-quant (what is quantized, and how)."""
+    """--emb-bits --emb-scale --mlp-bits --mlp-scale (what is quantized, and how)."""
     options = [
         click.option("--emb-bits", type=BITS, default=None,
                      help="Quantize embedding rows to this many bits (16, 8, 4, 2; any of 2..16). Only the rows "
                           "looked up in a batch are fake-quantized; the FP32 master tables take the sparse "
                           "gradients (straight-through estimator). [default: FP32]"),
-        click.option("--emb-scale", type=click.Choice(list(EMB_SCALE_CHOICES)), default="table",
+        click.option("--emb-scale", type=Words(list(EMB_SCALES), {"rowwise": ROW}), default=TABLE,
                      help="table: one scale per table, max|W|/(2^(b-1)-1), refreshed every --scale-period "
-                          "steps (DQRM). rowwise: one scale per row, computed from the row itself (more "
+                          "steps (DQRM). row: one scale per row, computed from the row itself (more "
                           "accurate; the export then stores one float32 scale per row)."),
         click.option("--mlp-bits", type=BITS, default=None,
                      help="Quantize MLP weights to this many bits; biases stay FP32. [default: FP32]"),
-        click.option("--mlp-quant", type=click.Choice(list(MLP_QUANT_CHOICES)), default=None,
-                     help="MLP weight scales: matrix (one per weight matrix) or channel (one per output "
-                          "channel; DQRM found it better at INT4). [default: channel with --mlp-bits, else none]"),
+        click.option("--mlp-scale", type=Words(list(MLP_SCALES), {"matrix": TENSOR}), default=None,
+                     help="MLP weight scales: tensor (one per weight matrix) or channel (one per output "
+                          "channel; DQRM found it better at INT4). Needs --mlp-bits. [default: channel]"),
+        click.option("--mlp-quant", type=click.Choice(["none", "matrix", TENSOR, CHANNEL]), default=None,
+                     hidden=True, callback=_mlp_quant, help="Deprecated spelling of --mlp-scale."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -57,12 +69,22 @@ def qat_options(fn: Callable) -> Callable:
 
 
 def pop_quant_config(options: dict[str, Any]) -> QuantConfig:
-    """Remove the quantization options from Click's ``options`` and build a QuantConfig (ValueError if bad)."""
-    names = ("emb_bits", "scale_period", "mlp_bits", "act_bits", "pretrain_epochs")
+    """Remove the quantization options from Click's ``options`` and build a QuantConfig
+    (ValueError naming the options if bad)."""
+    names = ("emb_bits", "emb_scale", "scale_period", "mlp_bits", "mlp_scale", "act_bits", "pretrain_epochs")
     fields = {n: options.pop(n) for n in names if n in options}
-    fields["emb_scale"] = EMB_SCALE_CHOICES[options.pop("emb_scale")]
-    mlp_quant = options.pop("mlp_quant")
-    if mlp_quant == "none" and fields.get("mlp_bits") is not None:
-        raise ValueError(f"mlp_bits={fields['mlp_bits']} and mlp_quant='none' disagree: give both (e.g. 4 and "
-                         "'channel') or neither")
-    return QuantConfig(**fields, mlp_scale=MLP_QUANT_CHOICES[mlp_quant] if mlp_quant else None)
+    old = options.pop("mlp_quant")
+    if old == "none":
+        if fields["mlp_bits"] is not None:
+            raise ValueError(f"--mlp-bits {fields['mlp_bits']} and --mlp-quant none disagree: leave out --mlp-quant")
+    elif old is not None:
+        if fields["mlp_scale"] not in (None, OLD_WORDS.get(old, old)):
+            raise ValueError(f"--mlp-scale {fields['mlp_scale']} and --mlp-quant {old} disagree: "
+                             "give --mlp-scale alone")
+        fields["mlp_scale"] = OLD_WORDS.get(old, old)
+    if fields["mlp_scale"] is not None and fields["mlp_bits"] is None:
+        raise ValueError(f"--mlp-scale {fields['mlp_scale']} needs --mlp-bits (without it the MLP stays FP32)")
+    try:
+        return QuantConfig(**fields)
+    except ValueError as e:
+        raise ValueError(in_flags(str(e))) from None

@@ -15,12 +15,14 @@ import click
 from ..repro.plan import make_plan, ranks_of, specs_runs, steps_for
 from ..repro.profiles import PROFILES, Profile
 from ..repro.specs import FIGURES, TABLES
+from .options import version_option
 
 SETTINGS = "repro.json"  # in the report dir: the profile and options `report` re-renders with
 ITEMS = TABLES + FIGURES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@version_option
 def main() -> None:
     """Reproduce the DQRM paper's Tables 1-8 and Figures 1-2 with one command.
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 import click
 
 from ..data.schema import SchemaError
-from ..model.config import PRESETS
-from ..train.config import DEVICES, TrainConfig
+from ..model.config import NUM_DENSE, PRESETS
+from ..train.config import DEVICES, RESUME_MODES, TrainConfig
 from .compression_options import compression_options, pop_compression_config
 from .log_options import log_options, pop_log_config
-from .options import LayerWidths
+from .options import LayerWidths, in_flags, version_option
 from .quant_options import pop_quant_config, qat_options
 
 
@@ -21,8 +21,9 @@ from .quant_options import pop_quant_config, qat_options
               help="Architecture: kaggle (dim 16, 13-512-256-64-16, 367-512-256-1), "
                    "terabyte (dim 64, 13-512-256-64, 415-512-512-256-1), tiny (tests).")
 @click.option("--embedding-dim", type=click.IntRange(min=1), default=None, help="Override the preset's embedding dim.")
-@click.option("--bottom-mlp", type=LayerWidths(), default=None,
-              help="Override bottom-MLP widths after the 13 inputs, e.g. 512-256-64-16 (last = embedding dim).")
+@click.option("--bottom-mlp", type=LayerWidths(inputs=NUM_DENSE), default=None,
+              help="Override bottom-MLP widths after the 13 inputs, e.g. 512-256-64-16 (last = embedding dim); "
+                   "the reference DLRM's 13-512-256-64-16 means the same.")
 @click.option("--top-mlp", type=LayerWidths(), default=None,
               help="Override top-MLP widths after the interaction, e.g. 512-256-1 (last = 1).")
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training split.")
@@ -37,16 +38,22 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--seed", type=int, default=0, help="Seeds initialisation (rank 0's, broadcast) and batch order.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps in all.")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
-              help="Also write OUT/checkpoint.pt every N steps (0: only at the end).")
-@click.option("--resume", is_flag=True,
+              help="Also write OUT/checkpoint.pt every N steps (0: not by steps).")
+@click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=30.0,
+              help="Also write OUT/checkpoint.pt every this many minutes of wall time (rank 0's clock, "
+                   "checked every few steps; 0: not by time).  The last step is always checkpointed, and "
+                   "on SIGUSR1 or SIGTERM every rank stops at a checkpoint and exits with code 75.")
+@click.option("--resume", type=click.Choice(RESUME_MODES), is_flag=False, flag_value="yes", default="no",
               help="Continue the run in --out from its checkpoint.pt (same data, architecture, batch size, "
                    "seed and quantization; lr, epochs, max-steps, evaluation and compression may change). "
-                   "Error-feedback residuals start from zero.")
+                   "Error-feedback residuals start from zero.  --resume alone (or yes) needs the checkpoint; "
+                   "--resume auto continues when it exists and starts afresh otherwise (a requeued job).")
 @click.option("--overwrite", is_flag=True, help="Replace the run already in --out (refused otherwise).")
 @click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto: one GPU per local rank when torch sees CUDA, else CPU.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads per rank [default: OMP_NUM_THREADS, else cores / ranks per node].")
+              help="Torch threads per rank [default: OMP_NUM_THREADS, else this rank's share of the cores it may "
+                   "use (sched_getaffinity) among the ranks on its node].")
 @qat_options
 @compression_options
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=600.0,
@@ -54,6 +61,7 @@ from .quant_options import pop_quant_config, qat_options
                    "before the job is ended with exit code 124; a warning naming the silent ranks comes "
                    "every quarter of it.  0: wait forever.")
 @log_options
+@version_option
 def main(**options) -> None:
     """Train a DLRM click model data-parallel with Horovod.
 
@@ -67,15 +75,29 @@ def main(**options) -> None:
     """
     try:
         quant = pop_quant_config(options)
-        compression = pop_compression_config(options)
-        log = pop_log_config(options)
-        config = TrainConfig(**options, quant=quant, compression=compression, log=log)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    from ..train.loop import train  # imports Horovod: after the options are known to be good
-    from ..train.failures import RankFailure
-
     try:
-        train(config)
+        compression = pop_compression_config(options)
+        log = pop_log_config(options)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        config = TrainConfig(**options, quant=quant, compression=compression, log=log)
+    except ValueError as e:
+        raise click.UsageError(in_flags(str(e))) from None
+    # imports Horovod: after the options are known to be good
+    from ..comm.backend import HorovodBackend
+    from ..train.failures import RankFailure
+    from ..train.loop import train
+    from ..train.preemption import Preempted, exit_all_ranks
+
+    backend = HorovodBackend()
+    try:
+        train(config, backend)
+    except Preempted as stop:
+        if backend.rank == 0:
+            click.echo(str(stop), err=True)
+        exit_all_ranks(backend)
     except (SchemaError, ValueError, OSError, FloatingPointError, RankFailure) as e:
         raise click.ClickException(str(e)) from None

@@ -7,6 +7,7 @@ actually handed to Horovod.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from typing import Any
 
@@ -140,12 +141,31 @@ class HorovodBackend:
         self._hvd.shutdown()
 
 
-def default_threads(local_size: int) -> int:
-    """Threads per rank: OMP_NUM_THREADS if set, else the cores shared among local ranks."""
+def usable_cores() -> set[int]:
+    """The CPUs this process may run on (its affinity: a SLURM allocation, a binding, taskset)."""
+    try:
+        return set(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
+def fair_share(mine: set[int], others: list[set[int]]) -> int:
+    """This rank's share of the cores it may use: each core counts 1/k when k of the ranks
+    on this node (``others``, this rank included) may use it.  Ranks sharing one set of n
+    cores get n / ranks each; ranks bound to cores of their own keep all of theirs."""
+    return max(1, int(sum(1 / max(1, sum(c in s for s in others)) for c in mine) + 1e-9))
+
+
+def default_threads(backend: "HorovodBackend") -> int:
+    """Torch threads per rank: OMP_NUM_THREADS if set, else this rank's fair share of the
+    cores it may use among the ranks on its node (a collective: every rank calls it)."""
+    mine = usable_cores()
+    node = socket.gethostname()
+    posts = backend.allgather_object((node, sorted(mine)), name="threads") if backend.size > 1 else [(node, mine)]
     env = os.environ.get("OMP_NUM_THREADS")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             raise ValueError(f"OMP_NUM_THREADS={env!r} is not an integer") from None
-    return max(1, (os.cpu_count() or 1) // max(1, local_size))
+    return fair_share(mine, [set(cores) for host, cores in posts if host == node])

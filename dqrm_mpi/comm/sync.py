@@ -457,19 +457,23 @@ class GradientSynchronizer:
 
     def _sparse(self) -> None:
         ids, values = self.local_sparse_rows()
-        device = values.device
+        # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
         ids, values = self.sparse_exchange.exchange(ids.cpu(), values.cpu())
-        self.set_sparse_grads(ids, values.to(device))
+        self.set_sparse_grads(ids, values)
 
     def set_sparse_grads(self, ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Sum ``values`` [n, d] per global row id [n] and store them as the tables' gradients."""
+        """Sum ``values`` [n, d] per global row id [n] and store them as the tables' gradients.
+
+        ids and values may be on any device (the exchange returns them in host memory): the
+        sum and the gradients are made on the tables' device, ids and values moved there together."""
         device = self.sparse[0][1].device
+        ids, values = ids.to(device), values.to(device)
         merged = torch.sparse_coo_tensor(ids.unsqueeze(0), values, (self.total_rows, self.dim),
                                          check_invariants=False).coalesce()
         rows, vals = merged.indices()[0], merged.values()
-        bounds = torch.searchsorted(rows, self.offsets.to(rows.device)).tolist()
+        bounds = torch.searchsorted(rows, self.offsets.to(device)).tolist()
         for t, (_, p) in enumerate(self.sparse):
             lo, hi = bounds[t], bounds[t + 1]
             p.grad = torch.sparse_coo_tensor(
                 (rows[lo:hi] - int(self.offsets[t])).unsqueeze(0), vals[lo:hi], p.shape,
-                is_coalesced=True, check_invariants=False).to(device)
+                is_coalesced=True, check_invariants=False)

@@ -14,9 +14,9 @@ PTQ4 = Export("ptq4", ("--bits", "4"), splits=("test", "train"))  # vanilla post
 # --- single-rank runs: the global batch on one rank gives the parameters of N ranks (tested) ---
 FP32 = Run("fp32", exports=(PACKED, PTQ4))
 EMB_QAT = {b: Run(f"emb{b}", ("--emb-bits", str(b), "--scale-period", "{scale_period}")) for b in (16, 8, 4)}
-DQRM_FLAGS = ("--emb-bits", "4", "--mlp-bits", "4", "--mlp-quant", "channel")
+DQRM_FLAGS = ("--emb-bits", "4", "--mlp-bits", "4", "--mlp-scale", "channel")
 DQRM4 = Run("dqrm4", DQRM_FLAGS + ("--scale-period", "{scale_period}"), exports=(PACKED,))
-MLP4_MATRIX = Run("emb4-mlp4-matrix", ("--emb-bits", "4", "--mlp-bits", "4", "--mlp-quant", "matrix",
+MLP4_MATRIX = Run("emb4-mlp4-matrix", ("--emb-bits", "4", "--mlp-bits", "4", "--mlp-scale", "tensor",
                                        "--scale-period", "{scale_period}"))
 PERIOD = {p: Run(f"dqrm4-period{p}", DQRM_FLAGS + ("--scale-period", str(p))) for p in (1, 200, 500, 1000)}
 FINETUNE = Run("dqrm4-finetune", DQRM4.flags + ("--pretrain-epochs", "1"))

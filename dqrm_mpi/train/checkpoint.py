@@ -47,18 +47,21 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
     """Check (on rank 0) what ``--out`` holds against --resume / --overwrite.
 
     Returns the checkpoint to resume from, or None for a fresh run.  Raises ValueError
-    when a previous run would be mixed with this one or cannot be resumed.
+    when a previous run would be mixed with this one or cannot be resumed.  ``--resume
+    auto`` resumes when ``checkpoint.pt`` exists and otherwise starts afresh, replacing
+    what a run stopped before its first checkpoint left (config.json, metrics.jsonl).
     """
     out = Path(config.out)
     previous = [name for name in RUN_FILES if (out / name).exists()]
-    if config.overwrite:
+    path = out / CHECKPOINT
+    if config.overwrite or (config.resume == "auto" and not path.exists()):
         for name in previous:
             (out / name).unlink()
         return None
-    if config.resume:
-        path = out / CHECKPOINT
+    if config.resume != "no":
         if not path.exists():
-            raise ValueError(f"--resume: {path} does not exist (nothing to resume)")
+            raise ValueError(f"--resume: {path} does not exist (nothing to resume; --resume auto starts afresh "
+                             "then)")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             saved = state["train_config"]

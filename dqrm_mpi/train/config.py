@@ -12,6 +12,9 @@ from ..compression.config import CompressionConfig
 from .log_config import LogConfig
 
 DEVICES = ("auto", "cpu", "cuda")
+# --resume: no (a fresh --out), yes (continue from out/checkpoint.pt, which must exist),
+# auto (continue when out/checkpoint.pt exists, else start afresh: what a requeued job passes).
+RESUME_MODES = ("no", "yes", "auto")
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,10 @@ class TrainConfig:
 
     batch_size is the global batch (split evenly across ranks); eval_every is in steps
     (0: only at the end of each epoch); max_steps (None: no limit) counts steps over all
-    epochs; threads None means OMP_NUM_THREADS or cores / local ranks; checkpoint_every is
-    in steps (0: only at the end); resume continues from ``out/checkpoint.pt``;
+    epochs; threads None means OMP_NUM_THREADS or this rank's share of the cores it may use;
+    checkpoint_every is in steps and checkpoint_minutes in minutes of wall time (0: off; the
+    last checkpoint is always written); resume is one of RESUME_MODES (True/False read as
+    yes/no).
     keep_epoch_checkpoints also keeps the model of every epoch's end (``epoch_checkpoint.py``).
     """
 
@@ -43,7 +48,8 @@ class TrainConfig:
     threads: int | None = None
     prefetch: int = 4
     checkpoint_every: int = 0
-    resume: bool = False
+    checkpoint_minutes: float = 30.0
+    resume: str = "no"
     overwrite: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)  # default: FP32, nothing quantized
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
@@ -54,6 +60,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
+        if isinstance(self.resume, bool):
+            object.__setattr__(self, "resume", "yes" if self.resume else "no")
         checks = [
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
@@ -66,7 +74,9 @@ class TrainConfig:
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}"),
-            (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
+            (self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}"),
+            (self.resume in RESUME_MODES, f"resume must be one of {RESUME_MODES}, got {self.resume!r}"),
+            (not (self.resume != "no" and self.overwrite), "resume and overwrite exclude each other"),
             (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
             (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),
             (isinstance(self.compression, CompressionConfig),
@@ -74,7 +84,7 @@ class TrainConfig:
             (isinstance(self.log, LogConfig), f"log must be a LogConfig, got {type(self.log).__name__}"),
             (getattr(self.quant, "pretrain_epochs", 0) < self.epochs,
              f"pretrain_epochs ({self.quant.pretrain_epochs}) must be below epochs ({self.epochs}): "
-             "quantization-aware training starts after the FP32 pretraining epochs"),
+             "quantization-aware training starts after the FP32 pretraining"),
         ]
         for ok, message in checks:
             if not ok:

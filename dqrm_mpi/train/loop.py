@@ -26,6 +26,7 @@ from .epoch_checkpoint import keep_epoch_checkpoint
 from .evaluation import evaluate
 from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .launcher_watch import LauncherWatch
+from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .report import format_summary
 from .run_dir import RunDir
 from .step_timer import StepTimer
@@ -45,37 +46,41 @@ def select_device(name: str, local_rank: int) -> torch.device:
 
 
 def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, Any]:
-    """Run training as configured; returns the summary (on every rank; rank 0 writes files)."""
-    backend = backend or HorovodBackend()
-    launcher = LauncherWatch(backend.rank).start()  # a signal that ends the launcher ends every rank
-    lock = watchdog = None
-    try:
-        torch.set_num_threads(config.threads or default_threads(backend.local_size))
-        device = select_device(config.device, backend.local_rank)
-        meta = read_meta(config.data)
-        model_config, model, qat = build_model(config, meta, device)
-        lock = lock_out_dir(config, backend)
-        if config.stall_timeout:
-            watchdog = StallWatchdog(backend.rank, backend.size, config.stall_timeout,
-                                     config.out / HEARTBEAT_DIR).start()
-            backend = WatchedCollectives(backend, watchdog)
-        start_step = start_or_resume(config, model, backend)
-        run = _Training(config, backend, device, meta, model_config, model, qat, start_step, watchdog)
+    """Run training as configured; returns the summary (on every rank; rank 0 writes files).
+
+    Raises ``Preempted`` on every rank after SIGUSR1 or SIGTERM stopped the run at a
+    checkpoint (see ``preemption``)."""
+    with StopSignals() as signals:
+        backend = backend or HorovodBackend()
+        launcher = LauncherWatch(backend.rank).start()  # a signal that ends the launcher ends every rank
+        lock = watchdog = None
         try:
-            last_epoch = run.train_epochs()
-            return run.finish(last_epoch)
+            torch.set_num_threads(config.threads or default_threads(backend))
+            device = select_device(config.device, backend.local_rank)
+            meta = read_meta(config.data)
+            model_config, model, qat = build_model(config, meta, device)
+            lock = lock_out_dir(config, backend)
+            if config.stall_timeout:
+                watchdog = StallWatchdog(backend.rank, backend.size, config.stall_timeout,
+                                         config.out / HEARTBEAT_DIR).start()
+                backend = WatchedCollectives(backend, watchdog)
+            start_step = start_or_resume(config, model, backend)
+            run = _Training(config, backend, device, meta, model_config, model, qat, start_step, signals, watchdog)
+            try:
+                last_epoch = run.train_epochs()
+                return run.finish(last_epoch)
+            finally:
+                run.close()
+        except RuntimeError as e:
+            if backend.size > 1 and is_peer_shutdown(e):
+                raise peer_failed(backend.rank) from e
+            raise
         finally:
-            run.close()
-    except RuntimeError as e:
-        if backend.size > 1 and is_peer_shutdown(e):
-            raise peer_failed(backend.rank) from e
-        raise
-    finally:
-        for held in (watchdog, launcher):
-            if held is not None:
-                held.stop()
-        if lock is not None:
-            lock.release()
+            for held in (watchdog, launcher):
+                if held is not None:
+                    held.stop()
+            if lock is not None:
+                lock.release()
 
 
 def lock_out_dir(config: TrainConfig, backend: Collectives) -> DirectoryLock | None:
@@ -144,7 +149,7 @@ class _Training:
 
     def __init__(self, config: TrainConfig, backend: Collectives, device: torch.device, meta: DatasetMeta,
                  model_config: ModelConfig, model: DLRM, qat: QATState | None, start_step: int,
-                 watchdog: StallWatchdog | None = None) -> None:
+                 signals: StopSignals, watchdog: StallWatchdog | None = None) -> None:
         self.config, self.backend, self.device, self.meta = config, backend, device, meta
         self.model_config, self.model, self.qat = model_config, model, qat
         self.watchdog = watchdog
@@ -163,6 +168,7 @@ class _Training:
                              f"{self.total_steps} steps in all: raise --epochs or --max-steps")
         self.start_step = self.step = start_step
         self.saved_step: int | None = None  # step of the last checkpoint written
+        self.schedule = CheckpointSchedule(backend, signals, config.checkpoint_every, config.checkpoint_minutes * 60)
         self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         self.timer = StepTimer(device)  # where each step's time goes
         self.log = TrainingLog(backend, self.run, config.log, self.timer, batch_size=config.batch_size,
@@ -203,8 +209,7 @@ class _Training:
                 self.train_step(batch, epoch)
                 if config.eval_every and self.step % config.eval_every == 0:
                     self.evaluate(epoch)
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0:
-                    self.save_checkpoint(epoch)
+                self.checkpoint_or_stop(epoch)
                 if self.step >= self.total_steps:
                     break
             self.log.end_epoch(self.step, epoch)
@@ -255,20 +260,35 @@ class _Training:
             self.timer.lap("eval")
             self.log.evaluated(self.step, epoch, split, result)
 
+    def checkpoint_or_stop(self, epoch: int) -> None:
+        """After a step: the checkpoint the schedule asks for; on SIGUSR1/SIGTERM (agreed by
+        all ranks) also stop, raising ``Preempted`` everywhere, unless this was the last step."""
+        decision = self.schedule.after_step(self.step)
+        if decision.checkpoint:
+            self.save_checkpoint(epoch)
+        if decision.stop and self.step < self.total_steps:  # the checkpoint above ended the log's window
+            self.log.record({"event": "preempted", "step": self.step, "signal": decision.stop})
+            raise Preempted(self.step, decision.stop, str(self.config.out / CHECKPOINT))
+
     def save_checkpoint(self, epoch: int) -> None:
-        """Rank 0 writes ``checkpoint.pt`` for the current step (metrics.jsonl complete up to it)."""
+        """Every rank, after the same step: ends the log's window (collective unless no step was
+        taken since), then rank 0 writes ``checkpoint.pt`` for the current step (metrics.jsonl
+        complete up to it).  Nothing to do when this step is already saved."""
+        if self.saved_step == self.step:
+            return
         self.log.end_window(epoch)  # collective; a no-op after the last step (finish: rank 0 only)
         if self.run:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
                                                       self.step, epoch))
-            self.saved_step = self.step
+            self.log.record({"event": "checkpoint", "step": self.step, "epoch": epoch})
+        self.saved_step = self.step
+        self.schedule.saved()
         self.timer.lap("checkpoint")
 
     def save_epoch_checkpoint(self, epoch: int) -> None:
         """Rank 0 writes ``checkpoint.pt`` at the end of ``epoch`` and keeps it as
         ``checkpoint-epoch{epoch}.pt`` (--keep-epoch-checkpoints)."""
-        if self.saved_step != self.step:
-            self.save_checkpoint(epoch)
+        self.save_checkpoint(epoch)
         if self.run:
             keep_epoch_checkpoint(self.run.path, epoch)
         self.timer.lap("checkpoint")

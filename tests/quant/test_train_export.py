@@ -158,7 +158,7 @@ def test_help_and_clear_errors(fp32_run, int4_run, tmp_path):
     assert r.exit_code == 2 and "disagree" in r.output
     r = runner.invoke(train_cli.main, ["--data", str(tmp_path), "--out", str(tmp_path / "o"), "--emb-bits", "4",
                                        "--pretrain-epochs", "1"])
-    assert r.exit_code == 2 and "pretrain_epochs (1) must be below epochs (1)" in r.output
+    assert r.exit_code == 2 and "--pretrain-epochs (1) must be below --epochs (1)" in r.output
     (tmp_path / "junk").write_bytes(b"not a model")
     r = runner.invoke(eval_cli.main, [str(tmp_path / "junk"), "--data", str(tmp_path)])
     assert r.exit_code != 0 and "not a dqrm-train checkpoint" in r.output

@@ -62,26 +62,44 @@ class SlurmCluster:
         return subprocess.run(args, cwd=REPO, env={**self.env, **(extra_env or {})}, capture_output=True,
                               text=True, timeout=timeout)
 
-    def submit(self, options: list[str], script: str, args: list[str], output: Path,
-               extra_env: dict[str, str] | None = None, timeout: float = 600) -> JobEnd:
-        """sbatch from the repository root, then wait for the job to end (polling scontrol:
-        sbatch --wait sleeps ever longer between its polls)."""
+    def start(self, options: list[str], script: str, args: list[str], output: Path,
+              extra_env: dict[str, str] | None = None) -> str:
+        """sbatch from the repository root; returns the job id."""
         proc = self.run(["sbatch", "--parsable", f"--output={output}", *options, script, *args],
                         extra_env=extra_env)
         assert proc.returncode == 0, f"sbatch {script}: {proc.stdout}{proc.stderr}"
-        job = proc.stdout.strip().split(";")[0]
+        return proc.stdout.strip().split(";")[0]
+
+    def job(self, job: str) -> dict[str, str]:
+        """``scontrol -o show job``'s fields (JobState, Restarts, ExitCode, ...)."""
+        return dict(f.split("=", 1) for f in self.run(["scontrol", "-o", "show", "job", job]).stdout.split()
+                    if "=" in f)
+
+    def wait_until(self, job: str, what: str, predicate, timeout: float = 600) -> dict[str, str]:
+        """Poll the job's fields (every 0.5 s) until ``predicate(fields)``; returns them.  Fails
+        the test (cancelling the job) after ``timeout`` s or when the job ended otherwise."""
         deadline = time.monotonic() + timeout
         while True:
-            fields = dict(f.split("=", 1) for f in self.run(["scontrol", "-o", "show", "job", job]).stdout.split()
-                          if "=" in f)
-            if fields.get("JobState") in _JOB_ENDED:
-                break
-            if time.monotonic() > deadline:
+            fields = self.job(job)
+            if predicate(fields):
+                return fields
+            if fields.get("JobState") in _JOB_ENDED or time.monotonic() > deadline:
                 self.run(["scancel", job])
-                pytest.fail(f"job {job} ({script}) still {fields.get('JobState')} after {timeout} s\n{self.logs()}")
+                pytest.fail(f"job {job}: {what} did not happen (JobState {fields.get('JobState')}, "
+                            f"ExitCode {fields.get('ExitCode')})\n{self.logs()}")
             time.sleep(0.5)
+
+    def wait(self, job: str, output: Path, timeout: float = 600) -> JobEnd:
+        """Wait for the job to end (polling scontrol: sbatch --wait sleeps ever longer between
+        its polls)."""
+        fields = self.wait_until(job, "ending", lambda f: f.get("JobState") in _JOB_ENDED, timeout)
         text = output.read_text(errors="replace") if output.exists() else "<no output file>"
         return JobEnd(job, fields["JobState"], fields.get("ExitCode", "?"), text)
+
+    def submit(self, options: list[str], script: str, args: list[str], output: Path,
+               extra_env: dict[str, str] | None = None, timeout: float = 600) -> JobEnd:
+        """start(), then wait() for the job to end."""
+        return self.wait(self.start(options, script, args, output, extra_env), output, timeout)
 
     def sbatch(self, options: list[str], script: str, args: list[str], output: Path,
                extra_env: dict[str, str] | None = None) -> str:

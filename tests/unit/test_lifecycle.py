@@ -1,0 +1,77 @@
+"""Stop signals, the checkpoint schedule agreed by all ranks (simulated ranks), threads per rank."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from dqrm_mpi.comm.backend import default_threads, fair_share, usable_cores
+from dqrm_mpi.comm.inprocess import run_ranks
+from dqrm_mpi.train.preemption import AGREE_EVERY, CheckpointSchedule, StopSignals
+
+
+def test_stop_signals_are_recorded_while_entered_and_restored_after():
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals() as signals:
+        assert signals.received is None
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGUSR1"  # the first one is kept
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def _decisions(backend, seen_at: dict[int, int], steps: int, every: int = 0, seconds: float = 0.0):
+    """(step, checkpoint, stop) for every step where something is decided, on this rank;
+    rank r 'receives' a signal before step ``seen_at[r]``."""
+    signals = StopSignals()  # not entered: the ranks are threads, the signal is simulated
+    schedule = CheckpointSchedule(backend, signals, every, seconds)
+    out = []
+    for step in range(1, steps + 1):
+        if seen_at.get(backend.rank) == step:
+            signals.received = "SIGUSR1"
+        d = schedule.after_step(step)
+        if d.checkpoint or d.stop:
+            out.append((step, d.checkpoint, d.stop))
+            schedule.saved()
+            if d.stop:
+                break
+    return out
+
+
+def test_a_signal_seen_by_one_rank_stops_every_rank_at_the_same_step():
+    results = run_ranks(2, lambda b: _decisions(b, {1: 13}, 40, every=7))
+    assert results[0] == results[1] == [(7, True, None), (14, True, None), (20, True, "SIGUSR1")]
+    assert 20 % AGREE_EVERY == 0
+
+
+def test_rank_zeros_clock_decides_time_based_checkpoints_for_all():
+    # rank 0's interval has always passed (1 ns): every agreement checkpoints, on every rank
+    results = run_ranks(3, lambda b: _decisions(b, {}, 35, seconds=1e-9 if b.rank == 0 else 1e9))
+    assert results[0] == results[1] == results[2] == [(s, True, None) for s in (10, 20, 30)]
+    # one rank agrees with itself after every step
+    assert run_ranks(1, lambda b: _decisions(b, {}, 3, seconds=1e-9))[0] == [(s, True, None) for s in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("mine, others, expected", [
+    ({0, 1, 2, 3}, [{0, 1, 2, 3}] * 2, 2),            # two ranks sharing 4 cores
+    ({0, 1, 2, 3}, [{0, 1, 2, 3}] * 3, 1),            # 4 / 3 rounds down
+    ({0, 1}, [{0, 1}, {2, 3}], 2),                    # bound ranks keep their own cores
+    ({0, 1, 2, 3}, [{0, 1, 2, 3}, {0, 1, 2, 3}, {4, 5, 6, 7}, {4, 5, 6, 7}], 2),  # two ranks per socket
+    ({0}, [{0}] * 4, 1),                              # never below one thread
+])
+def test_fair_share_of_cores(mine, others, expected):
+    assert fair_share(mine, others) == expected
+
+
+def test_default_threads_from_the_affinity_unless_omp_num_threads(monkeypatch):
+    cores = len(usable_cores())
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert run_ranks(2, default_threads) == [max(1, cores // 2)] * 2
+    assert run_ranks(1, default_threads)[0] == cores
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert run_ranks(2, default_threads) == [3, 3]
+    monkeypatch.setenv("OMP_NUM_THREADS", "x")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS='x'"):
+        run_ranks(1, default_threads)
+
