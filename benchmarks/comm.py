@@ -299,6 +299,8 @@ ACCURACY_RUNS = {
     "int8_mlp_ef": ["--emb-compress", "int8", "--mlp-compress", "int8"],
     "int8_no_ef": ["--emb-compress", "int8", "--mlp-compress", "int8", "--error-feedback", "none"],
     "mlp_topk0.01_int8_ef": ["--mlp-compress", "topk:0.01+int8"],
+    "mlp_topk0.01_int8_warmup100_ef": ["--mlp-compress", "topk:0.01+int8@warmup=100"],
+    "mlp_topk0.01_int8_warmup200_ef": ["--mlp-compress", "topk:0.01+int8@warmup=200"],
 }
 
 
