@@ -233,9 +233,12 @@ class DenseExchange:
             residual[idx] -= sent
         parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
-        for r, p in enumerate(parts):
-            self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
-        return out.div_(self.backend.size)
+        touched = torch.cat([self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
+                             for r, p in enumerate(parts)])
+        if touched.numel() > self.numel // 8:  # a pass over the vector is cheaper than a scatter
+            return out.div_(self.backend.size)
+        out[touched] = out[touched].div_(self.backend.size)  # the rest stays 0
+        return out
 
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (sum(self.chunk_nbytes),), torch.uint8)

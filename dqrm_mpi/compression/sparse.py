@@ -40,8 +40,10 @@ set is deterministic.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import struct
 
 import numpy as np
 import torch
@@ -54,6 +56,7 @@ SELECTORS = {"topk": 1, "threshold": 2}
 VALUE_CODECS = ("none", "fp16", "int16", "int8", "int4")
 SELECT_METHODS = ("sample", "exact", "chunk")
 HEADER = 32
+_HEADER = struct.Struct("<BBxxIdqq")  # selector, codec, 2 zero bytes, warm-up, parameter, numel, k
 CHUNK = 4096
 MIN_SAMPLED_K = 512
 WARMUP_START = 0.25  # kept ratio at step 0 of a warm-up (DGC's first stage)
@@ -181,8 +184,7 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
             thresholds[i] = float(torch.topk(a[lo:lo + n], k, sorted=False).values.min())
     mask = torch.empty(a.numel(), dtype=torch.bool)
     for _ in range(2):  # a second pass only when an estimate overshot
-        for lo, n, thr in zip(los, sizes, thresholds):
-            torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
+        _at_least(a, los, sizes, thresholds, mask)
         cand = _nonzero(mask)
         bounds = torch.searchsorted(cand, torch.tensor([*los, a.numel()])).tolist()
         short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
@@ -198,6 +200,9 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
                         for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)])
     seg = torch.repeat_interleave(torch.arange(t), torch.tensor(bounds).diff(), output_size=cand.numel())
     kth_c = kth[seg]
+    keep = values >= kth_c  # every segment has at least k candidates >= its kth: exactly k unless ties
+    if int(keep.sum()) == sum(ks):
+        return cand[_nonzero(keep)]
     above_c = values > kth_c
     at_c = values == kth_c
     n_above = torch.zeros(t, dtype=torch.int64).index_add_(0, seg, above_c.long())
@@ -205,6 +210,18 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     at_before = torch.cat([torch.zeros(1, dtype=torch.int64), at_rank])[torch.tensor(bounds[:-1])]
     keep = above_c | (at_c & (at_rank - at_before[seg] <= (torch.tensor(ks) - n_above)[seg]))
     return cand[_nonzero(keep)]
+
+
+def _at_least(a: torch.Tensor, los: list[int], sizes: list[int], thresholds: list[float], mask: torch.Tensor) -> None:
+    """mask[i] = a[i] >= the threshold of i's segment (bool [n]); numpy on the CPU (several times
+    faster than torch.ge there; the thresholds are float32 values, so both compare alike)."""
+    if a.device.type == "cpu":
+        an, mn = a.numpy(), mask.numpy()
+        for lo, n, thr in zip(los, sizes, thresholds):
+            np.greater_equal(an[lo:lo + n], np.float32(thr), out=mn[lo:lo + n])
+        return
+    for lo, n, thr in zip(los, sizes, thresholds):
+        torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -276,14 +293,15 @@ class SparseCompressor(Compressor):
         return msg, idx, sent
 
     def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank",
-                   step: int = 0) -> None:
-        """Add the values of ``msg`` (encoded at global ``step``) into out float32 [n]; ValueError
-        for a payload that another compressor (selector, parameter in force, warm-up, codec) or
-        another vector size built."""
+                   step: int = 0) -> torch.Tensor:
+        """Add the values of ``msg`` (encoded at global ``step``) into out float32 [n]; returns
+        their indices int64 [k].  ValueError for a payload that another compressor (selector,
+        parameter in force, warm-up, codec) or another vector size built."""
         k = self._check_header(msg, layout, source, step)
         idx = from_bytes(msg[HEADER:HEADER + 4 * k], torch.int32).to(torch.int64)
         out.index_add_(0, idx, self._decode_values(msg[HEADER + 4 * k:], _segment_of(idx, layout),
                                                    layout.num_groups, k))
+        return idx
 
     def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
         """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
@@ -357,21 +375,15 @@ class SparseCompressor(Compressor):
         return f"{selector}:{param:g}+{codec}" + (f" (ratio in force of a {warmup}-step warm-up)" if warmup else "")
 
     def _header(self, numel: int, k: int, step: int) -> torch.Tensor:
-        head = torch.zeros(HEADER, dtype=torch.uint8)
-        head[0], head[1] = SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name)
-        head[4:8].copy_(as_bytes(torch.tensor([self.warmup], dtype=torch.int64))[:4])  # uint32, little-endian
-        head[8:16].copy_(as_bytes(torch.tensor([self.ratio_at(step)], dtype=torch.float64)))
-        head[16:32].copy_(as_bytes(torch.tensor([numel, k], dtype=torch.int64)))
-        return head
+        return torch.frombuffer(bytearray(_HEADER.pack(SELECTORS[self.selector], VALUE_CODECS.index(
+            self.value_codec.name), self.warmup, self.ratio_at(step), numel, k)), dtype=torch.uint8)
 
     def _check_header(self, msg: torch.Tensor, layout: Layout, source: str, step: int) -> int:
         if msg.numel() < HEADER:
             raise ValueError(f"{self.name}: {source} sent a {msg.numel()}-byte payload, shorter than its header")
-        selector = {v: s for s, v in SELECTORS.items()}.get(int(msg[0]), f"selector {int(msg[0])}")
-        codec = VALUE_CODECS[int(msg[1])] if int(msg[1]) < len(VALUE_CODECS) else f"codec {int(msg[1])}"
-        warmup = int.from_bytes(bytes(msg[4:8].tolist()), "little")
-        param = float(from_bytes(msg[8:16], torch.float64)[0])
-        their_numel, k = from_bytes(msg[16:32], torch.int64).tolist()
+        sel, cod, warmup, param, their_numel, k = _HEADER.unpack(msg[:HEADER].numpy().tobytes())
+        selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
+        codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
         theirs = self._describe(selector, param, codec, warmup)
         mine = (self.selector, self.ratio_at(step), self.value_codec.name, self.warmup)
         if (selector, param, codec, warmup) != mine:
@@ -384,15 +396,21 @@ class SparseCompressor(Compressor):
         return k
 
 
+@functools.lru_cache(maxsize=64)
 def _segments(layout: Layout) -> list[tuple[int, int]]:
-    """(start, size) of every scale group (each a tensor of the flat vector)."""
+    """(start, size) of every scale group (each a tensor of the flat vector); not to be modified."""
     return [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_ends(layout: Layout) -> torch.Tensor:
+    """int64 [groups]: the end of every scale group; not to be modified."""
+    return torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
 
 
 def _segment_of(idx: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The scale group (tensor) of each ascending flat index: int64 [k]."""
-    ends = torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
-    return torch.searchsorted(ends, idx, right=True)
+    return torch.searchsorted(_segment_ends(layout), idx, right=True)
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:
