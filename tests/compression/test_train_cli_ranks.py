@@ -60,5 +60,5 @@ def test_a_compressor_on_one_rank_says_it_does_nothing(small_dataset, tmp_path):
                     "--batch-size", "256", "--max-steps", "1", "--eval-splits", "test",
                     "--mlp-compress", "topk:0.01+int8"])
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if "does nothing" in line]
-    assert said == ["[dqrm-train] --mlp-compress topk:0.01+int8: a single rank exchanges no gradients, so this "
-                    "does nothing here"]
+    assert len(said) == 1 and said[0].endswith(  # after the log's timestamp
+        "[dqrm-train] --mlp-compress topk:0.01+int8: a single rank exchanges no gradients, so this does nothing here")
