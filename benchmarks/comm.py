@@ -10,7 +10,8 @@ at ratios 0.1, 0.01 and 0.001 with FP32 or INT8 values (error feedback).  Bytes 
 measured (TrafficMeter: tensors handed to Horovod); time is the wall time of the exchange
 (collectives + compression), mean over steps, slowest rank.  ``--accuracy`` adds 4-rank
 dqrm-train runs on planted synthetic data (uncompressed / INT8 + MLP error feedback / INT8
-without / MLP top-k 0.01 + INT8 with error feedback; ``--accuracy-runs`` picks some).
+without / MLP top-k 0.01 + INT8 with error feedback, without and with a sparsity warm-up of
+100 or 200 steps; ``--accuracy-runs`` picks some).
 ``--codec`` times the codecs in process and compares the top-k selection methods (sample,
 chunk, exact: torch.topk with the tie rule) with plain ``torch.topk`` on the Kaggle MLP's
 tensors and on one flat vector.
@@ -299,12 +300,14 @@ ACCURACY_RUNS = {
     "int8_mlp_ef": ["--emb-compress", "int8", "--mlp-compress", "int8"],
     "int8_no_ef": ["--emb-compress", "int8", "--mlp-compress", "int8", "--error-feedback", "none"],
     "mlp_topk0.01_int8_ef": ["--mlp-compress", "topk:0.01+int8"],
+    "mlp_topk0.01_int8_warmup100_ef": ["--mlp-compress", "topk:0.01+int8@warmup=100"],
+    "mlp_topk0.01_int8_warmup200_ef": ["--mlp-compress", "topk:0.01+int8@warmup=200"],
 }
 
 
 def accuracy(np_: int, rows: int, epochs: int, names: list[str]) -> dict:
     """Test AUC of dqrm-train on planted synthetic data: uncompressed vs INT8 +/- MLP error
-    feedback vs MLP top-k 0.01 with INT8 values and error feedback (``names``: which runs)."""
+    feedback vs MLP top-k 0.01 with INT8 values and error feedback, +/- warm-up (``names``: which runs)."""
     from dqrm_mpi.data.synthetic import PlantedClickModel, write_synthetic_dataset
 
     cards = (1460, 583, 5000, 5000, 305, 24, 5000, 633, 3, 5000, 5000, 5000, 3194, 27, 5000, 5000, 10,

@@ -34,9 +34,12 @@ _OPTIONS = [
                       "quantized and never summed as integers (see --collective).  topk:RATIO sends each "
                       "tensor's ceil(RATIO x size) largest |values| as (int32 index, value), "
                       "threshold:VALUE every |value| >= VALUE; append +int8 (or +fp16, +int16, +int4) to "
-                      "quantize the kept values with one scale per tensor, e.g. topk:0.01+int8.  What is "
-                      "not sent stays in the error-feedback residual (--error-feedback mlp).  Sparse "
-                      "payloads are always allgathered."),
+                      "quantize the kept values with one scale per tensor, e.g. topk:0.01+int8.  Append "
+                      "@warmup=STEPS to a topk spec for Deep Gradient Compression's sparsity warm-up: the "
+                      "kept ratio decays exponentially from 0.25 to RATIO over the first STEPS global "
+                      "steps (e.g. topk:0.01+int8@warmup=200; default: no warm-up).  What is not sent "
+                      "stays in the error-feedback residual (--error-feedback mlp).  Sparse payloads are "
+                      "always allgathered."),
     click.option("--mlp-grad-scale", type=click.Choice(MLP_SCALES), default="channel",
                  help="Scale granularity of quantized MLP gradients: one per output channel (row of "
                       "a weight; a bias gets one) or one per tensor."),

@@ -121,6 +121,7 @@ class DenseExchange:
         self.layouts = [Layout.from_sizes(seg_sizes[c.seg_lo:c.seg_hi]) for c in self.chunks]
         self.chunk_nbytes = [compressor.nbytes(c.hi - c.lo, c.seg_hi - c.seg_lo) for c in self.chunks]
         self._buffers: dict[str, torch.Tensor] = {}
+        self.steps = 0  # exchanges so far: the clock of a top-k warm-up when no global step is given
 
     def _buf(self, key: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A scratch buffer reused across steps (never handed out beyond one exchange)."""
@@ -139,24 +140,31 @@ class DenseExchange:
             return self.compressor.message_nbytes(self.numel if kept is None else kept, self.num_groups)
         return sum(self.chunk_nbytes)
 
-    def exchange(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """name -> local gradient  =>  name -> gradient averaged over ranks (new tensors)."""
+    def exchange(self, grads: dict[str, torch.Tensor], step: int | None = None) -> dict[str, torch.Tensor]:
+        """name -> local gradient  =>  name -> gradient averaged over ranks (new tensors).  ``step``:
+        the global step, the clock of a sparse compressor's warm-up (default: exchanges so far)."""
+        step = self.steps if step is None else step
+        self.steps = step + 1
         with _CodecClock(self.backend, self.kind):
             if self.allreduce:
                 comp = {n: (self.memory.compensate(n, grads[n]) if self.memory else grads[n]) for n in self.names}
                 return self._allreduce(comp)
             device = grads[self.names[0]].device if self.names else torch.device("cpu")
-            flat = self._buf("flat", (self.numel,), torch.float32)
-            torch.cat([grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names],
-                      out=flat)
             residual = self._residual()
-            if residual is not None:
-                flat.add_(residual)  # error-feedback compensation
             if self.sparse:
-                out = self._sparse_allgather(flat, residual)
+                out = self._sparse_allgather(grads, residual, step)
             else:
+                flat = self._flat(grads)
+                if residual is not None:
+                    flat.add_(residual)  # error-feedback compensation
                 out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
+
+    def _flat(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The gradients as one reused float32 [numel] buffer on the CPU, in ``names`` order."""
+        flat = self._buf("flat", (self.numel,), torch.float32)
+        torch.cat([grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names], out=flat)
+        return flat
 
     def _residual(self) -> torch.Tensor | None:
         """The flat FP32 residual (zeros at first); memory.residuals holds per-name views of it."""
@@ -207,19 +215,30 @@ class DenseExchange:
         gathered = self.backend.allgather_stacked(msg, name=f"grad.{self.kind}", kind=self.kind)
         return self._reduce(gathered, self.chunks[0], self.layouts[0])
 
-    def _sparse_allgather(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    def _sparse_allgather(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None,
+                          step: int) -> torch.Tensor:
         """(index, value) messages of any size per rank: allgathered with their byte counts, each
-        rank's kept values added into one dense sum in rank order, then averaged."""
+        rank's kept values added into one dense sum in rank order, then averaged.  With error
+        feedback the residual itself becomes the compensated gradient (residual + gradient, in
+        place), then loses what was sent: no copy of the flat vector."""
         layout = self.layouts[0]
-        msg, idx, sent = self.compressor.encode(flat, layout)
+        if residual is None:
+            flat = self._flat(grads)
+        else:
+            flat = residual
+            for n, part in zip(self.names, torch.split(flat, self.numels)):
+                part.add_(grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32))
+        msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
-            residual.copy_(flat)
             residual[idx] -= sent
         parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
-        for r, p in enumerate(parts):
-            self.compressor.decode_add(p, layout, out, source=f"rank {r}")
-        return out.div_(self.backend.size)
+        touched = torch.cat([self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
+                             for r, p in enumerate(parts)])
+        if touched.numel() > self.numel // 8:  # a pass over the vector is cheaper than a scatter
+            return out.div_(self.backend.size)
+        out[touched] = out[touched].div_(self.backend.size)  # the rest stays 0
+        return out
 
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (sum(self.chunk_nbytes),), torch.uint8)
@@ -412,10 +431,12 @@ class GradientSynchronizer:
         exchanges = (self.dense_exchange, self.sparse_exchange, self.table_exchange)
         return sum(e.memory.nbytes() for e in exchanges if e is not None and e.memory)
 
-    def synchronize(self) -> None:
+    def synchronize(self, step: int | None = None) -> None:
+        """Average every gradient in place.  ``step``: the global step (0 for the first), the
+        clock of a top-k warm-up (default: calls so far, which restart with the process)."""
         if self.backend.size == 1:
             return
-        self._dense()
+        self._dense(step)
         if self.table_exchange:
             self._dense_tables()
         elif self.sparse:
@@ -429,13 +450,13 @@ class GradientSynchronizer:
         for n, p in self.sparse:
             p.grad = averaged[n].to_sparse(sparse_dim=1)
 
-    def _dense(self) -> None:
+    def _dense(self, step: int | None) -> None:
         grads = {}
         for n, p in self.dense:
             if p.grad is None:  # a parameter unused this step still takes part (as zeros)
                 p.grad = torch.zeros_like(p)
             grads[n] = p.grad
-        averaged = self.dense_exchange.exchange(grads)
+        averaged = self.dense_exchange.exchange(grads, step)
         for n, p in self.dense:
             p.grad.copy_(averaged[n])
 

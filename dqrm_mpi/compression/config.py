@@ -22,7 +22,8 @@ class CompressionConfig:
     emb / mlp: compressor names (``none``, ``fp16``, ``int16``, ``int8``, ``int4``) for the
       embedding gradients (sent sparse: coalesced rows, ids + values) and the MLP gradients;
       the MLP also takes the sparsifying specs ``topk:RATIO[+VALUES]`` and
-      ``threshold:VALUE[+VALUES]`` (``compression.sparse``: always allgathered, one scale per tensor).
+      ``threshold:VALUE[+VALUES]``, a top-k spec optionally ending in ``@warmup=STEPS`` (a
+      sparsity warm-up) (``compression.sparse``: always allgathered, one scale per tensor).
     emb_exchange: ``sparse`` (the touched rows, as above) or ``dense`` (whole table-sized
       gradients averaged by allreduce: the paper's uncompressed baseline; emb must be none or
       fp16, and the tables at most ``dense_emb_max_bytes`` of FP32).

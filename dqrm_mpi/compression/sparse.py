@@ -1,7 +1,11 @@
 """Sparsifying compressors for dense (MLP) gradients: top-k and threshold, with error feedback.
 
-    topk:RATIO[+VALUES]        each gradient tensor sends its ceil(RATIO * numel) largest |values|
-    threshold:VALUE[+VALUES]   every element with |x| >= VALUE is sent (a variable count per rank)
+    topk:RATIO[+VALUES][@warmup=STEPS]   each gradient tensor sends its ceil(RATIO * numel) largest |values|
+    threshold:VALUE[+VALUES]             every element with |x| >= VALUE is sent (a variable count per rank)
+
+Sparsity warm-up (Deep Gradient Compression, Lin et al. 2018): with ``@warmup=STEPS`` the kept
+ratio at global step s < STEPS is ``0.25 * (RATIO / 0.25) ** (s / STEPS)`` (exponential decay from
+25 % to RATIO; RATIO from step STEPS on, and always when RATIO >= 0.25), the same on every rank.
 
 VALUES (default ``none``: FP32) is the codec of the kept values: ``fp16``, ``int16``, ``int8``
 or ``int4``, quantized with one scale per gradient tensor (``qcore.group_scales``: max|v| of
@@ -12,13 +16,14 @@ sum, in rank order.
 
 Payload, one uint8 message per rank (little-endian)::
 
-    header  32 bytes: uint8 selector (1 topk, 2 threshold), uint8 values codec, 6 zero bytes,
-            float64 parameter (RATIO or VALUE), int64 numel, int64 k (values kept)
+    header  32 bytes: uint8 selector (1 topk, 2 threshold), uint8 values codec, 2 zero bytes,
+            uint32 warm-up steps, float64 parameter (the RATIO in force at this step, or VALUE),
+            int64 numel, int64 k (values kept)
     indices int32 [k], ascending, into the flat vector
     values  the VALUES codec's bytes of the k kept values (scales last, one per tensor)
 
-A receiver checks the header against its own compressor and refuses a payload built with
-another selector, parameter, codec or vector size.
+A receiver checks the header against its own compressor at the same step and refuses a payload
+built with another selector, parameter (ratio in force), warm-up, codec or vector size.
 
 Top-k selection (``select``), one call for all tensors of the flat vector:
   exact   ``torch.topk`` per tensor.
@@ -35,8 +40,10 @@ set is deterministic.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
+import struct
 
 import numpy as np
 import torch
@@ -49,26 +56,39 @@ SELECTORS = {"topk": 1, "threshold": 2}
 VALUE_CODECS = ("none", "fp16", "int16", "int8", "int4")
 SELECT_METHODS = ("sample", "exact", "chunk")
 HEADER = 32
+_HEADER = struct.Struct("<BBxxIdqq")  # selector, codec, 2 zero bytes, warm-up, parameter, numel, k
 CHUNK = 4096
 MIN_SAMPLED_K = 512
-SPEC_FORM = ("topk:RATIO[+VALUES] (0 < RATIO <= 1, e.g. topk:0.01+int8) or threshold:VALUE[+VALUES] "
-             f"(VALUE > 0, e.g. threshold:1e-4); VALUES one of {', '.join(VALUE_CODECS)}")
-_SPEC = re.compile(r"^(topk|threshold):([^+]+)(?:\+(\w+))?$")
+WARMUP_START = 0.25  # kept ratio at step 0 of a warm-up (DGC's first stage)
+MAX_WARMUP = 2**32 - 1  # the header's uint32
+SPEC_FORM = ("topk:RATIO[+VALUES][@warmup=STEPS] (0 < RATIO <= 1, e.g. topk:0.01+int8@warmup=200) or "
+             f"threshold:VALUE[+VALUES] (VALUE > 0, e.g. threshold:1e-4); VALUES one of {', '.join(VALUE_CODECS)}")
+_SPEC = re.compile(r"^(topk|threshold):([^+@]+)(?:\+(\w+))?(?:@warmup=(\d+))?$")
 
 
-def parse_spec(spec: str) -> tuple[str, float, str]:
-    """'topk:0.01+int8' -> ('topk', 0.01, 'int8'); ValueError giving the expected form."""
+def parse_spec(spec: str) -> tuple[str, float, str, int]:
+    """'topk:0.01+int8@warmup=200' -> ('topk', 0.01, 'int8', 200) (warm-up 0 when absent);
+    ValueError giving the expected form."""
     m = _SPEC.match(spec.strip())
     try:
         param = float(m.group(2)) if m else math.nan
     except ValueError:
         param = math.nan
     values = (m.group(3) or "none") if m else ""
+    warmup = int(m.group(4) or 0) if m else 0
     ok = m is not None and math.isfinite(param) and values in VALUE_CODECS and param > 0 and \
-        (m.group(1) != "topk" or param <= 1)
+        (m.group(1) != "topk" or param <= 1) and (m.group(1) == "topk" or not m.group(4)) and warmup <= MAX_WARMUP
     if not ok:
         raise ValueError(f"expected {SPEC_FORM}; got {spec!r}")
-    return m.group(1), param, values
+    return m.group(1), param, values, warmup
+
+
+def warmup_ratio(target: float, warmup: int, step: int) -> float:
+    """The kept ratio at global ``step`` of a top-k warm-up of ``warmup`` steps towards ``target``:
+    WARMUP_START * (target / WARMUP_START) ** (step / warmup) before it ends, then ``target``."""
+    if step >= warmup or target >= WARMUP_START:
+        return target
+    return WARMUP_START * (target / WARMUP_START) ** (max(step, 0) / warmup)
 
 
 def select_topk(a: torch.Tensor, k: int, method: str = "sample",
@@ -164,8 +184,7 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
             thresholds[i] = float(torch.topk(a[lo:lo + n], k, sorted=False).values.min())
     mask = torch.empty(a.numel(), dtype=torch.bool)
     for _ in range(2):  # a second pass only when an estimate overshot
-        for lo, n, thr in zip(los, sizes, thresholds):
-            torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
+        _at_least(a, los, sizes, thresholds, mask)
         cand = _nonzero(mask)
         bounds = torch.searchsorted(cand, torch.tensor([*los, a.numel()])).tolist()
         short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
@@ -181,6 +200,9 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
                         for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)])
     seg = torch.repeat_interleave(torch.arange(t), torch.tensor(bounds).diff(), output_size=cand.numel())
     kth_c = kth[seg]
+    keep = values >= kth_c  # every segment has at least k candidates >= its kth: exactly k unless ties
+    if int(keep.sum()) == sum(ks):
+        return cand[_nonzero(keep)]
     above_c = values > kth_c
     at_c = values == kth_c
     n_above = torch.zeros(t, dtype=torch.int64).index_add_(0, seg, above_c.long())
@@ -188,6 +210,18 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     at_before = torch.cat([torch.zeros(1, dtype=torch.int64), at_rank])[torch.tensor(bounds[:-1])]
     keep = above_c | (at_c & (at_rank - at_before[seg] <= (torch.tensor(ks) - n_above)[seg]))
     return cand[_nonzero(keep)]
+
+
+def _at_least(a: torch.Tensor, los: list[int], sizes: list[int], thresholds: list[float], mask: torch.Tensor) -> None:
+    """mask[i] = a[i] >= the threshold of i's segment (bool [n]); numpy on the CPU (several times
+    faster than torch.ge there; the thresholds are float32 values, so both compare alike)."""
+    if a.device.type == "cpu":
+        an, mn = a.numpy(), mask.numpy()
+        for lo, n, thr in zip(los, sizes, thresholds):
+            np.greater_equal(an[lo:lo + n], np.float32(thr), out=mn[lo:lo + n])
+        return
+    for lo, n, thr in zip(los, sizes, thresholds):
+        torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -216,7 +250,7 @@ class SparseCompressor(Compressor):
     def __init__(self, spec: str, select: str = "sample", seed: int = 0) -> None:
         if select not in SELECT_METHODS:
             raise ValueError(f"select must be one of {SELECT_METHODS}, got {select!r}")
-        self.selector, self.param, values = parse_spec(spec)
+        self.selector, self.param, values, self.warmup = parse_spec(spec)
         self.name = spec
         self.value_codec = get_compressor(values)
         self.bits = self.value_codec.bits
@@ -227,11 +261,17 @@ class SparseCompressor(Compressor):
         return f"SparseCompressor({self.name!r}, select={self.select!r})"
 
     # -- sizes -------------------------------------------------------------------
-    def kept(self, layout: Layout) -> int | None:
-        """Values a top-k payload keeps for this layout (exact/sample selection); None for threshold."""
+    def ratio_at(self, step: int) -> float:
+        """The parameter in force at global ``step``: the warmed-up top-k ratio, else RATIO or VALUE."""
+        return warmup_ratio(self.param, self.warmup, step) if self.selector == "topk" else self.param
+
+    def kept(self, layout: Layout, step: int | None = None) -> int | None:
+        """Values a top-k payload keeps for this layout (exact/sample selection) at ``step`` (None:
+        after any warm-up); None for threshold."""
         if self.selector != "topk" or self.select == "chunk":
             return None
-        return sum(min(n, math.ceil(self.param * n)) for _, n in _segments(layout))
+        ratio = self.param if step is None else self.ratio_at(step)
+        return sum(min(n, math.ceil(ratio * n)) for _, n in _segments(layout))
 
     def message_nbytes(self, k: int, num_groups: int) -> int:
         return HEADER + 4 * k + self.value_codec.nbytes(k, num_groups)
@@ -241,24 +281,27 @@ class SparseCompressor(Compressor):
         return self.message_nbytes(numel, num_groups)
 
     # -- the exchange's form ---------------------------------------------------------
-    def encode(self, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x float32 [n] -> (message uint8, kept indices int64 [k] ascending, their values float32
-        [k] as the receivers will decode them)."""
-        idx = self._indices(x, layout)
+    def encode(self, x: torch.Tensor, layout: Layout, step: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x float32 [n] at global ``step`` (the warm-up's clock) -> (message uint8, kept indices
+        int64 [k] ascending, their values float32 [k] as the receivers will decode them)."""
+        idx = self._indices(x, layout, step)
         k = idx.numel()
         msg = torch.empty(self.message_nbytes(k, layout.num_groups), dtype=torch.uint8)
-        msg[:HEADER].copy_(self._header(layout.numel, k))
+        msg[:HEADER].copy_(self._header(layout.numel, k, step))
         msg[HEADER:HEADER + 4 * k].copy_(as_bytes(idx.to(torch.int32)))
         sent = self._encode_values(x[idx], _segment_of(idx, layout), layout.num_groups, msg[HEADER + 4 * k:])
         return msg, idx, sent
 
-    def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank") -> None:
-        """Add the values of ``msg`` into out float32 [n]; ValueError for a payload that another
-        compressor (selector, parameter, codec) or another vector size built."""
-        k = self._check_header(msg, layout, source)
+    def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank",
+                   step: int = 0) -> torch.Tensor:
+        """Add the values of ``msg`` (encoded at global ``step``) into out float32 [n]; returns
+        their indices int64 [k].  ValueError for a payload that another compressor (selector,
+        parameter in force, warm-up, codec) or another vector size built."""
+        k = self._check_header(msg, layout, source, step)
         idx = from_bytes(msg[HEADER:HEADER + 4 * k], torch.int32).to(torch.int64)
         out.index_add_(0, idx, self._decode_values(msg[HEADER + 4 * k:], _segment_of(idx, layout),
                                                    layout.num_groups, k))
+        return idx
 
     def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
         """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
@@ -320,32 +363,32 @@ class SparseCompressor(Compressor):
         raise TypeError(f"{self.name}: variable-size payload; use decode_add()")
 
     # -- internals -----------------------------------------------------------------------
-    def _indices(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+    def _indices(self, x: torch.Tensor, layout: Layout, step: int) -> torch.Tensor:
         a = x.abs()
         if self.selector == "threshold":
             return _nonzero(a >= self.param)
         sizes = [n for _, n in _segments(layout)]
-        return select_topk_segments(a, sizes, [math.ceil(self.param * n) for n in sizes], self.select,
-                                    self._generator)
+        ratio = self.ratio_at(step)
+        return select_topk_segments(a, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
 
-    def _header(self, numel: int, k: int) -> torch.Tensor:
-        head = torch.zeros(HEADER, dtype=torch.uint8)
-        head[0], head[1] = SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name)
-        head[8:16].copy_(as_bytes(torch.tensor([self.param], dtype=torch.float64)))
-        head[16:32].copy_(as_bytes(torch.tensor([numel, k], dtype=torch.int64)))
-        return head
+    def _describe(self, selector: str, param: float, codec: str, warmup: int) -> str:
+        return f"{selector}:{param:g}+{codec}" + (f" (ratio in force of a {warmup}-step warm-up)" if warmup else "")
 
-    def _check_header(self, msg: torch.Tensor, layout: Layout, source: str) -> int:
+    def _header(self, numel: int, k: int, step: int) -> torch.Tensor:
+        return torch.frombuffer(bytearray(_HEADER.pack(SELECTORS[self.selector], VALUE_CODECS.index(
+            self.value_codec.name), self.warmup, self.ratio_at(step), numel, k)), dtype=torch.uint8)
+
+    def _check_header(self, msg: torch.Tensor, layout: Layout, source: str, step: int) -> int:
         if msg.numel() < HEADER:
             raise ValueError(f"{self.name}: {source} sent a {msg.numel()}-byte payload, shorter than its header")
-        selector = {v: s for s, v in SELECTORS.items()}.get(int(msg[0]), f"selector {int(msg[0])}")
-        codec = VALUE_CODECS[int(msg[1])] if int(msg[1]) < len(VALUE_CODECS) else f"codec {int(msg[1])}"
-        param = float(from_bytes(msg[8:16], torch.float64)[0])
-        their_numel, k = from_bytes(msg[16:32], torch.int64).tolist()
-        theirs = f"{selector}:{param:g}+{codec}"
-        if (selector, param, codec) != (self.selector, self.param, self.value_codec.name):
-            raise ValueError(f"{source} sent a {theirs} payload, this rank runs {self.selector}:{self.param:g}+"
-                             f"{self.value_codec.name}: every rank must use the same --mlp-compress")
+        sel, cod, warmup, param, their_numel, k = _HEADER.unpack(msg[:HEADER].numpy().tobytes())
+        selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
+        codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
+        theirs = self._describe(selector, param, codec, warmup)
+        mine = (self.selector, self.ratio_at(step), self.value_codec.name, self.warmup)
+        if (selector, param, codec, warmup) != mine:
+            raise ValueError(f"{source} sent a {theirs} payload, this rank runs {self._describe(*mine)} at step "
+                             f"{step}: every rank must use the same --mlp-compress (and step)")
         if their_numel != layout.numel or msg.numel() != self.message_nbytes(k, layout.num_groups):
             raise ValueError(f"{source} sent a {theirs} payload of {their_numel} values and {msg.numel()} bytes, "
                              f"this rank expects {layout.numel} values in {layout.num_groups} tensors: the "
@@ -353,15 +396,21 @@ class SparseCompressor(Compressor):
         return k
 
 
+@functools.lru_cache(maxsize=64)
 def _segments(layout: Layout) -> list[tuple[int, int]]:
-    """(start, size) of every scale group (each a tensor of the flat vector)."""
+    """(start, size) of every scale group (each a tensor of the flat vector); not to be modified."""
     return [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_ends(layout: Layout) -> torch.Tensor:
+    """int64 [groups]: the end of every scale group; not to be modified."""
+    return torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
 
 
 def _segment_of(idx: torch.Tensor, layout: Layout) -> torch.Tensor:
     """The scale group (tensor) of each ascending flat index: int64 [k]."""
-    ends = torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
-    return torch.searchsorted(ends, idx, right=True)
+    return torch.searchsorted(_segment_ends(layout), idx, right=True)
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:

@@ -72,6 +72,35 @@ def test_error_feedback_sent_plus_residual_equals_the_true_sum_on_every_rank():
     assert float(mean_residual.abs().max()) > 0  # something was held back
 
 
+def test_a_warmup_keeps_the_same_decaying_ratio_on_every_rank_and_error_feedback_exact():
+    steps, size, spec = 12, 3, "topk:0.02+int8@warmup=8"
+    layout = Layout.from_sizes(NUMELS)
+
+    def rank_main(backend):
+        ex = DenseExchange(backend, SHAPES, get_compressor(spec), error_feedback=True)
+        applied, sent = torch.zeros(sum(NUMELS)), []
+        for s in range(steps):
+            backend.traffic.take()
+            applied += _flat(ex.exchange(_grads(backend.rank, s)))
+            sent.append(backend.traffic.take()["comm_breakdown"]["mlp/allgather"]["sent"])
+        residual = _flat({n: r.clone() for n, r in ex.memory.residuals.items()})
+        backend.traffic.take()
+        ex.exchange(_grads(backend.rank, 0), step=5)  # a global step given (after --resume)
+        resumed = backend.traffic.take()["comm_breakdown"]["mlp/allgather"]["sent"]
+        return applied, residual, sent, resumed
+
+    results = run_ranks(size, rank_main)
+    c = get_compressor(spec)
+    expected = [c.message_nbytes(c.kept(layout, s), len(NUMELS)) + 8 for s in range(steps)]
+    assert all(res[2] == expected for res in results)  # the same schedule on every rank
+    assert expected[0] > expected[4] > expected[8] == expected[11]  # decays, then stays at 2 %
+    assert all(res[3] == expected[5] for res in results)
+    true = sum(_flat(_grads(r, s)) for r in range(size) for s in range(steps)) / size
+    mean_residual = sum(res[1] for res in results) / size
+    torch.testing.assert_close(results[0][0] + mean_residual, true, rtol=0, atol=1e-4)
+    assert all(torch.equal(res[0], results[0][0]) for res in results[1:]), "ranks differ"
+
+
 def test_a_rank_with_another_ratio_is_refused_with_a_message():
     def rank_main(backend):
         spec = "topk:0.1+int8" if backend.rank == 1 else "topk:0.01+int8"
@@ -79,8 +108,8 @@ def test_a_rank_with_another_ratio_is_refused_with_a_message():
 
     # each rank refuses the other's payload; whichever raises first is reported
     with pytest.raises(ValueError, match=r"(rank 1 sent a topk:0.1\+int8 payload, this rank runs topk:0.01\+int8|"
-                                         r"rank 0 sent a topk:0.01\+int8 payload, this rank runs topk:0.1\+int8): "
-                                         r"every rank must use the same --mlp-compress"):
+                                         r"rank 0 sent a topk:0.01\+int8 payload, this rank runs topk:0.1\+int8) "
+                                         r"at step 0: every rank must use the same --mlp-compress"):
         run_ranks(2, rank_main)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from dqrm_mpi.compression import CompressionConfig, ResidualMemory, get_compressor
 from dqrm_mpi.compression.layout import Layout
-from dqrm_mpi.compression.sparse import HEADER, parse_spec, select_topk
+from dqrm_mpi.compression.sparse import HEADER, WARMUP_START, parse_spec, select_topk, warmup_ratio
 
 SIZES = [600, 37, 5000, 1]  # the tensors of one flat vector
 
@@ -19,9 +19,9 @@ def _x(seed: int, n: int = sum(SIZES)) -> torch.Tensor:
     return torch.randn(n, generator=gen) * torch.logspace(-3, 0, n)[torch.randperm(n, generator=gen)]
 
 
-def _encode(c, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(c, x: torch.Tensor, layout: Layout, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(message, the dense vector the receivers decode)."""
-    msg, idx, sent = c.encode(x, layout)
+    msg, idx, sent = c.encode(x, layout, step)
     assert bool((idx[1:] > idx[:-1]).all())
     return msg, torch.zeros_like(x).index_put_((idx,), sent)
 
@@ -101,7 +101,7 @@ def test_round_trip_keeps_the_selected_values_per_tensor(spec):
     decoded = torch.zeros_like(x)
     c.decode_add(msg, layout, decoded)
     assert torch.equal(decoded, transmitted)
-    kind, param, values = parse_spec(spec)
+    kind, param, values, _ = parse_spec(spec)
     lo = 0
     for n in SIZES:
         xs, ts = x[lo:lo + n], transmitted[lo:lo + n]
@@ -175,7 +175,9 @@ def test_compress_decompress_interface():
 
 
 @pytest.mark.parametrize("bad", ["topk", "topk:", "topk:0", "topk:1.5", "topk:-0.1", "topk:nan", "topk:0.1+int3",
-                                 "topk:0.1+int8+x", "threshold:0", "threshold:inf", "threshold:x", "top:0.1"])
+                                 "topk:0.1+int8+x", "threshold:0", "threshold:inf", "threshold:x", "top:0.1",
+                                 "topk:0.01@warmup=", "topk:0.01@warmup=-5", "topk:0.01@warmup=1e3",
+                                 "topk:0.01+int8@warmup=5000000000", "threshold:0.1@warmup=10", "topk:0.01@wu=10"])
 def test_malformed_specs_say_the_expected_form(bad):
     with pytest.raises(ValueError, match=r"expected .*topk:RATIO|unknown compressor"):
         get_compressor(bad)
@@ -198,3 +200,49 @@ def test_single_rank_notice_names_what_does_nothing():
     notice = CompressionConfig(mlp="topk:0.01+int8", emb_exchange="dense").single_rank_notice()
     assert "--mlp-compress topk:0.01+int8" in notice and "--emb-exchange dense" in notice
     assert "does nothing" in notice and "--emb-compress" not in notice
+
+
+def test_warmup_decays_the_ratio_exponentially_from_a_quarter_to_the_target():
+    assert parse_spec("topk:0.01+int8@warmup=200") == ("topk", 0.01, "int8", 200)
+    assert parse_spec("topk:0.01") == ("topk", 0.01, "none", 0)
+    ratios = [warmup_ratio(0.01, 100, s) for s in range(0, 130)]
+    assert ratios[0] == WARMUP_START == 0.25
+    assert math.isclose(ratios[50], 0.05)  # halfway: the geometric mean of 0.25 and 0.01
+    assert all(a > b for a, b in zip(ratios[:100], ratios[1:101]))
+    assert ratios[100:] == [0.01] * 30
+    assert warmup_ratio(0.5, 100, 0) == 0.5 and warmup_ratio(0.01, 0, 0) == 0.01  # nothing to warm up
+    c, layout = get_compressor("topk:0.01+int8@warmup=100"), Layout.from_sizes(SIZES)
+    for step in (0, 30, 99, 100, 1000):
+        _, idx, _ = c.encode(_x(step), layout, step)
+        expected = sum(min(n, math.ceil(warmup_ratio(0.01, 100, step) * n)) for n in SIZES)
+        assert idx.numel() == c.kept(layout, step) == expected
+    assert c.kept(layout) == get_compressor("topk:0.01+int8").kept(layout)  # after the warm-up
+
+
+def test_error_feedback_through_a_warmup_sent_plus_residual_is_the_sum_of_gradients():
+    c, layout, memory = get_compressor("topk:0.01+int8@warmup=20"), Layout.from_sizes(SIZES), ResidualMemory()
+    sent, true = torch.zeros(sum(SIZES)), torch.zeros(sum(SIZES))
+    for step in range(30):
+        g = _x(200 + step)
+        comp = memory.compensate("mlp", g)
+        msg, tx = _encode(c, comp, layout, step)
+        memory.update("mlp", comp, tx)
+        sent += tx
+        true += g
+    torch.testing.assert_close(sent + memory.residuals["mlp"], true, rtol=0, atol=1e-5)
+
+
+def test_a_payload_of_another_step_or_warmup_is_refused():
+    layout, out = Layout.from_sizes(SIZES), torch.zeros(sum(SIZES))
+    c = get_compressor("topk:0.01+int8@warmup=20")
+    msg, _, _ = c.encode(_x(0), layout, 3)
+    c.decode_add(msg, layout, torch.zeros(sum(SIZES)), step=3)
+    with pytest.raises(ValueError, match=r"rank 1 sent a topk:0.\d+\+int8 \(ratio in force of a 20-step warm-up\) "
+                                         r"payload, this rank runs topk:0.\d+\+int8 \(.*\) at step 4"):
+        c.decode_add(msg, layout, out, source="rank 1", step=4)
+    late, _, _ = c.encode(_x(0), layout, 50)  # warm-up over: the same ratio, still another warm-up
+    with pytest.raises(ValueError, match=r"20-step warm-up\) payload, this rank runs topk:0.01\+int8 at step 50"):
+        get_compressor("topk:0.01+int8").decode_add(late, layout, out, step=50)
+    with pytest.raises(ValueError, match=r"this rank runs topk:0.01\+int8 \(ratio in force of a 10-step warm-up\)"):
+        get_compressor("topk:0.01+int8@warmup=10").decode_add(late, layout, out, step=50)
+    assert torch.equal(out, torch.zeros(sum(SIZES)))
