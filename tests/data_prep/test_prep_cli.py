@@ -295,7 +295,9 @@ def test_mpirun_two_ranks_same_output(kaggle_file, tmp_path):
     out = tmp_path / "mpi"
     cmd = ["mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root",
            *_cmd(kaggle_file, out, "--workers", 1, "--piece-bytes", 50_000)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    # env: Python's view of the environment, not the C-level one that an MPI initialised in this
+    # process by an earlier in-process test has added to (a nested mpirun then fails silently)
+    p = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
     assert_same_dataset(ref, out)
     assert read_meta(out).extra["mpi_ranks"] == 2
