@@ -9,6 +9,7 @@ from ..compression import CompressionConfig, compressor_names, get_compressor
 from ..compression.config import (COLLECTIVES, DENSE_EMB_MAX_BYTES, EMB_EXCHANGES, EMB_SCALES, ERROR_FEEDBACK,
                                   MLP_SCALES)
 from ..compression.sparse import SPEC_FORM
+from .options import apply_options
 
 
 def _check_mlp_spec(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -64,9 +65,7 @@ _OPTIONS = [
 
 
 def compression_options(fn: Callable) -> Callable:
-    for option in reversed(_OPTIONS):
-        fn = option(fn)
-    return fn
+    return apply_options(fn, _OPTIONS)
 
 
 def pop_compression_config(options: dict[str, Any]) -> CompressionConfig:

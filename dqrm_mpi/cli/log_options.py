@@ -8,6 +8,7 @@ import click
 
 from ..train.log_config import LogConfig
 from ..train.progress import MODES
+from .options import apply_options
 
 _OPTIONS = [
     click.option("--progress", type=click.Choice(MODES), default="auto",
@@ -32,9 +33,7 @@ _OPTIONS = [
 
 
 def log_options(fn: Callable) -> Callable:
-    for option in reversed(_OPTIONS):
-        fn = option(fn)
-    return fn
+    return apply_options(fn, _OPTIONS)
 
 
 def pop_log_config(options: dict[str, Any]) -> LogConfig:

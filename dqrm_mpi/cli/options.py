@@ -6,6 +6,13 @@ import re
 import click
 
 
+def apply_options(fn, options: list) -> object:
+    """Decorate ``fn`` with Click ``options`` so that ``--help`` lists them in the given order."""
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 def version_option(fn):
     """``--version``: the installed dqrm_mpi package's version."""
     return click.version_option(package_name="dqrm_mpi")(fn)

@@ -11,7 +11,7 @@ import click
 
 from ..qcore import CHANNEL, MAX_BITS, MIN_BITS, ROW, TABLE, TENSOR
 from ..quant.config import EMB_SCALES, MLP_SCALES, QuantConfig
-from .options import Words, in_flags, warn
+from .options import Words, apply_options, in_flags, warn
 
 BITS = click.IntRange(MIN_BITS, MAX_BITS)
 OLD_WORDS = {"rowwise": ROW, "matrix": TENSOR}
@@ -43,9 +43,7 @@ def weight_options(fn: Callable) -> Callable:
         click.option("--mlp-quant", type=click.Choice(["none", "matrix", TENSOR, CHANNEL]), default=None,
                      hidden=True, callback=_mlp_quant, help="Deprecated spelling of --mlp-scale."),
     ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return apply_options(fn, options)
 
 
 def qat_options(fn: Callable) -> Callable:
@@ -63,9 +61,7 @@ def qat_options(fn: Callable) -> Callable:
                           "0 = QAT from scratch, which DQRM found slightly better."),
     ]
     fn = weight_options(fn)
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+    return apply_options(fn, options)
 
 
 def pop_quant_config(options: dict[str, Any]) -> QuantConfig:
