@@ -102,6 +102,38 @@ def report(out: Path) -> None:
     click.echo(f"wrote {out / 'report.md'} ({_counts(counts)})")
 
 
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="The prepared dataset the run was trained on.")
+@click.option("--bits", type=click.IntRange(2, 8), default=4, help="PTQ bit width to diagnose.")
+@click.option("--splits", default="train,test", help="Splits each epoch's FP32 model is evaluated on.")
+def diagnose(run_dir: Path, data: Path, bits: int, splits: str) -> None:
+    """Why PTQ loses (or not): print JSON for RUN_DIR, an FP32 dqrm-train run.
+
+    Per epoch (from the run's --keep-epoch-checkpoints files): train and test AUC, and test
+    AUC after vanilla PTQ at --bits.  Per embedding table of the final model: max|W| /
+    median|W| and the share of the test split's lookups whose row rounds to all zeros.
+
+    \b
+    Example:
+      dqrm-train --data data --out runs/fp32 --keep-epoch-checkpoints --epochs 3
+      dqrm-repro diagnose runs/fp32 --data data > diagnosis.json
+    """
+    from ..repro.diagnosis import diagnose as run_diagnosis
+
+    chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
+    bad = [s for s in chosen if s not in ("train", "val", "test")]
+    if bad or not chosen:
+        raise click.BadParameter(f"{splits!r}: expected a comma-separated list of train, val, test",
+                                 param_hint="--splits")
+    try:
+        result = run_diagnosis(run_dir, data, bits=bits, splits=chosen)
+    except (ValueError, OSError, KeyError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(result, indent=1))
+
+
 @main.command(name="list")
 @click.option("--profile", type=click.Choice(sorted(PROFILES)), default="small",
               help="Profile whose runs (names, ranks) are listed.")

@@ -21,13 +21,15 @@ class Run:
     """One ``dqrm-train`` invocation: flags beyond the profile's, on ``ranks`` ranks (COMM: the
     profile's communication rank count).  ``needs``: a dqrm-train option this run needs; where the
     installed dqrm-train lacks it, the run is not made and its cells say so.  Flags may name
-    profile fields in braces, e.g. ``{scale_period}``."""
+    profile fields in braces, e.g. ``{scale_period}``.  ``diagnose``: run ``dqrm-repro diagnose``
+    on it (an FP32 run kept with ``--keep-epoch-checkpoints``; see repro.diagnosis)."""
 
     name: str
     flags: tuple[str, ...] = ()
     ranks: int | None = 1
     exports: tuple[Export, ...] = ()
     needs: str | None = None
+    diagnose: bool = False
 
     def at(self, ranks: int) -> "Run":
         return replace(self, ranks=ranks)

@@ -93,6 +93,9 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
         for export in run.exports:  # a run sharing an earlier one's command may add exports
             for step in _export_steps(name, export, train, profile):
                 steps[step.key] = step
+        if run.diagnose:
+            step = _diagnose_step(name, train, profile)
+            steps[step.key] = step
     return Plan(profile, steps, names, blocked)
 
 
@@ -142,6 +145,18 @@ def _export_steps(name: str, export: Export, train: Step, profile: Profile) -> l
                   after=(step.key,), blocked=_split_reason(split, profile) or train.blocked)
              for split in export.splits]
     return [step, *evals]
+
+
+def _diagnose_step(name: str, train: Step, profile: Profile) -> Step:
+    out = f"{RUNS_DIR}/{name}"
+    splits = ("train", "test") if profile.eval_train_split else ("test",)
+    return Step(f"diagnose:{name}", ("dqrm-repro", "diagnose", out, "--data", "data", "--splits", ",".join(splits)),
+                (diagnosis_json(name),), f"{out}/repro-diagnose.json", f"{out}/diagnose.log",
+                stdout=diagnosis_json(name), after=(train.key,), blocked=train.blocked)
+
+
+def diagnosis_json(name: str) -> str:
+    return f"{RUNS_DIR}/{name}/diagnosis.json"
 
 
 def eval_json(name: str, label: str, split: str) -> str:

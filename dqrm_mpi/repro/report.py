@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .experiment import Drop, Figure, Metric, NotMeasured, Table
 from .figures import draw
+from .findings import findings_markdown
 from .plan import Plan, step_run
 from .results import MetricError, RunFiles, metric_value
 from .runner import failure_path, read_json
@@ -178,6 +179,7 @@ def render(plan: Plan, out: Path, tables: tuple[Table, ...], figures: tuple[Figu
         png = f"figures/{f.key}.png"
         draw(f, {label: r.files(plan.names[run]) for label, run in f.series}, out / png)
         parts.append(r.figure_markdown(f, png))
+    parts.append(findings_markdown(plan, out))
     _write_text(out / "report.md", "\n".join(parts))
     return counts
 

@@ -86,14 +86,19 @@ def _best(run: RunFiles, field: str, scale: float, digits: int) -> Value:
     return Value(best[field] * scale, f"{best[field] * scale:.{digits}f} @{best['step']}")
 
 
-def _auc_per_epoch(run: RunFiles) -> Value:
+def epoch_end_aucs(run: RunFiles) -> list[float]:
+    """Test AUC of the last evaluation of each epoch, in epoch order."""
     last: dict[int, dict] = {}
     for r in run.evals():
         if r["epoch"] not in last or r["step"] >= last[r["epoch"]]["step"]:
             last[r["epoch"]] = r
     if not last:
         raise MetricError("no test evaluation in metrics.jsonl")
-    return Value(None, " / ".join(f"{last[e]['auc']:.4f}" for e in sorted(last)))
+    return [last[e]["auc"] for e in sorted(last)]
+
+
+def _auc_per_epoch(run: RunFiles) -> Value:
+    return Value(None, " / ".join(f"{auc:.4f}" for auc in epoch_end_aucs(run)))
 
 
 def _train_loss(run: RunFiles) -> Value:

@@ -12,7 +12,8 @@ PACKED = Export("packed", splits=("test", "train"))          # the model at the 
 PTQ4 = Export("ptq4", ("--bits", "4"), splits=("test", "train"))  # vanilla post-training INT4
 
 # --- single-rank runs: the global batch on one rank gives the parameters of N ranks (tested) ---
-FP32 = Run("fp32", exports=(PACKED, PTQ4))
+# Epoch checkpoints: the diagnosis applies PTQ to, and evaluates train vs test AUC of, every epoch's model.
+FP32 = Run("fp32", ("--keep-epoch-checkpoints",), exports=(PACKED, PTQ4), diagnose=True)
 EMB_QAT = {b: Run(f"emb{b}", ("--emb-bits", str(b), "--scale-period", "{scale_period}")) for b in (16, 8, 4)}
 DQRM_FLAGS = ("--emb-bits", "4", "--mlp-bits", "4", "--mlp-scale", "channel")
 DQRM4 = Run("dqrm4", DQRM_FLAGS + ("--scale-period", "{scale_period}"), exports=(PACKED,))

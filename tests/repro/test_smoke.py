@@ -67,6 +67,23 @@ def test_smoke_produces_every_table_and_figure(smoke):
     assert "horovodrun -np 2 -H localhost:2 dqrm-train" in report
 
 
+def test_smoke_reports_the_findings_and_the_diagnosis(smoke):
+    out, _ = smoke
+    report = (out / "report.md").read_text()
+    findings = report[report.index("## The paper's findings"):]
+    for n in (1, 2, 3):  # each finding measured (appears or not), none left "not measured yet"
+        line = next(ln for ln in findings.splitlines() if ln.startswith(f"- {n}. "))
+        assert "appear" in line and "not measured" not in line, line
+    d = json.loads((out / "runs" / "fp32" / "diagnosis.json").read_text())
+    assert [e["epoch"] for e in d["epochs"]] == [0, 1]  # smoke trains 2 epochs, each kept
+    packed = json.loads((out / "runs" / "fp32" / "packed.eval-test.json").read_text())
+    assert d["epochs"][-1]["test_auc"] == pytest.approx(packed["auc"], abs=1e-6)  # the same final model
+    ptq = json.loads((out / "runs" / "fp32" / "ptq4.eval-test.json").read_text())
+    assert d["epochs"][-1]["ptq4_test_auc"] == pytest.approx(ptq["auc"], abs=1e-6)  # as dqrm-export --bits 4
+    assert len(d["tables"]) == 26 and all(0 <= t["zero_lookup_share"] <= 1 for t in d["tables"])
+    assert "| C26 |" in report and "| 2 | " in findings  # the per-table and per-epoch rows
+
+
 def test_resumed_suite_skips_finished_runs_and_renders_the_same(smoke):
     out, first = smoke
     assert first.returncode == 0

@@ -146,3 +146,13 @@ def test_runs_with_the_same_command_are_one_run_with_all_exports():
     plan = make_plan(PROFILES["smoke"], (table,))
     assert plan.names[twin] == "fp32" and "train:twin" not in plan.steps
     assert {"export:fp32/packed", "export:fp32/ptq4", "export:fp32/int8"} <= set(plan.steps)
+
+
+@pytest.mark.parametrize("profile, splits", [("small", "train,test"), ("terabyte", "test")])
+def test_the_fp32_run_keeps_its_epochs_and_is_diagnosed(profile, splits):
+    plan = make_plan(PROFILES[profile], TABLES + FIGURES)
+    assert "--keep-epoch-checkpoints" in plan.steps["train:fp32"].argv
+    step = plan.steps["diagnose:fp32"]
+    assert step.argv == ("dqrm-repro", "diagnose", "runs/fp32", "--data", "data", "--splits", splits)
+    assert step.after == ("train:fp32",) and step.stdout == "runs/fp32/diagnosis.json"
+    assert [k for k in plan.steps if k.startswith("diagnose:")] == ["diagnose:fp32"]
