@@ -154,16 +154,20 @@ class DenseExchange:
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
             else:
-                flat = self._flat(grads)
-                if residual is not None:
-                    flat.add_(residual)  # error-feedback compensation
+                flat = self._flat(grads, residual)
                 out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
-    def _flat(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The gradients as one reused float32 [numel] buffer on the CPU, in ``names`` order."""
+    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradients (plus ``residual``: error-feedback compensation, in the same pass) as one
+        reused float32 [numel] buffer on the CPU, in ``names`` order."""
         flat = self._buf("flat", (self.numel,), torch.float32)
-        torch.cat([grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names], out=flat)
+        local = [grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names]
+        if residual is None:
+            torch.cat(local, out=flat)
+        else:
+            for g, r, f in zip(local, torch.split(residual, self.numels), torch.split(flat, self.numels)):
+                torch.add(g, r, out=f)
         return flat
 
     def _residual(self) -> torch.Tensor | None:
@@ -204,8 +208,8 @@ class DenseExchange:
         dequantized in one pass, summed in rank order (the same float sum on every rank)."""
         deq = self.compressor.decode_many(bufs, layout, self._buf("deq", (bufs.shape[0], chunk.hi - chunk.lo),
                                                                   torch.float32))
-        total = deq[0].clone()
-        for r in range(1, deq.shape[0]):
+        total = deq[0] + deq[1] if deq.shape[0] > 1 else deq[0].clone()
+        for r in range(2, deq.shape[0]):
             total.add_(deq[r])
         return total.div_(self.backend.size)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..qcore import group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
+from ..qcore.pack import unpack_int4_int8
 from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
 
@@ -24,32 +25,39 @@ def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, s
 
     In place over the layout's blocks, dividing by the scale (the codecs' arithmetic since their
     first version; ``qcore.quantize`` multiplies by 1/scale as PyTorch's fake-quant kernels do).
+    No clamp: a scale is a normal float at most 2^-24 (relative) below max|x| / qmax, so
+    |x| / scale <= qmax * (1 + 2^-23) rounds to at most qmax (a NaN stays NaN, as with a clamp).
     """
-    qmin, qmax = qrange(bits)
     torch.abs(x, out=q)
     scales.zero_()
     for b in layout.blocks:
         if b.rows and b.cols:
-            rowmax = q[b.lo:b.hi].view(b.rows, b.cols).amax(dim=1)
+            rows = q[b.lo:b.hi].view(b.rows, b.cols)
             if b.row_group is None:
-                scales[b.g_lo:b.g_lo + b.rows] = rowmax
+                torch.amax(rows, dim=1, out=scales[b.g_lo:b.g_lo + b.rows])
             else:
-                scales.scatter_reduce_(0, b.row_group, rowmax, reduce="amax", include_self=True)
+                scales.scatter_reduce_(0, b.row_group, rows.amax(dim=1), reduce="amax", include_self=True)
     scale_from_max_(scales, bits)
     for b in layout.blocks:
         if b.rows and b.cols:
             torch.div(x[b.lo:b.hi].view(b.rows, b.cols), b.row_scales(scales).unsqueeze(-1),
                       out=q[b.lo:b.hi].view(b.rows, b.cols))
-    q.round_().clamp_(qmin, qmax)
+    q.round_()
 
 
 def scale_rows_(values: torch.Tensor, scales: torch.Tensor, layout: Layout) -> torch.Tensor:
     """In place: values float32 [r, n] (integers) *= their groups' scales [r, groups]."""
-    r = values.shape[0]
+    return scale_rows_into(values, scales, layout, values)
+
+
+def scale_rows_into(q: torch.Tensor, scales: torch.Tensor, layout: Layout, out: torch.Tensor) -> torch.Tensor:
+    """out float32 [r, n] = q float32 [r, n] (integers) times their groups' scales [r, groups]."""
+    r = q.shape[0]
     for b in layout.blocks:
         if b.rows and b.cols:
-            values[:, b.lo:b.hi].view(r, b.rows, b.cols).mul_(b.row_scales(scales, dim=1).unsqueeze(-1))
-    return values
+            torch.mul(q[:, b.lo:b.hi].view(r, b.rows, b.cols), b.row_scales(scales, dim=1).unsqueeze(-1),
+                      out=out[:, b.lo:b.hi].view(r, b.rows, b.cols))
+    return out
 
 
 def quantize(x: torch.Tensor, groups: torch.Tensor | None, num_groups: int,
@@ -100,21 +108,21 @@ class _IntCompressor(Compressor):
         self._pack_into(q, out[:nd])
         out[nd:nd + 4 * layout.num_groups].copy_(scales.view(torch.uint8))
         if transmitted is not None:
-            transmitted.copy_(q)
-            scale_rows_(transmitted.view(1, -1), scales.view(1, -1), layout)
+            scale_rows_into(q.view(1, -1), scales.view(1, -1), layout, transmitted.view(1, -1))
 
     def decode_many(self, bufs, layout, out):
         nd = self.data_nbytes(out.shape[1])
-        scales = torch.empty(bufs.shape[0], 4 * layout.num_groups, dtype=torch.uint8)
+        scales = torch.empty(bufs.shape[0], 4 * layout.num_groups, dtype=torch.uint8, device=bufs.device)
         scales.copy_(bufs[:, nd:nd + 4 * layout.num_groups])
-        scales = scales.view(torch.float32)
-        self._unpack_into(bufs[:, :nd], out)
-        return scale_rows_(out, scales, layout)
+        out.copy_(self._integers(bufs[:, :nd])[:, :out.shape[1]])  # (a cast, then a float pass: faster than one mixed pass)
+        return scale_rows_(out, scales.view(torch.float32), layout)
 
     def _pack_into(self, q: torch.Tensor, out: torch.Tensor) -> None:
+        """q float32 [n] (integral) -> out uint8 [data_nbytes(n)]."""
         raise NotImplementedError
 
-    def _unpack_into(self, data: torch.Tensor, out: torch.Tensor) -> None:
+    def _integers(self, data: torch.Tensor) -> torch.Tensor:
+        """Payload data uint8 [r, data_nbytes(n)] -> the integers [r, >= n] (a view where possible)."""
         raise NotImplementedError
 
 
@@ -132,8 +140,8 @@ class Int16Compressor(_IntCompressor):
     def _pack_into(self, q, out):
         out.copy_(q.to(torch.int16).view(torch.uint8))
 
-    def _unpack_into(self, data, out):
-        out.copy_(data.clone().view(torch.int16))
+    def _integers(self, data):
+        return data.clone().view(torch.int16)
 
 
 @register
@@ -150,8 +158,8 @@ class Int8Compressor(_IntCompressor):
     def _pack_into(self, q, out):
         out.view(torch.int8).copy_(q)
 
-    def _unpack_into(self, data, out):
-        out.copy_(data.view(torch.int8))
+    def _integers(self, data):
+        return data.view(torch.int8)
 
 
 @register
@@ -170,5 +178,5 @@ class Int4Compressor(_IntCompressor):
     def _pack_into(self, q, out):
         pack_int4_into(q, out)
 
-    def _unpack_into(self, data, out):
-        unpack_int4_into(data, out)
+    def _integers(self, data):
+        return unpack_int4_int8(data)
