@@ -151,3 +151,22 @@ def test_config_validation_and_defaults():
         with pytest.raises(ValueError):
             CompressionConfig(**bad)
     assert CompressionConfig(emb="int4").to_dict()["emb"] == "int4"
+
+
+@pytest.mark.parametrize("name", ["int16", "int8", "int4"])
+def test_integers_stay_in_range_without_a_clamp(name):
+    """The exchanges' encoder does not clamp (|x| / scale rounds to at most qmax): on values at
+    the group maximum, near float32's limits, subnormal and zero, its bytes equal those of a
+    clamped reference, and every integer lies in [-qmax - 1, qmax]."""
+    c, qmax = get_compressor(name), QUANTIZED[name]
+    tiny = torch.finfo(torch.float32).tiny
+    rows = [torch.linspace(-1, 1, 9) * m for m in (3.0e38, 1.0, 1 / 3, 7.0, 1e-30, tiny, tiny / 64, 0.0)]
+    rows += [torch.tensor([1.0, -1.0, 0.5, -0.5, 1 / 3, 2 / 3, -0.999999, 0.0, 1e-7]) * m for m in (6.5, 1e-38)]
+    x = torch.cat(rows)
+    layout = Layout.from_sizes([9] * len(rows))
+    out = torch.empty(c.nbytes(x.numel(), layout.num_groups), dtype=torch.uint8)
+    c.encode_into(x, layout, out)
+    scales = (x.view(-1, 9).abs().amax(dim=1) / qmax).clamp_min(tiny)
+    q = torch.round(x.view(-1, 9) / scales.unsqueeze(1)).clamp(-qmax - 1, qmax).reshape(-1)
+    assert torch.equal(out, c.to_bytes(Compressed(c._pack(q.to(torch.int16)), scales, x.numel())))
+    assert int(q.abs().max()) == qmax  # every group's maximum reaches qmax
