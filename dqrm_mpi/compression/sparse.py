@@ -171,7 +171,7 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
     if not sampled:
         return _exact_topk(a, sizes, ks)
-    an = a.numpy()
+    an = a.detach().numpy()
     thresholds = [0.0] * t
     sample = max(need[i] for i in sampled)
     above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
