@@ -170,3 +170,21 @@ def test_integers_stay_in_range_without_a_clamp(name):
     q = torch.round(x.view(-1, 9) / scales.unsqueeze(1)).clamp(-qmax - 1, qmax).reshape(-1)
     assert torch.equal(out, c.to_bytes(Compressed(c._pack(q.to(torch.int16)), scales, x.numel())))
     assert int(q.abs().max()) == qmax  # every group's maximum reaches qmax
+
+
+@pytest.mark.parametrize("name", ["int16", "int8", "int4"])
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks):
+    """decode_mean (the exchanges' reduce, unit by unit) equals every payload decoded, summed in
+    rank order and divided by the rank count, bit for bit."""
+    c = get_compressor(name)
+    layout = Layout.from_sizes([13] * 40 + [40, 2500] + [7000] * 3 + [7, 1])  # blocks split into units
+    gen = torch.Generator().manual_seed(ranks)
+    bufs = torch.empty(ranks, c.nbytes(layout.numel, layout.num_groups), dtype=torch.uint8)
+    for buf in bufs:
+        c.encode_into(torch.randn(layout.numel, generator=gen) * torch.rand(layout.numel, generator=gen), layout, buf)
+    deq = c.decode_many(bufs, layout, torch.empty(ranks, layout.numel))
+    expected = deq[0].clone()
+    for r in range(1, ranks):
+        expected += deq[r]
+    assert torch.equal(c.decode_mean(bufs, layout, ranks), expected / ranks)
