@@ -96,7 +96,9 @@ def mean_of_payloads(q: np.ndarray, scales: np.ndarray, layout: Layout, size: in
     Unit by unit (about ``UNIT`` values of whole rows of one block) in NumPy: the per-rank
     values of a unit live in a small scratch buffer in the core's cache, so the payloads are
     read once and the mean written once, where whole-vector passes would write and re-read
-    r float copies of the vector (and a NumPy call costs about 1 us against about 5 for torch)."""
+    r float copies of the vector (and a NumPy call costs about 1 us against about 5 for torch).
+    Single-threaded: ``decode_mean`` uses it when torch runs one thread per rank (ranks sharing
+    a node's cores), and PyTorch's passes, which spread over threads, otherwise."""
     on = out.numpy()
     scratch = np.empty(max([UNIT, *(b.cols for b in layout.blocks)]), dtype=np.float32)
     for b in layout.blocks:
@@ -152,7 +154,7 @@ class _IntCompressor(Compressor):
         return scale_rows_(out, self._scales(bufs, layout, nd), layout)
 
     def decode_mean(self, bufs, layout, size):
-        if bufs.device.type != "cpu":
+        if bufs.device.type != "cpu" or torch.get_num_threads() > 1:  # whole-vector passes spread over threads
             return super().decode_mean(bufs, layout, size)
         nd = self.data_nbytes(layout.numel)
         scales = self._scales(bufs, layout, nd).numpy()

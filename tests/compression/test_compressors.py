@@ -172,11 +172,22 @@ def test_integers_stay_in_range_without_a_clamp(name):
     assert int(q.abs().max()) == qmax  # every group's maximum reaches qmax
 
 
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test (``torch_threads(n)``), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["int16", "int8", "int4"])
 @pytest.mark.parametrize("ranks", [2, 3])
-def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks):
-    """decode_mean (the exchanges' reduce, unit by unit) equals every payload decoded, summed in
-    rank order and divided by the rank count, bit for bit."""
+@pytest.mark.parametrize("threads", [1, 2], ids=["unit-by-unit", "whole-vector"])
+def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks, threads, torch_threads):
+    """decode_mean (the exchanges' reduce: unit by unit with one thread, whole-vector passes
+    with more) equals every payload decoded, summed in rank order and divided by the rank
+    count, bit for bit."""
+    torch_threads(threads)
     c = get_compressor(name)
     layout = Layout.from_sizes([13] * 40 + [40, 2500] + [7000] * 3 + [7, 1])  # blocks split into units
     gen = torch.Generator().manual_seed(ranks)
