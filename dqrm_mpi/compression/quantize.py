@@ -26,6 +26,7 @@ from .layout import Layout
 
 UNIT = 16_384  # values per unit of ``mean_of_payloads`` (64 KiB of float32 scratch)
 
+
 def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor) -> None:
     """x float32 [n] -> q float32 [n] (integral values in [qmin, qmax]) and scales float32 [groups].
 
@@ -150,7 +151,8 @@ class _IntCompressor(Compressor):
 
     def decode_many(self, bufs, layout, out):
         nd = self.data_nbytes(out.shape[1])
-        out.copy_(self._integers(bufs[:, :nd])[:, :out.shape[1]])  # a cast, then a float pass: faster than one mixed pass
+        # a cast, then a float pass: faster than one mixed-dtype pass
+        out.copy_(self._integers(bufs[:, :nd])[:, :out.shape[1]])
         return scale_rows_(out, self._scales(bufs, layout, nd), layout)
 
     def decode_mean(self, bufs, layout, size):
