@@ -130,26 +130,31 @@ def worker(steps: int, out: str, configs: list[str]) -> None:
 
 class _LocalBackend:
     """In-process stand-in for ``world`` ranks (codec micro benchmark): collectives return
-    ``world`` copies of this rank's payload, so the codec does every rank's decoding work."""
+    ``world`` copies of this rank's payload, so the codec does every rank's decoding work.
+    The copying is recorded as collective seconds, so the exchanges' codec clock (wall time
+    minus collectives, as in the comm log) leaves it out."""
 
     def __init__(self, world: int) -> None:
         from dqrm_mpi.comm.traffic import TrafficMeter
         self.rank, self.size, self.traffic = 0, world, TrafficMeter()
 
-    def _count(self, kind, collective, tensors):  # what this rank hands over (no dim-0 counts)
-        self.traffic.record(kind, collective, sum(t.numel() * t.element_size() for t in tensors), 0, 0.0)
+    def _collective(self, kind, collective, tensors, make):
+        """make() the result; record what this rank hands over (no dim-0 counts) and the time."""
+        t0 = time.perf_counter()
+        out = make()
+        self.traffic.record(kind, collective, sum(t.numel() * t.element_size() for t in tensors), 0,
+                            time.perf_counter() - t0)
+        return out
 
     def allgather_stacked(self, t, name, kind):
-        self._count(kind, "allgather", [t])
-        return t.unsqueeze(0).expand(self.size, *t.shape).clone()
+        return self._collective(kind, "allgather", [t], lambda: t.unsqueeze(0).expand(self.size, *t.shape).clone())
 
     def allgather(self, tensors, name, kind):
-        self._count(kind, "allgather", tensors)
-        return [[t.clone() for _ in range(self.size)] for t in tensors]
+        return self._collective(kind, "allgather", tensors,
+                                lambda: [[t.clone() for _ in range(self.size)] for t in tensors])
 
     def allreduce_average(self, tensors, name, kind):
-        self._count(kind, "allreduce", tensors)
-        return [t.clone() for t in tensors]
+        return self._collective(kind, "allreduce", tensors, lambda: [t.clone() for t in tensors])
 
 
 def codec(world: int, steps: int, configs: list[str], batch: int) -> dict:
@@ -183,7 +188,8 @@ def codec(world: int, steps: int, configs: list[str], batch: int) -> dict:
 
 
 def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, batch: int) -> dict:
-    """Median ms per step of the MLP and embedding exchanges over ``backend`` (no network)."""
+    """Median codec ms per step of the MLP and embedding exchanges over ``backend`` (no network),
+    by the exchanges' own codec clock (as logged in training), and the exchanges' wall time."""
     import torch
 
     from dqrm_mpi.comm.sync import DenseExchange, SparseExchange
@@ -193,7 +199,7 @@ def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, b
     names = [f"embeddings.tables.{t}.weight" for t in range(26)]
     mlp = DenseExchange(backend, mlp_shapes, mlp_c, "channel", ef in ("mlp", "both"))
     emb = SparseExchange(backend, names, list(cards), dim, emb_c, "table", ef in ("emb", "both"))
-    times: dict[str, list[float]] = {"mlp": [], "emb": []}
+    times: dict[str, list[float]] = {"mlp": [], "emb": [], "wall": [], "cpu": []}
     rows, mlp_bytes = [], []
     for step in range(steps + 2):
         gen = torch.Generator().manual_seed(step)
@@ -201,14 +207,15 @@ def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, b
         gid = torch.unique(torch.stack([_zipf_ids(gen, c, batch) for c in cards], dim=1) + offsets[:-1])
         vals = torch.randn(gid.numel(), dim, generator=gen) * 1e-3
         backend.traffic.take()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         mlp.exchange(grads)
-        t1 = time.perf_counter()
         emb.exchange(gid, vals)
-        t2 = time.perf_counter()
-        if step >= 2:
-            times["mlp"].append(t1 - t0)
-            times["emb"].append(t2 - t1)
+        wall, cpu = time.perf_counter() - t0, time.thread_time() - c0
+        if step >= 2:  # the codec clock of the exchanges (what the comm log reports)
+            times["mlp"].append(backend.traffic.codec["mlp"])
+            times["emb"].append(backend.traffic.codec["emb"])
+            times["wall"].append(wall)
+            times["cpu"].append(cpu)
             rows.append(gid.numel())
             mlp_bytes.append(sum(v for k, v in backend.traffic.sent.items() if k.startswith("mlp/")))
     backend.traffic.take()
@@ -216,6 +223,10 @@ def _codec_steps(backend, mlp_shapes: dict, mlp_c, emb_c, ef: str, steps: int, b
     return {"mlp_codec_ms_p50": round(med(times["mlp"]) * 1e3, 3),
             "emb_codec_ms_p50": round(med(times["emb"]) * 1e3, 3),
             "codec_ms_p50": round(med([a + b for a, b in zip(times["mlp"], times["emb"])]) * 1e3, 3),
+            "exchange_wall_ms_p50": round(med(times["wall"]) * 1e3, 3),
+            # this thread's CPU time in both exchanges (with the stand-in collectives): steadier
+            # than wall time on a shared machine
+            "exchange_cpu_ms_p50": round(med(times["cpu"]) * 1e3, 3),
             "emb_rows_per_rank": round(sum(rows) / len(rows)),
             "mlp_sent_bytes_per_step": round(sum(mlp_bytes) / len(mlp_bytes))}
 

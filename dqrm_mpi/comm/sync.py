@@ -154,16 +154,20 @@ class DenseExchange:
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
             else:
-                flat = self._flat(grads)
-                if residual is not None:
-                    flat.add_(residual)  # error-feedback compensation
+                flat = self._flat(grads, residual)
                 out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
-    def _flat(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The gradients as one reused float32 [numel] buffer on the CPU, in ``names`` order."""
+    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradients (plus ``residual``: error-feedback compensation, in the same pass) as one
+        reused float32 [numel] buffer on the CPU, in ``names`` order."""
         flat = self._buf("flat", (self.numel,), torch.float32)
-        torch.cat([grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names], out=flat)
+        local = [grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names]
+        if residual is None:
+            torch.cat(local, out=flat)
+        else:
+            for g, r, f in zip(local, torch.split(residual, self.numels), torch.split(flat, self.numels)):
+                torch.add(g, r, out=f)
         return flat
 
     def _residual(self) -> torch.Tensor | None:
@@ -199,21 +203,16 @@ class DenseExchange:
         if residual is not None:
             torch.sub(flat, tx, out=residual)
 
-    def _reduce(self, bufs: torch.Tensor, chunk: _Chunk, layout: Layout) -> torch.Tensor:
-        """Payloads uint8 [size, nbytes] of one chunk -> their float average [numel] (new tensor):
-        dequantized in one pass, summed in rank order (the same float sum on every rank)."""
-        deq = self.compressor.decode_many(bufs, layout, self._buf("deq", (bufs.shape[0], chunk.hi - chunk.lo),
-                                                                  torch.float32))
-        total = deq[0].clone()
-        for r in range(1, deq.shape[0]):
-            total.add_(deq[r])
-        return total.div_(self.backend.size)
+    def _reduce(self, bufs: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Payloads uint8 [size, nbytes] of one chunk -> their float average [numel] (new tensor),
+        summed in rank order (the same float sum on every rank)."""
+        return self.compressor.decode_mean(bufs, layout, self.backend.size)
 
     def _allgather(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (self.chunk_nbytes[0],), torch.uint8)
         self._encode(flat, residual, msg)
         gathered = self.backend.allgather_stacked(msg, name=f"grad.{self.kind}", kind=self.kind)
-        return self._reduce(gathered, self.chunks[0], self.layouts[0])
+        return self._reduce(gathered, self.layouts[0])
 
     def _sparse_allgather(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None,
                           step: int) -> torch.Tensor:
@@ -247,7 +246,7 @@ class DenseExchange:
                                                   kind=self.kind)
         r = self.backend.rank
         mine, layout = self.chunks[r], self.layouts[r]
-        avg = self._reduce(received.view(len(rsplits), self.chunk_nbytes[r]), mine, layout)
+        avg = self._reduce(received.view(len(rsplits), self.chunk_nbytes[r]), layout)
         reduced = torch.empty(self.chunk_nbytes[r], dtype=torch.uint8)
         self.compressor.encode_into(avg, layout, reduced, work=self._buf("work", (self.numel,), torch.float32)[
             :mine.hi - mine.lo])

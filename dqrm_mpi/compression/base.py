@@ -108,6 +108,17 @@ class Compressor(ABC):
             out[i] = self.decompress(self.from_bytes(bufs[i], out.shape[1]))
         return out
 
+    def decode_mean(self, bufs: torch.Tensor, layout, size: int) -> torch.Tensor:
+        """Payloads uint8 [r, nbytes] (one per rank, rank order) -> their mean float32 [numel]
+        (a new tensor): decoded, summed in rank order and divided by ``size``, the same float
+        sum on every rank."""
+        deq = self.decode_many(bufs, layout, torch.empty(bufs.shape[0], layout.numel, dtype=torch.float32,
+                                                         device=bufs.device))
+        total = deq[0] + deq[1] if deq.shape[0] > 1 else deq[0].clone()
+        for r in range(2, deq.shape[0]):
+            total.add_(deq[r])
+        return total.div_(size)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

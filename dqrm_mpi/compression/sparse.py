@@ -151,11 +151,15 @@ def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
 def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
                   generator: torch.Generator | None) -> torch.Tensor:
     """DGC-style: a threshold per segment from a random sample, aiming at about 2k candidates
-    (segments keeping too few values to sample use torch.topk's k-th value, small ones take
+    (segments keeping too few values to sample use their exact k-th value, small ones take
     all their values as candidates; ``exact`` when no segment is worth sampling), then the
     exact top-k of each segment among its candidates: one pass over a for the candidates, the
     rest on about 2k values.  A segment whose estimate leaves fewer than k candidates takes
-    all its values instead, so the result equals ``exact``."""
+    all its values instead, so the result equals ``exact``.  The work after the sample is done
+    in NumPy on the CPU (k-th values by ``np.partition``: a few us a segment, where torch.topk
+    costs tens)."""
+    if a.device.type != "cpu":
+        return _sampled_topk(a.cpu(), sizes, ks, generator).to(a.device)
     t = len(sizes)
     los = [0]
     for n in sizes[:-1]:
@@ -167,6 +171,7 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
     sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
     if not sampled:
         return _exact_topk(a, sizes, ks)
+    an = a.detach().numpy()
     thresholds = [0.0] * t
     sample = max(need[i] for i in sampled)
     above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
@@ -174,19 +179,19 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
            * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
     pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
     pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
-    estimates = torch.topk(a[pos], above, dim=1, sorted=False).values.amin(dim=1).tolist()
+    estimates = np.partition(an[pos.numpy()], sample - above, axis=1)[:, sample - above].tolist()
     for i, e in zip(sampled, estimates):
         thresholds[i] = e
     for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
         if k == 0:
             thresholds[i] = math.inf
         elif i not in sampled and k < n and n > CHUNK:  # not worth sampling: the exact k-th value
-            thresholds[i] = float(torch.topk(a[lo:lo + n], k, sorted=False).values.min())
+            thresholds[i] = float(_kth_largest(an[lo:lo + n], k))
     mask = torch.empty(a.numel(), dtype=torch.bool)
     for _ in range(2):  # a second pass only when an estimate overshot
         _at_least(a, los, sizes, thresholds, mask)
-        cand = _nonzero(mask)
-        bounds = torch.searchsorted(cand, torch.tensor([*los, a.numel()])).tolist()
+        cand = np.flatnonzero(mask.numpy())
+        bounds = np.searchsorted(cand, [*los, a.numel()]).tolist()
         short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
         if not short:
             break
@@ -194,22 +199,26 @@ def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
             thresholds[i] = 0.0
     # the k-th largest candidate of each segment, then the values above it and, of those equal
     # to it, the lowest indices
-    values = a[cand]
-    kth = torch.tensor([float(torch.topk(values[b0:b1], k, sorted=False).values.min()) if 0 < k < b1 - b0
-                        else (-math.inf if k else math.inf)
-                        for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)])
-    seg = torch.repeat_interleave(torch.arange(t), torch.tensor(bounds).diff(), output_size=cand.numel())
-    kth_c = kth[seg]
+    values = an[cand]
+    counts = np.diff(bounds)
+    kth = np.array([_kth_largest(values[b0:b1], k) if 0 < k < b1 - b0 else (-np.inf if k else np.inf)
+                    for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)], dtype=np.float32)
+    kth_c = np.repeat(kth, counts)
     keep = values >= kth_c  # every segment has at least k candidates >= its kth: exactly k unless ties
-    if int(keep.sum()) == sum(ks):
-        return cand[_nonzero(keep)]
-    above_c = values > kth_c
-    at_c = values == kth_c
-    n_above = torch.zeros(t, dtype=torch.int64).index_add_(0, seg, above_c.long())
-    at_rank = at_c.long().cumsum(0)
-    at_before = torch.cat([torch.zeros(1, dtype=torch.int64), at_rank])[torch.tensor(bounds[:-1])]
-    keep = above_c | (at_c & (at_rank - at_before[seg] <= (torch.tensor(ks) - n_above)[seg]))
-    return cand[_nonzero(keep)]
+    if int(np.count_nonzero(keep)) != sum(ks):
+        seg = np.repeat(np.arange(t), counts)
+        above_c = values > kth_c
+        at_c = values == kth_c
+        n_above = np.bincount(seg, weights=above_c, minlength=t).astype(np.int64)
+        at_rank = np.cumsum(at_c)
+        at_before = np.concatenate([[0], at_rank])[bounds[:-1]]
+        keep = above_c | (at_c & (at_rank - at_before[seg] <= (np.array(ks) - n_above)[seg]))
+    return torch.from_numpy(cand[keep])
+
+
+def _kth_largest(v: np.ndarray, k: int) -> np.float32:
+    """The k-th largest value of v (0 < k <= len(v))."""
+    return np.partition(v, v.size - k)[v.size - k]
 
 
 def _at_least(a: torch.Tensor, los: list[int], sizes: list[int], thresholds: list[float], mask: torch.Tensor) -> None:
@@ -256,6 +265,7 @@ class SparseCompressor(Compressor):
         self.bits = self.value_codec.bits
         self.select = select
         self._generator = torch.Generator().manual_seed(seed)  # the sampling (not the result)
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"SparseCompressor({self.name!r}, select={self.select!r})"
@@ -364,12 +374,20 @@ class SparseCompressor(Compressor):
 
     # -- internals -----------------------------------------------------------------------
     def _indices(self, x: torch.Tensor, layout: Layout, step: int) -> torch.Tensor:
-        a = x.abs()
+        a = torch.abs(x, out=self._scratch("abs", x))
         if self.selector == "threshold":
             return _nonzero(a >= self.param)
         sizes = [n for _, n in _segments(layout)]
         ratio = self.ratio_at(step)
         return select_topk_segments(a, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
+
+    def _scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """A buffer shaped like ``like`` reused across steps (one compressor per exchange): no
+        fresh megabytes, and their page faults, every step."""
+        b = self._buffers.get(key)
+        if b is None or b.shape != like.shape or b.dtype != like.dtype or b.device != like.device:
+            b = self._buffers[key] = torch.empty_like(like)
+        return b
 
     def _describe(self, selector: str, param: float, codec: str, warmup: int) -> str:
         return f"{selector}:{param:g}+{codec}" + (f" (ratio in force of a {warmup}-step warm-up)" if warmup else "")

@@ -151,3 +151,51 @@ def test_config_validation_and_defaults():
         with pytest.raises(ValueError):
             CompressionConfig(**bad)
     assert CompressionConfig(emb="int4").to_dict()["emb"] == "int4"
+
+
+@pytest.mark.parametrize("name", ["int16", "int8", "int4"])
+def test_integers_stay_in_range_without_a_clamp(name):
+    """The exchanges' encoder does not clamp (|x| / scale rounds to at most qmax): on values at
+    the group maximum, near float32's limits, subnormal and zero, its bytes equal those of a
+    clamped reference, and every integer lies in [-qmax - 1, qmax]."""
+    c, qmax = get_compressor(name), QUANTIZED[name]
+    tiny = torch.finfo(torch.float32).tiny
+    rows = [torch.linspace(-1, 1, 9) * m for m in (3.0e38, 1.0, 1 / 3, 7.0, 1e-30, tiny, tiny / 64, 0.0)]
+    rows += [torch.tensor([1.0, -1.0, 0.5, -0.5, 1 / 3, 2 / 3, -0.999999, 0.0, 1e-7]) * m for m in (6.5, 1e-38)]
+    x = torch.cat(rows)
+    layout = Layout.from_sizes([9] * len(rows))
+    out = torch.empty(c.nbytes(x.numel(), layout.num_groups), dtype=torch.uint8)
+    c.encode_into(x, layout, out)
+    scales = (x.view(-1, 9).abs().amax(dim=1) / qmax).clamp_min(tiny)
+    q = torch.round(x.view(-1, 9) / scales.unsqueeze(1)).clamp(-qmax - 1, qmax).reshape(-1)
+    assert torch.equal(out, c.to_bytes(Compressed(c._pack(q.to(torch.int16)), scales, x.numel())))
+    assert int(q.abs().max()) == qmax  # every group's maximum reaches qmax
+
+
+@pytest.fixture
+def torch_threads():
+    """Set torch's thread count for one test (``torch_threads(n)``), restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", ["int16", "int8", "int4"])
+@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("threads", [1, 2], ids=["unit-by-unit", "whole-vector"])
+def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks, threads, torch_threads):
+    """decode_mean (the exchanges' reduce: unit by unit with one thread, whole-vector passes
+    with more) equals every payload decoded, summed in rank order and divided by the rank
+    count, bit for bit."""
+    torch_threads(threads)
+    c = get_compressor(name)
+    layout = Layout.from_sizes([13] * 40 + [40, 2500] + [7000] * 3 + [7, 1])  # blocks split into units
+    gen = torch.Generator().manual_seed(ranks)
+    bufs = torch.empty(ranks, c.nbytes(layout.numel, layout.num_groups), dtype=torch.uint8)
+    for buf in bufs:
+        c.encode_into(torch.randn(layout.numel, generator=gen) * torch.rand(layout.numel, generator=gen), layout, buf)
+    deq = c.decode_many(bufs, layout, torch.empty(ranks, layout.numel))
+    expected = deq[0].clone()
+    for r in range(1, ranks):
+        expected += deq[r]
+    assert torch.equal(c.decode_mean(bufs, layout, ranks), expected / ranks)

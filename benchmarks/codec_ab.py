@@ -1,0 +1,115 @@
+"""Codec A/B: this checkout's gradient exchanges against another checkout's (a base commit),
+interleaved step by step in one process, at Kaggle dimensions (the ``comm.py --codec`` set-up:
+the Kaggle MLP's gradients and 128 samples' embedding rows per rank, 2 ranks stood in for in
+process).  Prints, per configuration, the median thread CPU ms of the MLP and the embedding
+exchange for each checkout and their ratios (CPU time: steadier than wall time on a shared
+machine), after checking that both give bit-identical averaged gradients at every step (error
+feedback included).
+
+    git worktree add --detach /tmp/base 13f3e88
+    python benchmarks/codec_ab.py --base /tmp/base --configs sparse_int8 sparse_int4 mlp_topk0.01_int8_ef
+
+The base checkout's ``dqrm_mpi`` is copied under another package name (its imports are
+relative), so both versions live in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from benchmarks._common import KAGGLE_CARDINALITIES, machine  # noqa: E402
+from comm import CONFIGS, _LocalBackend, _zipf_ids  # noqa: E402
+
+
+def _exchanges(pkg: str, shapes: dict, spec: tuple) -> tuple:
+    sync = importlib.import_module(f"{pkg}.comm.sync")
+    get_compressor = importlib.import_module(f"{pkg}.compression").get_compressor
+    emb_c, mlp_c, ef, _ = spec
+    backend = _LocalBackend(2)
+    names = [f"embeddings.tables.{t}.weight" for t in range(26)]
+    return (sync.DenseExchange(backend, shapes, get_compressor(mlp_c), "channel", ef in ("mlp", "both")),
+            sync.SparseExchange(backend, names, list(KAGGLE_CARDINALITIES), 16, get_compressor(emb_c), "table",
+                                ef in ("emb", "both")))
+
+
+def compare(configs: list[str], steps: int, batch: int) -> dict:
+    import torch
+
+    from dqrm_mpi.model.config import model_config_from_preset
+    from dqrm_mpi.model.dlrm import BottomMLP, TopMLP
+
+    cfg = model_config_from_preset("kaggle", KAGGLE_CARDINALITIES)
+    shapes = {f"bottom.{n}": p.shape for n, p in BottomMLP(13, cfg.bottom_mlp).named_parameters()}
+    shapes.update({f"top.{n}": p.shape for n, p in TopMLP(cfg.num_interactions, cfg.top_mlp).named_parameters()})
+    offsets = torch.tensor([0, *torch.tensor(KAGGLE_CARDINALITIES).cumsum(0).tolist()])
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    out = {}
+    for name in configs:
+        ex = {label: _exchanges(pkg, shapes, CONFIGS[name]) for label, pkg in (("base", "dqrm_base"),
+                                                                                 ("new", "dqrm_mpi"))}
+        cpu = {(label, part): [] for label in ex for part in ("mlp", "emb")}
+        for step in range(steps + 3):  # 3 warm-up steps
+            gen = torch.Generator().manual_seed(step)
+            grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes.items()}
+            gid = torch.unique(torch.stack([_zipf_ids(gen, c, batch) for c in KAGGLE_CARDINALITIES], dim=1)
+                               + offsets[:-1])
+            vals = torch.randn(gid.numel(), 16, generator=gen) * 1e-3
+            results = {}
+            for label in (("base", "new") if step % 2 else ("new", "base")):
+                mlp, emb = ex[label]
+                c0 = time.thread_time()
+                averaged = mlp.exchange(grads)
+                c1 = time.thread_time()
+                rows = emb.exchange(gid, vals)
+                c2 = time.thread_time()
+                results[label] = (averaged, rows)
+                if step >= 3:
+                    cpu[(label, "mlp")].append(c1 - c0)
+                    cpu[(label, "emb")].append(c2 - c1)
+            (a_base, r_base), (a_new, r_new) = results["base"], results["new"]
+            if not (all(torch.equal(a_base[n], a_new[n]) for n in shapes)
+                    and all(torch.equal(x, y) for x, y in zip(r_base, r_new))):
+                raise SystemExit(f"{name}: the checkouts' exchanges differ at step {step}")
+        row = {f"{label}_{part}_cpu_ms_p50": round(med(v) * 1e3, 3) for (label, part), v in cpu.items()}
+        for part in ("mlp", "emb"):
+            row[f"{part}_ratio_new_vs_base"] = round(med(cpu[("new", part)]) / med(cpu[("base", part)]), 3)
+        total = {label: med([a + b for a, b in zip(cpu[(label, "mlp")], cpu[(label, "emb")])]) for label in ex}
+        row["total_ratio_new_vs_base"] = round(total["new"] / total["base"], 3)
+        row["bit_identical"] = True
+        out[name] = row
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="root of the other checkout (its dqrm_mpi/ is compared)")
+    ap.add_argument("--configs", nargs="+", default=["sparse_int8", "sparse_int4", "mlp_topk0.01_int8_ef"],
+                    choices=[c for c, spec in CONFIGS.items() if spec is not None and spec[3] == "allgather"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=128, help="per-rank batch (embedding rows)")
+    a = ap.parse_args()
+    import torch
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(a.base) / "dqrm_mpi"
+        if not source.is_dir():
+            raise SystemExit(f"--base {a.base}: no dqrm_mpi/ there")
+        shutil.copytree(source, Path(tmp) / "dqrm_base")
+        sys.path.insert(0, tmp)
+        res = {"benchmark": "codec_ab", "machine": machine(), "base": str(Path(a.base).resolve()), "steps": a.steps,
+               "threads": 1, "configs": compare(a.configs, a.steps, a.batch)}
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
