@@ -110,7 +110,7 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
         while u < len(job.units) and cum[u] < hi:
             if sizes[u]:
                 if u not in loaded:
-                    loaded = {u: _load_unit(work, opts.seed, job.split, u, job.units[u])}
+                    loaded = {u: _load_unit(work, opts.seed, job.split, u, job.units[u], sparse_dtype)}
                 lab, den, cat = loaded[u]
                 a, b = max(lo, cum[u]) - cum[u], min(hi, cum[u + 1]) - cum[u]
                 parts.append((lab[a:b], den[a:b], cat[a:b]))
@@ -124,17 +124,24 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
     return {"rows": rows, "written": written}
 
 
-def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit) -> tuple[np.ndarray, ...]:
-    """(label, dense, ids) of unit ``u``; a train bucket comes permuted."""
-    parts: dict[str, list[np.ndarray]] = {"label": [], "dense": [], "ids": []}
+def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, sparse_dtype: str
+               ) -> tuple[np.ndarray, ...]:
+    """(label, dense, ids) of unit ``u``; a train bucket comes permuted.  A row's ids are
+    its run's value map at its dictionary indices (``vmap[idx]``, see ``map_ids.py``)."""
+    n = sum(seg.rows for seg in segments)
+    label = np.empty(n, np.uint8)
+    dense = np.empty((n, NUM_DENSE), np.float32)
+    ids = np.empty((n, NUM_SPARSE), sparse_dtype)
+    at = 0
     for seg in segments:
-        for name in parts:
-            a = np.load(work.run_file(seg.piece, seg.run, name), mmap_mode="r")
-            parts[name].append(np.asarray(a[seg.offset:seg.offset + seg.rows]))
-    label = np.concatenate(parts["label"]) if parts["label"] else np.zeros(0, np.uint8)
-    dense = np.concatenate(parts["dense"]) if parts["dense"] else np.zeros((0, NUM_DENSE), np.float32)
-    ids = np.concatenate(parts["ids"]) if parts["ids"] else np.zeros((0, NUM_SPARSE), np.int32)
+        rows = slice(seg.offset, seg.offset + seg.rows)
+        out = slice(at, at + seg.rows)
+        label[out] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[rows]
+        dense[out] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[rows]
+        vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
+        np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[rows], out=ids[out])
+        at += seg.rows
     if split == "train":
-        perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(len(label))
+        perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n)
         label, dense, ids = label[perm], dense[perm], ids[perm]
     return label, dense, ids
