@@ -54,8 +54,9 @@ class ParsedBlock:
     label uint8 [n]; dense float32 [n, 13] (already log(x + 1)); line int64 [n] 0-based
     line index in the file.  Categoricals are dictionary-encoded per column:
     ``cat_dict[j]`` uint32 values (hex value, modulo max_ind_range; may repeat and may
-    hold values no kept row uses) and ``cat_idx`` int32 [n, 26], row i's value of column
-    j being ``cat_dict[j][cat_idx[i, j]]`` (see ``cats``).
+    hold values no kept row uses) and ``cat_idx`` int32 [26, n] (column-major: each
+    column's indices contiguous), row i's value of column j being
+    ``cat_dict[j][cat_idx[j, i]]`` (see ``cats``).
     n_lines: lines in the block; bad: examples of rejected lines; n_bad: how many.
     """
 
@@ -71,9 +72,9 @@ class ParsedBlock:
     @property
     def cats(self) -> np.ndarray:
         """uint32 [n, 26]: the categorical values themselves."""
-        out = np.empty(self.cat_idx.shape, dtype=np.uint32)
+        out = np.empty(self.cat_idx.shape[::-1], dtype=np.uint32)
         for j, d in enumerate(self.cat_dict):
-            out[:, j] = d[self.cat_idx[:, j]]
+            out[:, j] = d[self.cat_idx[j]]
         return out
 
 
@@ -308,10 +309,10 @@ def _merge(blocks: list[ParsedBlock], n_lines: int, more_bad: list[BadLineError]
     shift = np.zeros(NUM_SPARSE, dtype=np.int32)
     idx = []
     for b in blocks:
-        idx.append(b.cat_idx + shift)
+        idx.append(b.cat_idx + shift[:, None])
         shift += np.array([len(d) for d in b.cat_dict], dtype=np.int32)
     return ParsedBlock(np.concatenate([b.label for b in blocks]), np.concatenate([b.dense for b in blocks]),
-                       np.concatenate(idx),
+                       np.concatenate(idx, axis=1),
                        [np.concatenate([b.cat_dict[j] for b in blocks]) for j in range(NUM_SPARSE)],
                        np.concatenate([b.line for b in blocks]), n_lines, n_bad, bad)
 
@@ -379,17 +380,17 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
         dense_bad = np.where((dense_bad < 0) | ((col >= 0) & (col < dense_bad)), col, dense_bad)
     upd = (first_bad < 0) & (dense_bad >= 0)
     first_bad[upd] = dense_bad[upd]
-    cat_idx = np.empty((n, NUM_SPARSE), dtype=np.int32)
+    cat_idx = np.empty((NUM_SPARSE, n), dtype=np.int32)
     cat_dict: list[np.ndarray] = []
     for j, name in enumerate(SPARSE_NAMES):
         if slow:
             vals, vbad = decode_hex(table.column(name))
             cat_dict.append(vals)
-            cat_idx[:, j] = np.arange(n, dtype=np.int32)
+            cat_idx[j] = np.arange(n, dtype=np.int32)
         else:
             d, idx, vbad = encode_column(table.column(name))
             cat_dict.append(d)
-            cat_idx[:, j] = idx
+            cat_idx[j] = idx
         if vbad is not None and vbad.any():
             upd = vbad & (first_bad < 0)
             first_bad[upd] = 1 + NUM_DENSE + j
@@ -421,7 +422,7 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
     line = first_line + rows_line - 1
     if len(bad_rows):
         keep = first_bad < 0
-        label, dense, cat_idx, line = label[keep], dense[keep], cat_idx[keep], line[keep]
+        label, dense, cat_idx, line = label[keep], dense[keep], cat_idx[:, keep], line[keep]
     return ParsedBlock(label, dense, cat_idx, cat_dict, line, n_lines, n_bad, bad_examples[:MAX_EXAMPLES])
 
 
@@ -431,7 +432,7 @@ def _clip(s: str, n: int = 80) -> str:
 
 def _empty(n_lines: int) -> ParsedBlock:
     return ParsedBlock(np.zeros(0, np.uint8), np.zeros((0, NUM_DENSE), np.float32),
-                       np.zeros((0, NUM_SPARSE), np.int32), [np.zeros(1, np.uint32) for _ in range(NUM_SPARSE)],
+                       np.zeros((NUM_SPARSE, 0), np.int32), [np.zeros(1, np.uint32) for _ in range(NUM_SPARSE)],
                        np.zeros(0, np.int64), n_lines)
 
 

@@ -139,7 +139,7 @@ def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, spa
         label[out] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[rows]
         dense[out] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[rows]
         vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
-        np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[rows], out=ids[out])
+        ids[out] = vmap[np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, rows]].T
         at += seg.rows
     if split == "train":
         perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n)

@@ -6,7 +6,8 @@
       pieces/NNNNNN/               one folder per piece
         runRRRR.label.npy          uint8 [n]       one spilled run of rows, sorted by group
         runRRRR.dense.npy          float32 [n, 13]
-        runRRRR.idx.npy            int32 [n, 26]   indices into the run's dictionaries (parse)
+        runRRRR.idx.npy            int32 [26, n]   indices into the run's dictionaries (parse),
+                                                   column-major
         runRRRR.dict.npy           uint32 [m]      the run's distinct values, column after column
         runRRRR.dictoff.npy        int64 [27]      where each column's values start in dict
         runRRRR.vmap.npy           [m]             the id of each dictionary value; replaces
