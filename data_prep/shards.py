@@ -115,10 +115,8 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
                 a, b = max(lo, cum[u]) - cum[u], min(hi, cum[u + 1]) - cum[u]
                 parts.append((lab[a:b], den[a:b], cat[a:b]))
             u += 1
-        label = np.concatenate([p[0] for p in parts])
-        dense = np.concatenate([p[1] for p in parts])
-        ids = np.concatenate([p[2] for p in parts]).astype(sparse_dtype, copy=False)
-        write_shard(path, dense, ids, label.astype(label_dtype), attrs={"split": job.split, "shard": k})
+        label, dense, ids = (p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts))
+        write_shard(path, dense, ids, label.astype(label_dtype, copy=False), attrs={"split": job.split, "shard": k})
         written += 1
         maybe_kill("shards")
     return {"rows": rows, "written": written}
@@ -143,5 +141,5 @@ def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, spa
         at += seg.rows
     if split == "train":
         perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n)
-        label, dense, ids = label[perm], dense[perm], ids[perm]
+        label, dense, ids = (np.take(a, perm, axis=0) for a in (label, dense, ids))
     return label, dense, ids
