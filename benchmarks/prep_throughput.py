@@ -5,9 +5,11 @@ with `dqrm-prep synth --profile criteo-like` (cardinalities that grow with the r
 Criteo's do: about 3 M distinct values in 2 M rows), then runs `dqrm-prep criteo` in a
 fresh process for each configuration: hash mode (``--max-ind-range``, as users do for
 Kaggle and Terabyte) and contiguous mode (vocabulary), with each worker count.  For each
-run: wall time, rows/s, CPU seconds and peak memory of the whole process tree (the
-largest process from the kernel's ``ru_maxrss``; the sum of all processes' RSS and
-PSS, sampled every 50 ms from /proc).  Prints JSON.
+run: wall time, rows/s, CPU seconds and peak memory of the whole process tree, sampled
+every 50 ms from /proc: the largest process's RSS, the sum of all processes' RSS (pages
+shared between processes, like the spilled files they map, counted in each) and the sum
+of their PSS (shared pages divided among their users: what the tree really holds).
+Prints JSON.
 
 ``--compare-to DIR`` runs the same commands with the checkout in DIR as well (for example
 a detached worktree of an older commit), interleaved with this checkout's (each repeat
@@ -54,14 +56,16 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
-def _sample(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) in bytes over the process tree of pid; records each
-    process's CPU seconds so far in ``cpu``."""
-    rss = pss = 0
+def _sample(pid: int, cpu: dict[int, float]) -> tuple[int, int, int]:
+    """(sum of RSS, sum of PSS, largest RSS) in bytes over the process tree of pid;
+    records each process's CPU seconds so far in ``cpu``."""
+    rss = pss = biggest = 0
     for p in _tree(pid):
         try:
             with open(f"/proc/{p}/statm") as f:
-                rss += int(f.read().split()[1]) * _PAGE
+                one = int(f.read().split()[1]) * _PAGE
+            rss += one
+            biggest = max(biggest, one)
             with open(f"/proc/{p}/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
@@ -72,7 +76,7 @@ def _sample(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
             cpu[p] = max(cpu.get(p, 0.0), (int(fields[11]) + int(fields[12])) / _TICK)
         except (OSError, IndexError, ValueError):
             continue
-    return rss, pss
+    return rss, pss, biggest
 
 
 def run_measured(cmd: list[str], checkout: Path) -> dict:
@@ -82,14 +86,13 @@ def run_measured(cmd: list[str], checkout: Path) -> dict:
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=checkout, env=env)
-        peak = [0, 0]
+        peak = [0, 0, 0]
         cpu: dict[int, float] = {}
         done = threading.Event()
 
         def watch() -> None:
             while not done.is_set():
-                rss, pss = _sample(proc.pid, cpu)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+                peak[:] = [max(a, b) for a, b in zip(peak, _sample(proc.pid, cpu))]
                 done.wait(0.05)
 
         th = threading.Thread(target=watch, daemon=True)
@@ -106,7 +109,7 @@ def run_measured(cmd: list[str], checkout: Path) -> dict:
     # Fork-server workers are not reaped by the main process: their CPU comes from the samples.
     return {"wall_s": round(wall, 3), "cpu_s": round(max(sum(cpu.values()), usage.ru_utime + usage.ru_stime), 2),
             "loadavg_1m_before": round(load, 2),
-            "peak_rss_max_process_mb": round(usage.ru_maxrss / 1024, 1),
+            "peak_rss_max_process_mb": round(max(peak[2], usage.ru_maxrss * 1024) / 2**20, 1),
             "peak_rss_tree_mb": round(peak[0] / 2**20, 1), "peak_pss_tree_mb": round(peak[1] / 2**20, 1),
             "stderr_tail": tail[-1:]}
 
