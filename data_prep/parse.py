@@ -201,19 +201,19 @@ class RunSpill:
                 sizes = np.cumsum([0] + [len(b.cat_dict[j]) for b in pending[:-1]])
                 idx = np.concatenate([b.cat_idx[j] + np.int32(o) for b, o in zip(pending, sizes)])
             u, inv = sorted_unique(d)
-            loc = inv[idx]
+            loc = np.take(inv, idx)
             cnt = np.bincount(loc, minlength=len(u))
             used = cnt > 0
             if not used.all():  # values only in dropped (bad or sub-sampled) rows
                 newpos = (np.cumsum(used) - 1).astype(np.int32)
-                u, loc = u[used], newpos[loc]
+                u, loc = u[used], np.take(newpos, loc)
             if self.threshold > 0:
                 c = np.bincount(loc[train], minlength=len(u))
                 seen = c > 0
                 self.values[j].add(u[seen], c[seen].astype(np.int64))
             else:
                 self.values[j].add(u)
-            np.add(loc[order], np.int32(base), out=local[j])
+            np.add(np.take(loc, order), np.int32(base), out=local[j])
             dicts.append(u.astype(np.uint32, copy=False))
             base += len(u)
         return local, dicts

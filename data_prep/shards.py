@@ -153,7 +153,7 @@ def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, spa
         label[out] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[rows]
         dense[out] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[rows]
         vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
-        ids[out] = vmap[np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, rows]].T
+        ids[out] = np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, rows]).T
         at += seg.rows
     perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n) if split == "train" else None
     return _LoadedUnit(label, dense, ids, perm)
