@@ -45,6 +45,8 @@ def _read_options() -> pacsv.ReadOptions:
 
 _FAST_TYPES = {"label": pa.int64(), **{n: pa.int64() for n in DENSE_NAMES}, **{n: pa.binary() for n in SPARSE_NAMES}}
 _STRING_TYPES = {n: pa.string() for n in FIELD_NAMES}
+# Fastest: every categorical exactly 8 digits (or empty, read as null), as in Criteo's logs.
+_FIXED8_TYPES = {**_FAST_TYPES, **{n: pa.binary(MAX_HEX_DIGITS) for n in SPARSE_NAMES}}
 
 
 @dataclass
@@ -173,6 +175,28 @@ def encode_column(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
         idx = rows
         vals = np.append(vals, np.uint32(0))
         vbad = np.append(vbad, False)
+    return vals, idx, (vbad[idx] if vbad.any() else None)
+
+
+def encode_fixed8(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``encode_column`` for a column read as 8-byte fixed-size binary (null where empty):
+    the values buffer is already the uint64 keys, and the hash table encodes the empty
+    fields too (as a null entry of the dictionary, decoded as 0)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(1, np.uint32), np.zeros(0, np.int32), None
+    validity, values = arr.buffers()
+    keys = pa.Array.from_buffers(pa.uint64(), n, [validity, values], offset=arr.offset)
+    enc = pc.dictionary_encode(keys, null_encoding="encode")
+    d = enc.dictionary
+    raw = np.frombuffer(d.buffers()[1], dtype=np.uint64, count=len(d), offset=d.offset * 8)
+    vals, vbad = _pack8(_HEX[raw.view(np.uint8)].view(np.uint64))
+    if d.null_count:  # the empty fields' entry
+        empty = d.is_null().to_numpy(zero_copy_only=False)
+        vals[empty], vbad[empty] = 0, False
+    idx = enc.indices.to_numpy().astype(np.int32, copy=False)
     return vals, idx, (vbad[idx] if vbad.any() else None)
 
 
@@ -330,22 +354,27 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
                                newlines_in_values=False, ignore_empty_lines=False, invalid_row_handler=on_invalid)
 
     def read(types):
-        conv = pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
-                                    quoted_strings_can_be_null=False, null_values=[""] if types is _FAST_TYPES else [])
+        conv = pacsv.ConvertOptions(column_types=types, strings_can_be_null=types is _FIXED8_TYPES,
+                                    quoted_strings_can_be_null=False,
+                                    null_values=[] if types is _STRING_TYPES else [""])
         return pacsv.read_csv(pa.py_buffer(buf), read_options=_read_options(), parse_options=parse,
                               convert_options=conv)
 
-    slow = _needs_strings(buf)
-    try:
-        table = read(_STRING_TYPES if slow else _FAST_TYPES)
-    except pa.ArrowInvalid as e:
-        if "straddling" in str(e):
-            raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
-        if slow or "conversion error" not in str(e):
-            raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+    # Fixed 8-byte categoricals, else variable-length ones (a value of other length fails
+    # the first), else all fields as strings (a field pyarrow's integers would not take).
+    types = _STRING_TYPES if _needs_strings(buf) else _FIXED8_TYPES
+    while True:
         wrong_fields.clear()
-        slow = True
-        table = read(_STRING_TYPES)
+        try:
+            table = read(types)
+            break
+        except pa.ArrowInvalid as e:
+            if "straddling" in str(e):
+                raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+            if types is _STRING_TYPES or "conversion error" not in str(e):
+                raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+            types = _FAST_TYPES if types is _FIXED8_TYPES and "fixed_size_binary" in str(e) else _STRING_TYPES
+    slow = types is _STRING_TYPES
 
     # Line number (1-based within the block) of every parsed row.
     skipped = np.array(sorted(r[0] for r in wrong_fields if r[0] is not None and r[0] > 0), dtype=np.int64)
@@ -388,7 +417,7 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
             cat_dict.append(vals)
             cat_idx[j] = np.arange(n, dtype=np.int32)
         else:
-            d, idx, vbad = encode_column(table.column(name))
+            d, idx, vbad = (encode_fixed8 if types is _FIXED8_TYPES else encode_column)(table.column(name))
             cat_dict.append(d)
             cat_idx[j] = idx
         if vbad is not None and vbad.any():
