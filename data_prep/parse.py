@@ -200,7 +200,7 @@ class RunSpill:
                 d = np.concatenate([b.cat_dict[j] for b in pending])
                 sizes = np.cumsum([0] + [len(b.cat_dict[j]) for b in pending[:-1]])
                 idx = np.concatenate([b.cat_idx[j] + np.int32(o) for b, o in zip(pending, sizes)])
-            u, inv = sorted_unique(d)
+            u, inv = sorted_unique(d, likely_distinct=len(pending) == 1)
             loc = np.take(inv, idx)
             cnt = np.bincount(loc, minlength=len(u))
             used = cnt > 0
@@ -219,17 +219,18 @@ class RunSpill:
         return local, dicts
 
 
-def sorted_unique(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.unique(d, return_inverse=True)`` with an int32 inverse, faster when ``d`` holds
-    no repeats (a dictionary from the parser usually does not)."""
-    order = np.argsort(d)
-    u = d[order]
-    if len(u) > 1 and not (u[1:] != u[:-1]).all():
-        u, inv = np.unique(d, return_inverse=True)
-        return u, inv.astype(np.int32)
-    inv = np.empty(len(d), dtype=np.int32)
-    inv[order] = np.arange(len(d), dtype=np.int32)
-    return u, inv
+def sorted_unique(d: np.ndarray, likely_distinct: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(d, return_inverse=True)`` with an int32 inverse; faster when ``d`` holds
+    no repeats, as one block's dictionary usually does (``likely_distinct``: try that first)."""
+    if likely_distinct:
+        order = np.argsort(d)
+        u = d[order]
+        if len(u) < 2 or (u[1:] != u[:-1]).all():
+            inv = np.empty(len(d), dtype=np.int32)
+            inv[order] = np.arange(len(d), dtype=np.int32)
+            return u, inv
+    u, inv = np.unique(d, return_inverse=True)
+    return u, inv.astype(np.int32)
 
 
 # ---------------------------------------------------------------- seeded per-row draws
