@@ -1,17 +1,23 @@
-"""Throughput of `dqrm-prep criteo` on a generated Kaggle-format file.
+"""Throughput and peak memory of `dqrm-prep criteo` on a Criteo-like file.
 
-Generates (once, cached) a raw file of ``--rows`` lines with `dqrm-prep synth`, then
-runs `dqrm-prep criteo` in a fresh process for each configuration (hash mode with
-``--max-ind-range``, contiguous mode; 1 and 2 workers), measuring wall time, CPU time
-(user + system, summed over the process tree) and the peak resident memory of the
-process tree (largest process and the sum).  Prints JSON.
+Generates (once, cached in ``--workdir``) a raw Kaggle-format file of ``--rows`` lines
+with `dqrm-prep synth --profile criteo-like` (cardinalities that grow with the rows as
+Criteo's do: about 3 M distinct values in 2 M rows), then runs `dqrm-prep criteo` in a
+fresh process for each configuration: hash mode (``--max-ind-range``, as users do for
+Kaggle and Terabyte) and contiguous mode (vocabulary), with each worker count.  For each
+run: wall time, rows/s, CPU seconds and peak memory of the whole process tree, sampled
+every 50 ms from /proc: the largest process's RSS, the sum of all processes' RSS (pages
+shared between processes, like the spilled files they map, counted in each) and the sum
+of their PSS (shared pages divided among their users: what the tree really holds).
+Prints JSON.
 
-On a shared machine the configurations are interleaved (each repeat runs every mode
-with 1 and then 2 workers back to back), so a busy spell hurts both worker counts
-alike; the summary gives per configuration the best and median rows/s, the ratio of
-2 to 1 workers (best and per repeat), and whether the targets are met.
+``--compare-to DIR`` runs the same commands with the checkout in DIR as well (for example
+a detached worktree of an older commit), interleaved with this checkout's (each repeat
+runs every configuration with both, back to back), and reports new/base ratios per
+repeat: on a shared machine a busy spell then hurts both alike.
 
-    python benchmarks/prep_throughput.py --rows 2000000 --workdir /tmp/prep-bench --repeat 3
+    python benchmarks/prep_throughput.py                       # 2 M rows, 2 workers, both modes
+    python benchmarks/prep_throughput.py --compare-to /work/wt/prep-base --repeat 3
 """
 from __future__ import annotations
 
@@ -20,19 +26,22 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = {("hash", 2): 400_000, ("contiguous", 2): 300_000}  # rows/s with 2 workers (issue 10)
 _TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _tree_rss(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
-    """(sum, max) resident bytes of pid and its descendants (Linux /proc); records each
-    process's CPU seconds so far in ``cpu``."""
+def _tree(pid: int) -> list[int]:
+    """pid and its descendants (Linux /proc)."""
     pids, frontier = [pid], [pid]
     while frontier:
         nxt = []
@@ -44,104 +53,105 @@ def _tree_rss(pid: int, cpu: dict[int, float] | None = None) -> tuple[int, int]:
                 pass
         pids += nxt
         frontier = nxt
-    total = biggest = 0
-    for p in pids:
+    return pids
+
+
+def _sample(pid: int, cpu: dict[int, float]) -> tuple[int, int, int]:
+    """(sum of RSS, sum of PSS, largest RSS) in bytes over the process tree of pid;
+    records each process's CPU seconds so far in ``cpu``."""
+    rss = pss = biggest = 0
+    for p in _tree(pid):
         try:
             with open(f"/proc/{p}/statm") as f:
-                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
+                one = int(f.read().split()[1]) * _PAGE
+            rss += one
+            biggest = max(biggest, one)
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cpu[p] = max(cpu.get(p, 0.0), (int(fields[11]) + int(fields[12])) / _TICK)
+        except (OSError, IndexError, ValueError):
             continue
-        total += rss
-        biggest = max(biggest, rss)
-        if cpu is not None:
-            try:
-                with open(f"/proc/{p}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                cpu[p] = max(cpu.get(p, 0.0), (int(fields[11]) + int(fields[12])) / _TICK)
-            except (OSError, IndexError, ValueError):
-                pass
-    return total, biggest
+    return rss, pss, biggest
 
 
-def run_measured(cmd: list[str]) -> dict:
+def run_measured(cmd: list[str], checkout: Path) -> dict:
+    """Run ``cmd`` with ``checkout`` first on the Python path; its wall time, CPU and memory."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = [0, 0]
-    cpu: dict[int, float] = {}
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=checkout, env=env)
+        peak = [0, 0, 0]
+        cpu: dict[int, float] = {}
+        done = threading.Event()
 
-    def watch() -> None:
-        while proc.poll() is None:
-            s, m = _tree_rss(proc.pid, cpu)
-            peak[0], peak[1] = max(peak[0], s), max(peak[1], m)
-            time.sleep(0.05)
+        def watch() -> None:
+            while not done.is_set():
+                peak[:] = [max(a, b) for a, b in zip(peak, _sample(proc.pid, cpu))]
+                done.wait(0.05)
 
-    th = threading.Thread(target=watch, daemon=True)
-    th.start()
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    th.join()
+        th = threading.Thread(target=watch, daemon=True)
+        th.start()
+        _, status, usage = os.wait4(proc.pid, 0)  # usage: this process and the descendants it waited for
+        wall = time.perf_counter() - t0
+        done.set()
+        th.join()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()
     if proc.returncode:
-        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
-    # CPU of the process tree: sampled per process (fork-server workers are not children
-    # the parent waits for, so rusage would miss them); the last 50 ms may be missed.
-    return {"wall_s": round(wall, 3), "cpu_s": round(sum(cpu.values()), 2), "loadavg_1m_before": round(load, 2),
-            "peak_rss_tree_mb": round(peak[0] / 2**20, 1),
-            "peak_rss_max_process_mb": round(peak[1] / 2**20, 1), "stderr_tail": err.strip().splitlines()[-1:]}
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n" + "\n".join(tail[-30:]))
+    # Fork-server workers are not reaped by the main process: their CPU comes from the samples.
+    return {"wall_s": round(wall, 3), "cpu_s": round(max(sum(cpu.values()), usage.ru_utime + usage.ru_stime), 2),
+            "loadavg_1m_before": round(load, 2),
+            "peak_rss_max_process_mb": round(max(peak[2], usage.ru_maxrss * 1024) / 2**20, 1),
+            "peak_rss_tree_mb": round(peak[0] / 2**20, 1), "peak_pss_tree_mb": round(peak[1] / 2**20, 1),
+            "stderr_tail": tail[-1:]}
 
 
 def machine() -> dict:
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()}
     try:
-        info["cpus_available"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
         with open("/proc/meminfo") as f:
             info["mem_total_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-        info["loadavg_before"] = os.getloadavg()
-    except OSError:
+    except (OSError, StopIteration):
         pass
-    import numpy, pyarrow
-    info["numpy"], info["pyarrow"] = numpy.__version__, pyarrow.__version__
+    info["loadavg_before"] = os.getloadavg()
     return info
 
 
-TARGETS = {("hash", 2): 300_000, ("contiguous", 2): 150_000}  # rows/s on the 2-core machine
-
-
-def summarize(runs: list[dict], modes: list[str], workers: list[int]) -> dict:
+def summarize(runs: list[dict], impls: list[str], modes: list[str], workers: list[int]) -> dict:
     out: dict = {}
     for mode in modes:
-        m: dict = {}
         for w in workers:
-            rs = [r for r in runs if r["mode"] == mode and r["workers"] == w]
-            if not rs:
-                continue
-            rate = sorted(r["rows_per_s"] for r in rs)
-            m[f"workers_{w}"] = {"best_rows_per_s": rate[-1], "median_rows_per_s": rate[len(rate) // 2],
-                                 "min_cpu_s": min(r["cpu_s"] for r in rs),
-                                 "max_peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in rs)}
-            if (mode, w) in TARGETS:
-                m[f"workers_{w}"]["target_rows_per_s"] = TARGETS[(mode, w)]
-                m[f"workers_{w}"]["target_met_best"] = rate[-1] >= TARGETS[(mode, w)]
-        if len(workers) >= 2 and all(f"workers_{w}" in m for w in workers[:2]):
-            a, b = workers[0], workers[1]
-            m[f"ratio_{b}_to_{a}_workers_best"] = round(m[f"workers_{b}"]["best_rows_per_s"]
-                                                        / m[f"workers_{a}"]["best_rows_per_s"], 3)
-            per = []
-            for rep in sorted({r["repeat"] for r in runs}):
-                ra = [r for r in runs if r["mode"] == mode and r["workers"] == a and r["repeat"] == rep]
-                rb = [r for r in runs if r["mode"] == mode and r["workers"] == b and r["repeat"] == rep]
-                if ra and rb:
-                    per.append(round(rb[0]["rows_per_s"] / ra[0]["rows_per_s"], 3))
-            m[f"ratio_{b}_to_{a}_workers_per_repeat"] = per
-        out[mode] = m
+            key, m = f"{mode}_workers_{w}", {}
+            for impl in impls:
+                rs = [r for r in runs if (r["impl"], r["mode"], r["workers"]) == (impl, mode, w)]
+                rate = [r["rows_per_s"] for r in rs]
+                m[impl] = {"best_rows_per_s": max(rate), "median_rows_per_s": round(statistics.median(rate)),
+                           "min_cpu_s": min(r["cpu_s"] for r in rs),
+                           "max_peak_rss_max_process_mb": max(r["peak_rss_max_process_mb"] for r in rs),
+                           "max_peak_rss_tree_mb": max(r["peak_rss_tree_mb"] for r in rs),
+                           "max_peak_pss_tree_mb": max(r["peak_pss_tree_mb"] for r in rs)}
+                if (mode, w) in TARGETS:
+                    m[impl]["target_rows_per_s"] = TARGETS[(mode, w)]
+                    m[impl]["target_met_best"] = max(rate) >= TARGETS[(mode, w)]
+            if "base" in impls:
+                pairs = {}
+                for r in runs:
+                    if (r["mode"], r["workers"]) == (mode, w):
+                        pairs.setdefault(r["repeat"], {})[r["impl"]] = r["rows_per_s"]
+                per = [round(p["new"] / p["base"], 3) for _, p in sorted(pairs.items()) if len(p) == 2]
+                m["speedup_new_over_base_per_repeat"] = per
+                m["speedup_new_over_base_median"] = round(statistics.median(per), 3)
+            out[key] = m
     return out
 
 
@@ -149,22 +159,33 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--workdir", default="/tmp/dqrm-prep-bench")
-    ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--workers", default="2", help="comma-separated worker counts")
     ap.add_argument("--modes", default="hash,contiguous")
-    ap.add_argument("--max-ind-range", type=int, default=1_000_000)
-    ap.add_argument("--preset", default="large", help="synth cardinality preset (large: up to 1M values/column)")
-    ap.add_argument("--shard-rows", type=int, default=500_000)
-    ap.add_argument("--keep", action="store_true", help="keep the outputs")
+    ap.add_argument("--max-ind-range", type=int, default=10_000_000,
+                    help="hash mode's --max-ind-range (10 M: the reference DLRM's Terabyte setting)")
+    ap.add_argument("--profile", default="criteo-like", choices=["criteo-like", "planted"])
+    ap.add_argument("--preset", default="large", help="planted profile's cardinality preset")
+    ap.add_argument("--shard-rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=1, help="run every configuration this many times, interleaved")
+    ap.add_argument("--compare-to", type=Path, default=None,
+                    help="another checkout of the project (e.g. a worktree of the base commit) to run interleaved")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    raw = work / f"synth_{args.rows}_{args.preset}.txt"
+    name = args.profile if args.profile == "criteo-like" else f"planted-{args.preset}"
+    raw = work / f"synth_{args.rows}_{name}.txt"
     exe = [sys.executable, "-m", "data_prep.cli"]
-    result = {"benchmark": "prep_throughput", "rows": args.rows, "preset": args.preset, "machine": machine(), "runs": []}
+    checkouts = {"new": REPO}
+    if args.compare_to is not None:
+        checkouts["base"] = args.compare_to.resolve()
+    result = {"benchmark": "prep_throughput", "rows": args.rows, "profile": args.profile,
+              "max_ind_range": args.max_ind_range, "shard_rows": args.shard_rows,
+              "checkouts": {k: str(v) for k, v in checkouts.items()}, "machine": machine(), "runs": []}
     if not raw.is_file():
-        g = run_measured(exe + ["synth", str(raw), "--rows", str(args.rows), "--seed", "0", "--preset", args.preset,
-                                "--no-progress"])
+        synth = ["synth", str(raw), "--rows", str(args.rows), "--seed", "0", "--profile", args.profile, "--no-progress"]
+        if args.profile == "planted":
+            synth += ["--preset", args.preset]
+        g = run_measured(exe + synth, REPO)
         result["synth"] = {"wall_s": g["wall_s"], "rows_per_s": round(args.rows / g["wall_s"])}
     result["raw_bytes"] = raw.stat().st_size
     workers = [int(x) for x in args.workers.split(",")]
@@ -172,25 +193,27 @@ def main() -> None:
     for rep in range(args.repeat):
         for mode in modes:
             for w in workers:
-                out = work / f"out_{mode}_{w}"
-                cmd = exe + ["criteo", str(raw), str(out), "--workers", str(w), "--overwrite", "--no-progress",
-                             "--shard-rows", str(args.shard_rows)]
-                if mode == "hash":
-                    cmd += ["--max-ind-range", str(args.max_ind_range)]
-                r = run_measured(cmd)
-                with open(out / "meta.json") as f:
-                    meta = json.load(f)
-                r.update({"mode": mode, "workers": w, "repeat": rep, "rows_per_s": round(args.rows / r["wall_s"]),
-                          "mb_per_s": round(raw.stat().st_size / 2**20 / r["wall_s"], 1),
-                          "embedding_rows": sum(meta["cardinalities"]),
-                          "stage_seconds": meta["extra"].get("stage_seconds")})
-                result["runs"].append(r)
-                print(json.dumps({k: r[k] for k in ("mode", "workers", "repeat", "wall_s", "cpu_s", "rows_per_s",
-                                                    "peak_rss_tree_mb", "loadavg_1m_before")}),
-                      file=sys.stderr, flush=True)
-                if not args.keep:
+                for impl, checkout in checkouts.items():
+                    out = work / f"out_{impl}_{mode}_{w}"
+                    cmd = exe + ["criteo", str(raw), str(out), "--workers", str(w), "--overwrite", "--no-progress",
+                                 "--shard-rows", str(args.shard_rows)]
+                    if mode == "hash":
+                        cmd += ["--max-ind-range", str(args.max_ind_range)]
+                    r = run_measured(cmd, checkout)
+                    with open(out / "meta.json") as f:
+                        meta = json.load(f)
+                    r.update({"impl": impl, "mode": mode, "workers": w, "repeat": rep,
+                              "rows_per_s": round(args.rows / r["wall_s"]),
+                              "mb_per_s": round(raw.stat().st_size / 2**20 / r["wall_s"], 1),
+                              "embedding_rows": sum(meta["cardinalities"]),
+                              "distinct_values": sum(meta["extra"]["distinct_values"]),
+                              "stage_seconds": meta["extra"].get("stage_seconds")})
+                    result["runs"].append(r)
+                    print(json.dumps({k: r[k] for k in ("impl", "mode", "workers", "repeat", "wall_s", "cpu_s",
+                                                        "rows_per_s", "peak_pss_tree_mb", "loadavg_1m_before")}),
+                          file=sys.stderr, flush=True)
                     shutil.rmtree(out, ignore_errors=True)
-    result["summary"] = summarize(result["runs"], modes, workers)
+    result["summary"] = summarize(result["runs"], list(checkouts), modes, workers)
     result["machine"]["loadavg_after"] = os.getloadavg()
     print(json.dumps(result, indent=2))
 

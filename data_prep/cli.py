@@ -77,6 +77,9 @@ def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, se
           --sub-sample-rate 0.875 --shard-rows 2000000
       mpirun -np 4 dqrm-prep criteo /shared/criteo-tb /shared/tb --workers 8
     """
+    from .executor import start_worker_server
+
+    start_worker_server(workers)  # its workers' imports overlap with the next ones
     from .options import PrepOptions
     from .pipeline import run_prep
 

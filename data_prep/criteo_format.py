@@ -38,12 +38,15 @@ for _i, _c in enumerate(b"ABCDEF"):
     _HEX[_c] = 10 + _i
 
 def _read_options() -> pacsv.ReadOptions:
-    # 4 MiB internal blocks: much faster than one huge block (cache).
-    return pacsv.ReadOptions(column_names=FIELD_NAMES, use_threads=False, block_size=1 << 22)
+    # Internal blocks of 1.5 MiB: much faster than one huge block (cache), and any line the
+    # reader may take (at most MAX_LINE_BYTES) fits in one.
+    return pacsv.ReadOptions(column_names=FIELD_NAMES, use_threads=False, block_size=MAX_LINE_BYTES + (1 << 19))
 
 
 _FAST_TYPES = {"label": pa.int64(), **{n: pa.int64() for n in DENSE_NAMES}, **{n: pa.binary() for n in SPARSE_NAMES}}
 _STRING_TYPES = {n: pa.string() for n in FIELD_NAMES}
+# Fastest: every categorical exactly 8 digits (or empty, read as null), as in Criteo's logs.
+_FIXED8_TYPES = {**_FAST_TYPES, **{n: pa.binary(MAX_HEX_DIGITS) for n in SPARSE_NAMES}}
 
 
 @dataclass
@@ -53,8 +56,9 @@ class ParsedBlock:
     label uint8 [n]; dense float32 [n, 13] (already log(x + 1)); line int64 [n] 0-based
     line index in the file.  Categoricals are dictionary-encoded per column:
     ``cat_dict[j]`` uint32 values (hex value, modulo max_ind_range; may repeat and may
-    hold values no kept row uses) and ``cat_idx`` int32 [n, 26], row i's value of column
-    j being ``cat_dict[j][cat_idx[i, j]]`` (see ``cats``).
+    hold values no kept row uses) and ``cat_idx`` int32 [26, n] (column-major: each
+    column's indices contiguous), row i's value of column j being
+    ``cat_dict[j][cat_idx[j, i]]`` (see ``cats``).
     n_lines: lines in the block; bad: examples of rejected lines; n_bad: how many.
     """
 
@@ -70,9 +74,9 @@ class ParsedBlock:
     @property
     def cats(self) -> np.ndarray:
         """uint32 [n, 26]: the categorical values themselves."""
-        out = np.empty(self.cat_idx.shape, dtype=np.uint32)
+        out = np.empty(self.cat_idx.shape[::-1], dtype=np.uint32)
         for j, d in enumerate(self.cat_dict):
-            out[:, j] = d[self.cat_idx[:, j]]
+            out[:, j] = d[self.cat_idx[j]]
         return out
 
 
@@ -171,6 +175,28 @@ def encode_column(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarr
         idx = rows
         vals = np.append(vals, np.uint32(0))
         vbad = np.append(vbad, False)
+    return vals, idx, (vbad[idx] if vbad.any() else None)
+
+
+def encode_fixed8(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``encode_column`` for a column read as 8-byte fixed-size binary (null where empty):
+    the values buffer is already the uint64 keys, and the hash table encodes the empty
+    fields too (as a null entry of the dictionary, decoded as 0)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+    if n == 0:
+        return np.zeros(1, np.uint32), np.zeros(0, np.int32), None
+    validity, values = arr.buffers()
+    keys = pa.Array.from_buffers(pa.uint64(), n, [validity, values], offset=arr.offset)
+    enc = pc.dictionary_encode(keys, null_encoding="encode")
+    d = enc.dictionary
+    raw = np.frombuffer(d.buffers()[1], dtype=np.uint64, count=len(d), offset=d.offset * 8)
+    vals, vbad = _pack8(_HEX[raw.view(np.uint8)].view(np.uint64))
+    if d.null_count:  # the empty fields' entry
+        empty = d.is_null().to_numpy(zero_copy_only=False)
+        vals[empty], vbad[empty] = 0, False
+    idx = enc.indices.to_numpy().astype(np.int32, copy=False)
     return vals, idx, (vbad[idx] if vbad.any() else None)
 
 
@@ -307,10 +333,10 @@ def _merge(blocks: list[ParsedBlock], n_lines: int, more_bad: list[BadLineError]
     shift = np.zeros(NUM_SPARSE, dtype=np.int32)
     idx = []
     for b in blocks:
-        idx.append(b.cat_idx + shift)
+        idx.append(b.cat_idx + shift[:, None])
         shift += np.array([len(d) for d in b.cat_dict], dtype=np.int32)
     return ParsedBlock(np.concatenate([b.label for b in blocks]), np.concatenate([b.dense for b in blocks]),
-                       np.concatenate(idx),
+                       np.concatenate(idx, axis=1),
                        [np.concatenate([b.cat_dict[j] for b in blocks]) for j in range(NUM_SPARSE)],
                        np.concatenate([b.line for b in blocks]), n_lines, n_bad, bad)
 
@@ -328,22 +354,27 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
                                newlines_in_values=False, ignore_empty_lines=False, invalid_row_handler=on_invalid)
 
     def read(types):
-        conv = pacsv.ConvertOptions(column_types=types, strings_can_be_null=False,
-                                    quoted_strings_can_be_null=False, null_values=[""] if types is _FAST_TYPES else [])
+        conv = pacsv.ConvertOptions(column_types=types, strings_can_be_null=types is _FIXED8_TYPES,
+                                    quoted_strings_can_be_null=False,
+                                    null_values=[] if types is _STRING_TYPES else [""])
         return pacsv.read_csv(pa.py_buffer(buf), read_options=_read_options(), parse_options=parse,
                               convert_options=conv)
 
-    slow = _needs_strings(buf)
-    try:
-        table = read(_STRING_TYPES if slow else _FAST_TYPES)
-    except pa.ArrowInvalid as e:
-        if "straddling" in str(e):
-            raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
-        if slow or "conversion error" not in str(e):
-            raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+    # Fixed 8-byte categoricals, else variable-length ones (a value of other length fails
+    # the first), else all fields as strings (a field pyarrow's integers would not take).
+    types = _STRING_TYPES if _needs_strings(buf) else _FIXED8_TYPES
+    while True:
         wrong_fields.clear()
-        slow = True
-        table = read(_STRING_TYPES)
+        try:
+            table = read(types)
+            break
+        except pa.ArrowInvalid as e:
+            if "straddling" in str(e):
+                raise _NeedsLineCheck(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+            if types is _STRING_TYPES or "conversion error" not in str(e):
+                raise InputError(f"{path}: cannot parse lines {first_line + 1}..{first_line + n_lines}: {e}") from None
+            types = _FAST_TYPES if types is _FIXED8_TYPES and "fixed_size_binary" in str(e) else _STRING_TYPES
+    slow = types is _STRING_TYPES
 
     # Line number (1-based within the block) of every parsed row.
     skipped = np.array(sorted(r[0] for r in wrong_fields if r[0] is not None and r[0] > 0), dtype=np.int64)
@@ -378,17 +409,17 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
         dense_bad = np.where((dense_bad < 0) | ((col >= 0) & (col < dense_bad)), col, dense_bad)
     upd = (first_bad < 0) & (dense_bad >= 0)
     first_bad[upd] = dense_bad[upd]
-    cat_idx = np.empty((n, NUM_SPARSE), dtype=np.int32)
+    cat_idx = np.empty((NUM_SPARSE, n), dtype=np.int32)
     cat_dict: list[np.ndarray] = []
     for j, name in enumerate(SPARSE_NAMES):
         if slow:
             vals, vbad = decode_hex(table.column(name))
             cat_dict.append(vals)
-            cat_idx[:, j] = np.arange(n, dtype=np.int32)
+            cat_idx[j] = np.arange(n, dtype=np.int32)
         else:
-            d, idx, vbad = encode_column(table.column(name))
+            d, idx, vbad = (encode_fixed8 if types is _FIXED8_TYPES else encode_column)(table.column(name))
             cat_dict.append(d)
-            cat_idx[:, j] = idx
+            cat_idx[j] = idx
         if vbad is not None and vbad.any():
             upd = vbad & (first_bad < 0)
             first_bad[upd] = 1 + NUM_DENSE + j
@@ -420,7 +451,7 @@ def _parse_lines(buf: bytes, path: str, first_line: int, n_lines: int, max_ind_r
     line = first_line + rows_line - 1
     if len(bad_rows):
         keep = first_bad < 0
-        label, dense, cat_idx, line = label[keep], dense[keep], cat_idx[keep], line[keep]
+        label, dense, cat_idx, line = label[keep], dense[keep], cat_idx[:, keep], line[keep]
     return ParsedBlock(label, dense, cat_idx, cat_dict, line, n_lines, n_bad, bad_examples[:MAX_EXAMPLES])
 
 
@@ -430,7 +461,7 @@ def _clip(s: str, n: int = 80) -> str:
 
 def _empty(n_lines: int) -> ParsedBlock:
     return ParsedBlock(np.zeros(0, np.uint8), np.zeros((0, NUM_DENSE), np.float32),
-                       np.zeros((0, NUM_SPARSE), np.int32), [np.zeros(1, np.uint32) for _ in range(NUM_SPARSE)],
+                       np.zeros((NUM_SPARSE, 0), np.int32), [np.zeros(1, np.uint32) for _ in range(NUM_SPARSE)],
                        np.zeros(0, np.int64), n_lines)
 
 

@@ -66,6 +66,17 @@ def _mp_context():
     return ctx
 
 
+def start_worker_server(workers: int) -> None:
+    """Start the fork server now (when a pool of workers will be used) so that its imports
+    run while this process does its own: call it before importing the pipeline."""
+    if max(1, int(workers)) > 1:
+        ctx = _mp_context()
+        if ctx.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+
+
 def _worker_init() -> None:
     # Die with the main process: a SIGKILLed dqrm-prep must not leave workers of hundreds of
     # MB running.  parent_process() is the main process (under the fork server too); its

@@ -1,8 +1,9 @@
-"""Pass 4, ids (one task per piece): the spilled dictionary indices become final ids.
+"""Pass 4, ids (one task per piece): each run's dictionaries become ids.
 
-Each run's dictionaries (its distinct values per column) are mapped to ids once, with
-a look-up table or a binary search in the vocabulary, then one take gives every row's
-ids.  ``runRRRR.ids.npy`` replaces the run's idx/dict/dictoff files.
+Each run's dictionaries (its distinct values per column, sorted) are mapped to ids with
+a binary search in the vocabulary: ``runRRRR.vmap.npy`` replaces the run's dict/dictoff
+files.  The rows' indices (``idx``) stay as they are; the shards pass takes every row's
+ids from the map as it reads them (``vmap[idx]``), so the rows are not rewritten here.
 """
 from __future__ import annotations
 
@@ -33,12 +34,11 @@ def map_piece(work: WorkDir, opts: PrepOptions, sparse_dtype: str, task: tuple[i
     piece, n_runs = task
     rows = 0
     for r in range(n_runs):
-        ids_path = work.run_file(piece, r, "ids")
-        if ids_path.is_file():
-            rows += len(np.load(ids_path, mmap_mode="r"))
+        rows += len(np.load(work.run_file(piece, r, "label"), mmap_mode="r"))
+        vmap_path = work.run_file(piece, r, "vmap")
+        if vmap_path.is_file():
             continue
         mappers = _mappers(work, opts)
-        local = np.load(work.run_file(piece, r, "idx"))
         values = np.load(work.run_file(piece, r, "dict"))
         offs = np.load(work.run_file(piece, r, "dictoff"))
         ids_of_value = np.empty(len(values), dtype=sparse_dtype)
@@ -46,9 +46,8 @@ def map_piece(work: WorkDir, opts: PrepOptions, sparse_dtype: str, task: tuple[i
             a, b = int(offs[j]), int(offs[j + 1])
             if b > a:
                 ids_of_value[a:b] = mappers[j](values[a:b])
-        save_npy_atomic(ids_path, ids_of_value[local])
-        rows += len(local)
-        for name in ("idx", "dict", "dictoff"):
+        save_npy_atomic(vmap_path, ids_of_value)
+        for name in ("dict", "dictoff"):
             work.run_file(piece, r, name).unlink(missing_ok=True)
     return rows
 

@@ -32,6 +32,9 @@ from .workdir import STATE_DIR, WorkDir
 PREP_LOCK_FILE = ".dqrm-prep.lock"
 
 PREP_VERSION = 1
+# The layout of the files in OUT/.prep (recorded in its options.json, not in meta.json): an
+# unfinished run left by a dqrm-prep with another layout is not resumed.
+STATE_LAYOUT = 2
 Status = Literal["done", "resume", "fresh"]
 
 
@@ -134,6 +137,11 @@ def prepare_output(out: Path, fp: dict[str, Any], overwrite: bool, lock: Directo
             f"use --overwrite to replace it")
     if work.options_file.is_file():
         old = json.loads(work.options_file.read_text())
+        layout = old.pop("state_layout", 1)
+        if layout != STATE_LAYOUT:
+            raise OptionsMismatchError(
+                f"{out}: holds an unfinished run of another dqrm-prep version (work files of layout {layout}, "
+                f"this one writes {STATE_LAYOUT}); use --overwrite to start again")
         if _inputs_only(old, fp):
             raise OptionsMismatchError(
                 f"{out}: holds an unfinished run whose inputs changed since it started ({_describe_diff(old, fp)}); "
@@ -149,7 +157,7 @@ def prepare_output(out: Path, fp: dict[str, Any], overwrite: bool, lock: Directo
             f"use --overwrite to replace them")
     try:
         work.root.mkdir(exist_ok=True)
-        write_atomic_text(work.options_file, json.dumps(fp, indent=2, sort_keys=True))
+        write_atomic_text(work.options_file, json.dumps({**fp, "state_layout": STATE_LAYOUT}, indent=2, sort_keys=True))
     except OSError as e:
         raise OutputError(f"{out}: cannot write in output directory ({e.strerror or e})") from None
     return status

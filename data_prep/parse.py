@@ -56,7 +56,8 @@ class PieceSummary:
 
 class SpillBlock(NamedTuple):
     """Kept rows of one parsed block: group int64 [n] (destination), label uint8 [n], dense
-    float32 [n, 13], cat_idx int32 [n, 26] into cat_dict (per column uint32 values)."""
+    float32 [n, 13], cat_idx int32 [26, n] (column-major) into cat_dict (per column uint32
+    values)."""
 
     group: np.ndarray
     label: np.ndarray
@@ -121,7 +122,7 @@ def _route(pb: ParsedBlock, src: Source, opts: PrepOptions, buckets: int, summar
         if drop.any():
             keep = ~drop
             summary.subsampled += int(drop.sum())
-            label, dense, cat_idx, line, split = label[keep], dense[keep], cat_idx[keep], line[keep], split[keep]
+            label, dense, cat_idx, line, split = label[keep], dense[keep], cat_idx[:, keep], line[keep], split[keep]
     bucket = (row_hash(src.index, line, opts.seed, SALT_BUCKET) % np.uint64(buckets)).astype(np.int64)
     group = np.where(split == TRAIN, bucket, buckets + split - 1)
     for s in (TRAIN, TEST, VAL):
@@ -171,52 +172,65 @@ class RunSpill:
         group = np.concatenate([b.group for b in pending])
         order = np.argsort(group, kind="stable")
         counts = np.bincount(group, minlength=self.buckets + 2)
-        local, dicts = self._dictionaries(group < self.buckets)
+        local, dicts = self._dictionaries(group < self.buckets, order)
         offs = np.zeros(NUM_SPARSE + 1, dtype=np.int64)
         np.cumsum([len(d) for d in dicts], out=offs[1:])
         run = len(self.runs)
         for name, arr in (("label", np.concatenate([b.label for b in pending])[order]),
                           ("dense", np.concatenate([b.dense for b in pending])[order]),
-                          ("idx", local[order]), ("dict", np.concatenate(dicts)), ("dictoff", offs)):
+                          ("idx", local), ("dict", np.concatenate(dicts)), ("dictoff", offs)):
             save_npy(self.work.run_file(self.piece, run, name), arr)
         self.runs.append(counts.tolist())
         self.pending, self.pending_rows = [], 0
 
-    def _dictionaries(self, train: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """The pending blocks as one run -> (int32 [n, 26] row indices into the concatenation
-        of the returned per-column dictionaries, per-column sorted unique values used by the
-        run's rows).  Adds each column's values (with train counts) to ``self.values``."""
+    def _dictionaries(self, train: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The pending blocks as one run -> (int32 [26, n] indices of the rows, taken in
+        ``order``, into the concatenation of the returned per-column dictionaries; the
+        per-column sorted unique values used by the run's rows).  Adds each column's values
+        (with train counts) to ``self.values``."""
         pending = self.pending
-        n = sum(len(b.label) for b in pending)
-        local = np.empty((n, NUM_SPARSE), dtype=np.int32)
+        n = len(order)
+        local = np.empty((NUM_SPARSE, n), dtype=np.int32)
         dicts: list[np.ndarray] = []
         base = 0
         for j in range(NUM_SPARSE):
             if len(pending) == 1:
-                d, idx = pending[0].cat_dict[j], pending[0].cat_idx[:, j]
+                d, idx = pending[0].cat_dict[j], pending[0].cat_idx[j]
             else:
                 d = np.concatenate([b.cat_dict[j] for b in pending])
                 sizes = np.cumsum([0] + [len(b.cat_dict[j]) for b in pending[:-1]])
-                idx = np.concatenate([b.cat_idx[:, j] + np.int32(o) for b, o in zip(pending, sizes)])
-            u, inv = np.unique(d, return_inverse=True)
-            loc = inv[idx]
+                idx = np.concatenate([b.cat_idx[j] + np.int32(o) for b, o in zip(pending, sizes)])
+            u, inv = sorted_unique(d, likely_distinct=len(pending) == 1)
+            loc = np.take(inv, idx)
             cnt = np.bincount(loc, minlength=len(u))
             used = cnt > 0
             if not used.all():  # values only in dropped (bad or sub-sampled) rows
-                newpos = np.cumsum(used) - 1
-                u, loc = u[used], newpos[loc]
+                newpos = (np.cumsum(used) - 1).astype(np.int32)
+                u, loc = u[used], np.take(newpos, loc)
             if self.threshold > 0:
                 c = np.bincount(loc[train], minlength=len(u))
                 seen = c > 0
                 self.values[j].add(u[seen], c[seen].astype(np.int64))
             else:
                 self.values[j].add(u)
-            local[:, j] = loc
-            if base:
-                local[:, j] += np.int32(base)
+            np.add(np.take(loc, order), np.int32(base), out=local[j])
             dicts.append(u.astype(np.uint32, copy=False))
             base += len(u)
         return local, dicts
+
+
+def sorted_unique(d: np.ndarray, likely_distinct: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(d, return_inverse=True)`` with an int32 inverse; faster when ``d`` holds
+    no repeats, as one block's dictionary usually does (``likely_distinct``: try that first)."""
+    if likely_distinct:
+        order = np.argsort(d)
+        u = d[order]
+        if len(u) < 2 or (u[1:] != u[:-1]).all():
+            inv = np.empty(len(d), dtype=np.int32)
+            inv[order] = np.arange(len(d), dtype=np.int32)
+            return u, inv
+    u, inv = np.unique(d, return_inverse=True)
+    return u, inv.astype(np.int32)
 
 
 # ---------------------------------------------------------------- seeded per-row draws

@@ -5,8 +5,9 @@
    grouped by destination with per-run dictionaries of the categorical values.
 3. vocabularies (``vocab.py``, one task per column): merge the pieces' values into
    contiguous ids.
-4. ids (``map_ids.py``, one task per piece): spilled dictionary indices -> ids.
-5. shards (``shards.py``, in parallel): cut each split's stream into shards.
+4. ids (``map_ids.py``, one task per piece): each spilled run's dictionaries -> ids.
+5. shards (``shards.py``, in parallel): cut each split's stream into shards (a row's
+   ids: its run's mapped dictionary at the row's indices).
 6. meta (``meta.py``): ``meta.json``, written last.
 
 Everything in progress lives in ``OUT/.prep`` (``workdir.py``); a rerun resumes

@@ -97,7 +97,7 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
     sizes = np.array([sum(s.rows for s in segs) for segs in job.units], dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(sizes)])
     label_dtype = np.dtype(opts.label_dtype)
-    loaded: dict[int, tuple[np.ndarray, ...]] = {}  # the last unit read (consecutive shards share it)
+    loaded: dict[int, _LoadedUnit] = {}  # the last unit read (consecutive shards share it)
     written = rows = 0
     for k in range(job.first, job.stop):
         lo, hi = k * R, min((k + 1) * R, job.total)
@@ -110,31 +110,50 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
         while u < len(job.units) and cum[u] < hi:
             if sizes[u]:
                 if u not in loaded:
-                    loaded = {u: _load_unit(work, opts.seed, job.split, u, job.units[u])}
-                lab, den, cat = loaded[u]
+                    loaded = {u: _load_unit(work, opts.seed, job.split, u, job.units[u], sparse_dtype)}
                 a, b = max(lo, cum[u]) - cum[u], min(hi, cum[u + 1]) - cum[u]
-                parts.append((lab[a:b], den[a:b], cat[a:b]))
+                parts.append(loaded[u].rows(int(a), int(b)))
             u += 1
-        label = np.concatenate([p[0] for p in parts])
-        dense = np.concatenate([p[1] for p in parts])
-        ids = np.concatenate([p[2] for p in parts]).astype(sparse_dtype, copy=False)
-        write_shard(path, dense, ids, label.astype(label_dtype), attrs={"split": job.split, "shard": k})
+        label, dense, ids = (p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts))
+        write_shard(path, dense, ids, label.astype(label_dtype, copy=False), attrs={"split": job.split, "shard": k})
         written += 1
         maybe_kill("shards")
     return {"rows": rows, "written": written}
 
 
-def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit) -> tuple[np.ndarray, ...]:
-    """(label, dense, ids) of unit ``u``; a train bucket comes permuted."""
-    parts: dict[str, list[np.ndarray]] = {"label": [], "dense": [], "ids": []}
+class _LoadedUnit(NamedTuple):
+    """A unit's rows in input order (label [n], dense [n, 13], ids [n, 26]) and, for a
+    train bucket, its permutation: the unit's stream is the rows taken in ``perm`` order."""
+
+    label: np.ndarray
+    dense: np.ndarray
+    ids: np.ndarray
+    perm: np.ndarray | None
+
+    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows [a, b) of the unit's stream (only these are gathered: a shard that needs
+        part of a bucket does not pay for permuting all of it)."""
+        if self.perm is None:
+            return self.label[a:b], self.dense[a:b], self.ids[a:b]
+        sel = self.perm[a:b]
+        return np.take(self.label, sel), np.take(self.dense, sel, axis=0), np.take(self.ids, sel, axis=0)
+
+
+def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, sparse_dtype: str) -> _LoadedUnit:
+    """Unit ``u`` (a train bucket gets its seeded permutation).  A row's ids are its run's
+    value map at its dictionary indices (``vmap[idx]``, see ``map_ids.py``)."""
+    n = sum(seg.rows for seg in segments)
+    label = np.empty(n, np.uint8)
+    dense = np.empty((n, NUM_DENSE), np.float32)
+    ids = np.empty((n, NUM_SPARSE), sparse_dtype)
+    at = 0
     for seg in segments:
-        for name in parts:
-            a = np.load(work.run_file(seg.piece, seg.run, name), mmap_mode="r")
-            parts[name].append(np.asarray(a[seg.offset:seg.offset + seg.rows]))
-    label = np.concatenate(parts["label"]) if parts["label"] else np.zeros(0, np.uint8)
-    dense = np.concatenate(parts["dense"]) if parts["dense"] else np.zeros((0, NUM_DENSE), np.float32)
-    ids = np.concatenate(parts["ids"]) if parts["ids"] else np.zeros((0, NUM_SPARSE), np.int32)
-    if split == "train":
-        perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(len(label))
-        label, dense, ids = label[perm], dense[perm], ids[perm]
-    return label, dense, ids
+        rows = slice(seg.offset, seg.offset + seg.rows)
+        out = slice(at, at + seg.rows)
+        label[out] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[rows]
+        dense[out] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[rows]
+        vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
+        ids[out] = np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, rows]).T
+        at += seg.rows
+    perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n) if split == "train" else None
+    return _LoadedUnit(label, dense, ids, perm)

@@ -23,8 +23,6 @@ from .executor import Executor
 from .options import PrepOptions
 from .workdir import WorkDir, save_npy
 
-LUT_MAX = 1 << 25  # hash mode: a direct look-up table per column when max_ind_range <= this
-
 
 def union_sorted(values: list[np.ndarray], counts: list[np.ndarray] | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -97,14 +95,14 @@ def build_vocab(values: np.ndarray, counts: np.ndarray | None, threshold: int) -
 
 
 class Mapper:
-    """Maps raw (hashed, modulo) values of one column to contiguous ids."""
+    """Maps raw (hashed, modulo) values of one column to contiguous ids (a binary search
+    in the sorted vocabulary: the ids pass maps only each run's distinct values, which
+    come sorted, so this costs little even for millions of values)."""
 
-    def __init__(self, vocab: np.ndarray, threshold: int, lut: np.ndarray | None = None) -> None:
-        self.vocab, self.threshold, self.lut = vocab, threshold, lut
+    def __init__(self, vocab: np.ndarray, threshold: int) -> None:
+        self.vocab, self.threshold = vocab, threshold
 
     def __call__(self, v: np.ndarray) -> np.ndarray:
-        if self.lut is not None:
-            return self.lut[v]
         idx = np.searchsorted(self.vocab, v)
         if self.threshold <= 0:
             return idx
@@ -115,17 +113,6 @@ class Mapper:
         return np.where(found, idx + 1, 0)
 
 
-def make_lut(vocab: np.ndarray, threshold: int, size: int) -> np.ndarray:
-    lut = np.zeros(size, dtype=np.int32)
-    lut[vocab] = np.arange(len(vocab), dtype=np.int32) + (1 if threshold > 0 else 0)
-    return lut
-
-
-def use_lut(opts: PrepOptions) -> bool:
-    """Hash mode with a small enough range: map values with a direct look-up table."""
-    return opts.max_ind_range is not None and opts.max_ind_range <= LUT_MAX
-
-
 def merge_all(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> list[dict]:
     """Pass 3 over every column; the columns' {"column", "cardinality", "distinct"}."""
     work.vocab_dir.mkdir(exist_ok=True)
@@ -133,8 +120,7 @@ def merge_all(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> 
 
 
 def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -> dict:
-    """Pass 3 for one column: merge the pieces' values into the vocabulary (and look-up
-    table) files; returns {"column", "cardinality", "distinct"}."""
+    """Pass 3 for one column: merge the pieces' values into the vocabulary file; returns {"column", "cardinality", "distinct"}."""
     done = work.column_done(column)
     if done.is_file():
         return json.loads(done.read_text())
@@ -146,8 +132,6 @@ def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -
     values, counts = acc.result()
     vocab, card = build_vocab(values, counts, threshold)
     save_npy(work.column_vocab(column), vocab)
-    if use_lut(opts):
-        save_npy(work.column_lut(column), make_lut(vocab, threshold, int(opts.max_ind_range)))
     info = {"column": column, "cardinality": int(card), "distinct": int(len(values))}
     write_atomic_text(done, json.dumps(info))
     return info
@@ -158,6 +142,5 @@ def load_mappers(work: WorkDir, opts: PrepOptions) -> list[Mapper]:
     out = []
     for j in range(NUM_SPARSE):
         vocab = np.load(work.column_vocab(j), mmap_mode="r")
-        lut = np.load(work.column_lut(j), mmap_mode="r") if use_lut(opts) else None
-        out.append(Mapper(np.asarray(vocab), opts.freq_threshold, lut))
+        out.append(Mapper(np.asarray(vocab), opts.freq_threshold))
     return out

@@ -6,13 +6,15 @@
       pieces/NNNNNN/               one folder per piece
         runRRRR.label.npy          uint8 [n]       one spilled run of rows, sorted by group
         runRRRR.dense.npy          float32 [n, 13]
-        runRRRR.idx.npy            int32 [n, 26]   indices into the run's dictionaries (parse)
+        runRRRR.idx.npy            int32 [26, n]   indices into the run's dictionaries (parse),
+                                                   column-major
         runRRRR.dict.npy           uint32 [m]      the run's distinct values, column after column
         runRRRR.dictoff.npy        int64 [27]      where each column's values start in dict
-        runRRRR.ids.npy            [n, 26]         final ids; replaces idx/dict/dictoff (ids pass)
+        runRRRR.vmap.npy           [m]             the id of each dictionary value; replaces
+                                                   dict/dictoff (ids pass); a row's ids are vmap[idx]
         vocab.npz                  the piece's distinct values (and train counts) per column
         done.json                  the piece's summary, written last
-      vocab/vocab_JJ.npy           a column's sorted vocabulary; lut_JJ.npy its look-up table
+      vocab/vocab_JJ.npy           a column's sorted vocabulary
       vocab/vocab_JJ.json          the column's cardinality, written last
 
 Files that later passes rely on are written last or atomically, so a rerun that finds
@@ -51,7 +53,7 @@ class WorkDir:
         return self.root / "pieces" / f"{piece:06d}"
 
     def run_file(self, piece: int, run: int, name: str) -> Path:
-        """``name``: label, dense, idx, dict, dictoff or ids."""
+        """``name``: label, dense, idx, dict, dictoff or vmap."""
         return self.piece_dir(piece) / f"run{run:04d}.{name}.npy"
 
     def piece_vocab(self, piece: int) -> Path:
@@ -66,9 +68,6 @@ class WorkDir:
 
     def column_vocab(self, column: int) -> Path:
         return self.vocab_dir / f"vocab_{column:02d}.npy"
-
-    def column_lut(self, column: int) -> Path:
-        return self.vocab_dir / f"lut_{column:02d}.npy"
 
     def column_done(self, column: int) -> Path:
         return self.vocab_dir / f"vocab_{column:02d}.json"

@@ -178,6 +178,20 @@ def test_mismatched_options_refused_unless_overwrite(kaggle_file, tmp_path):
     assert "not made by this command" in r.output
 
 
+def test_unfinished_run_of_another_work_file_layout_is_not_resumed(kaggle_file, tmp_path):
+    out = tmp_path / "o"
+    crit(kaggle_file, out, "--keep-temp")
+    (out / "meta.json").unlink()
+    options = out / ".prep" / "options.json"
+    recorded = json.loads(options.read_text())
+    del recorded["state_layout"]  # as an older dqrm-prep wrote it
+    options.write_text(json.dumps(recorded))
+    r = crit(kaggle_file, out, code=1)
+    assert "unfinished run of another dqrm-prep version" in r.output and "--overwrite" in r.output
+    crit(kaggle_file, out, "--overwrite")
+    assert read_meta(out).rows["train"] > 0
+
+
 # ------------------------------------------------------------ verify, inspect
 
 def test_verify_and_inspect(kaggle_file, tmp_path):

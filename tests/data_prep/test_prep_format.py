@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from data_prep.criteo_format import count_lines, decode_hex, encode_column, encode_hex, parse_block
+from data_prep.criteo_format import count_lines, decode_hex, encode_column, encode_fixed8, encode_hex, parse_block
 from data_prep.errors import BadLineError
 
 from prep_testlib import KAGGLE, TERABYTE
@@ -109,6 +109,37 @@ def test_encode_column_matches_decode_hex(values):
     np.testing.assert_array_equal(d[idx], want)
     assert idx.dtype == np.int32 and (bad is None or not bad.any()) and not want_bad.any()
     assert len(np.unique(d[idx])) <= len(d)
+
+
+@pytest.mark.parametrize("values", [
+    ["0000000a", None, "ffffffff", "0000000a", None, "DEADBEEF", "zz12ab34"],
+    ["0000000a", "ffffffff", "0000000a", "deadbeef"],
+    [None, None],
+])
+def test_encode_fixed8_matches_encode_column(values):
+    """The 8-byte path (empty fields read as null) gives every row the value and the
+    bad flag of the variable-length path (empty fields read as empty strings)."""
+    fixed = pa.array([None if v is None else v.encode() for v in values], pa.binary(8))[1:]  # an offset too
+    d, idx, bad = encode_fixed8(fixed)
+    want_d, want_idx, want_bad = encode_column(pa.array([v or "" for v in values], pa.binary())[1:])
+    np.testing.assert_array_equal(d[idx], want_d[want_idx])
+    assert idx.dtype == np.int32 and len(np.unique(d)) == len(d)
+    np.testing.assert_array_equal(np.zeros(len(idx), bool) if bad is None else bad,
+                                  np.zeros(len(idx), bool) if want_bad is None else want_bad)
+
+
+def test_blocks_with_short_categoricals_parse_like_clean_ones():
+    """A value of fewer than 8 digits sends the block down the variable-length path; its
+    rows parse as in a block of 8-digit values."""
+    dense = ["5", "", "3"] + ["0"] * 10
+    cats = ["0000000a", "", "DEADBEEF"] + ["00000001"] * 23
+    line = "\t".join(["1"] + dense + cats)
+    short = "\t".join(["1"] + dense + cats[:3] + ["1"] + cats[4:])  # 00000001 written as 1
+    clean = parse_block(f"{line}\n{line}\n".encode(), "x.tsv", 0)
+    mixed = parse_block(f"{line}\n{short}\n".encode(), "x.tsv", 0)
+    assert list(clean.cats[0, :4]) == [10, 0, 0xDEADBEEF, 1]
+    np.testing.assert_array_equal(mixed.cats, clean.cats)
+    np.testing.assert_array_equal(mixed.dense, clean.dense)
 
 
 def test_encode_column_flags_bad_hex():
