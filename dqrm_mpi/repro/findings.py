@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cells import Cells
 from .experiment import Metric, Run
 from .plan import Plan, diagnosis_json
-from .results import MetricError, RunFiles, epoch_end_aucs, metric_value
+from .results import MetricError, epoch_end_aucs
 from .specs import DQRM4, FP32, INT8, NAIVE, SPARSE
 
 PTQ_LOSS = 0.01      # finding 1: "loses clearly"
@@ -32,23 +33,20 @@ class Finding:
 
 
 class _Numbers:
-    """Metric values of the plan's runs (None where a run has not finished)."""
+    """Metric values of the plan's finished runs (None where a run has not finished)."""
 
     def __init__(self, plan: Plan, out: Path) -> None:
-        self.plan, self.out = plan, out
-
-    def files(self, run: Run) -> RunFiles:
-        return RunFiles(self.out, self.plan.names[run])
+        self.plan, self.cells = plan, Cells(plan, out)
 
     def value(self, run: Run, key: str, export: str | None = None) -> float | None:
-        try:
-            return metric_value(self.files(run), Metric(run, key, export)).number
-        except (MetricError, OSError, ValueError):
-            return None
+        return self.cells.metric(Metric(run, key, export)).number
 
     def epoch_aucs(self, run: Run) -> list[float] | None:
+        name = self.plan.names[run]
+        if not self.cells.finished([f"train:{name}"]):
+            return None
         try:
-            return epoch_end_aucs(self.files(run))
+            return epoch_end_aucs(self.cells.files(name))
         except (MetricError, OSError, ValueError):
             return None
 

@@ -5,71 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from .experiment import Drop, Figure, Metric, NotMeasured, Table
+from .cells import Cells
+from .experiment import Drop, Figure, Metric, Table
 from .figures import draw
 from .findings import findings_markdown
 from .plan import Plan, step_run
-from .results import MetricError, RunFiles, metric_value
-from .runner import failure_path, read_json
 
 
-@dataclass(frozen=True)
-class CellOut:
-    status: str           # ok, failed, n/a, not run
-    text: str             # the value (or why there is none), without the run
-    runs: tuple[str, ...]
-    number: float | None = None
-
-
-class Renderer:
-    def __init__(self, plan: Plan, out: Path) -> None:
-        self.plan, self.out = plan, out
-        self._files: dict[str, RunFiles] = {}
-
-    def files(self, name: str) -> RunFiles:
-        return self._files.setdefault(name, RunFiles(self.out, name))
-
-    # --- cells ---
-    def cell(self, cell) -> CellOut:
-        if isinstance(cell, NotMeasured):
-            return CellOut("n/a", cell.reason, ())
-        if isinstance(cell, Drop):
-            a, b = self.cell(cell.value), self.cell(cell.reference)
-            if a.number is None or b.number is None:
-                bad = a if a.number is None else b
-                return CellOut(bad.status, bad.text, a.runs + b.runs)
-            d = (a.number - b.number) if cell.higher_is_worse else (b.number - a.number)
-            return CellOut("ok", f"{d:+.4f}", a.runs + b.runs, d)
-        return self.metric(cell)
-
-    def metric(self, metric: Metric) -> CellOut:
-        name = self.plan.names[metric.run]
-        try:
-            value = metric_value(self.files(name), metric)
-            return CellOut("ok", value.text, (name,), value.number)
-        except MetricError as e:
-            problem = str(e)
-        steps = [self.plan.steps[key] for key in self.chain(name, metric)]
-        for step in steps:  # the first failure is the cause
-            failure = read_json(failure_path(self.out, step))
-            if failure:
-                return CellOut("failed", f"FAILED: {failure['error']} (log: {failure['log']})", (name,))
-        for step in reversed(steps):  # the last step's reason is the most specific
-            if step.blocked:
-                return CellOut("n/a", step.blocked, (name,))
-        if (self.out / "runs" / name / "summary.json").exists():
-            return CellOut("n/a", problem, (name,))
-        return CellOut("not run", "not run yet", (name,))
-
-    @staticmethod
-    def chain(name: str, metric: Metric) -> list[str]:
-        keys = [f"train:{name}"]
-        if metric.export:
-            keys += [f"export:{name}/{metric.export}", f"eval:{name}/{metric.export}/{metric.split}"]
-        return keys
+class Renderer(Cells):
+    """Markdown and CSV of the tables and figures."""
 
     # --- tables ---
     def table_markdown(self, table: Table) -> str:
@@ -177,7 +123,8 @@ def render(plan: Plan, out: Path, tables: tuple[Table, ...], figures: tuple[Figu
     parts += [r.table_markdown(t) for t in tables]
     for f in figures:
         png = f"figures/{f.key}.png"
-        draw(f, {label: r.files(plan.names[run]) for label, run in f.series}, out / png)
+        draw(f, {label: r.files(plan.names[run]) for label, run in f.series
+                 if r.finished([f"train:{plan.names[run]}"])}, out / png)
         parts.append(r.figure_markdown(f, png))
     parts.append(findings_markdown(plan, out))
     _write_text(out / "report.md", "\n".join(parts))

@@ -156,3 +156,23 @@ def test_the_fp32_run_keeps_its_epochs_and_is_diagnosed(profile, splits):
     assert step.argv == ("dqrm-repro", "diagnose", "runs/fp32", "--data", "data", "--splits", splits)
     assert step.after == ("train:fp32",) and step.stdout == "runs/fp32/diagnosis.json"
     assert [k for k in plan.steps if k.startswith("diagnose:")] == ["diagnose:fp32"]
+
+
+def test_a_run_stopped_part_way_fills_no_cell(tmp_path):
+    """metrics.jsonl of a run that was stopped (no finished record) holds numbers; no cell may show them."""
+    from dqrm_mpi.repro.cells import Cells
+    from dqrm_mpi.repro.runner import write_json
+
+    plan = make_plan(PROFILES["smoke"], TABLES + FIGURES)
+    run = tmp_path / "runs" / "fp32"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"event": "eval", "split": "test", "step": 5, "epoch": 0, '
+                                       '"accuracy": 0.7, "auc": 0.6}\n')
+    cell = Cells(plan, tmp_path).metric(Metric(FP32, "best_auc"))
+    assert (cell.status, cell.number) == ("not run", None)
+    for name in ("summary.json", "checkpoint.pt"):  # now it finished: the same file fills the cell
+        (run / name).write_text("{}")
+    step = plan.steps["train:fp32"]
+    write_json(tmp_path / step.record, {"argv": list(step.argv), "after": {k: None for k in step.after}})
+    cell = Cells(plan, tmp_path).metric(Metric(FP32, "best_auc"))
+    assert (cell.status, cell.number) == ("ok", 0.6)
