@@ -88,7 +88,7 @@ def _dims():
 
 # -- parts ------------------------------------------------------------------------------------
 def measure_compute(batches: list[int], steps: int, cap: int) -> dict:
-    """Seconds per step of FP32 and INT4 QAT (period 200) training, one thread, fitted as
+    """Seconds per step of FP32 and INT4 QAT (period 200) training, torch's threads as set, fitted as
     fixed + per_sample * batch; modes interleaved per batch size."""
     import torch
 
@@ -274,7 +274,6 @@ def measure_link(rate: str, reps: int) -> dict:
 
 def measure_parts(a) -> dict:
     import torch
-    torch.set_num_threads(1)
     batches = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
     _, dims = _dims()
     parts = {"machine": machine(), "dims": vars(dims)}
@@ -283,8 +282,10 @@ def measure_parts(a) -> dict:
     parts["rows"] = {"batches": batches, "criteo_like": unique_rows_criteo_like(batches),
                      "kaggle_zipf": unique_rows_kaggle_zipf(batches)}
     print("measuring: compute", file=sys.stderr)
+    torch.set_num_threads(a.threads)
     parts["compute"] = measure_compute([32, 128, 512], steps, a.cap)
     print("measuring: codec", file=sys.stderr)
+    torch.set_num_threads(1)  # as the ranks of the check (comm.py runs them with OMP_NUM_THREADS=1)
     parts["codec"] = measure_codec(steps)
     if a.check or a.link:
         parts["link"] = {}
@@ -360,7 +361,8 @@ def predict(parts: dict, global_batch: int, latency_s: float, efficiency: float,
     dims, codec, rows = model_from(parts)
     glob = sm.interpolate_rows(rows["batches"], rows["criteo_like"], global_batch)
     nodes_all = list(range(2, max(NODES) + 1))
-    grid, switch = [], {}
+    grid, switch, step_times = [], {}, {}
+    auto = parts["compute"]["qat_int4"]
     for gbit in GBITS:
         link = sm.Link(gbit, efficiency, latency_s)
         for scheme, c in sm.SCHEMES.items():
@@ -371,6 +373,8 @@ def predict(parts: dict, global_batch: int, latency_s: float, efficiency: float,
                 ex = {coll: exchange(c, n, local, glob, coll == "two-phase", dims, codec, link, calls)
                       for coll in sm.COLLECTIVES}
                 faster[n] = sm.better_collective({k: v["total"] for k, v in ex.items()})
+                comp = sm.compute_seconds(b, auto["fixed_s"], auto["per_sample_s"])
+                step_times[(f"{scheme}@{gbit}gbit", n)] = {k: comp + v["total"] for k, v in ex.items()}
                 if n not in NODES:
                     continue
                 for mode in ("fp32", "qat_int4"):
@@ -388,7 +392,8 @@ def predict(parts: dict, global_batch: int, latency_s: float, efficiency: float,
             switch[f"{scheme}@{gbit}gbit"] = sm.switch_point(faster)
     return {"global_batch": global_batch, "unique_rows_global_batch": round(glob),
             "link": {"efficiency": efficiency, "latency_s": latency_s, "calls_s": vars(calls)},
-            "one_rank_per_node": True, "grid": grid, "two_phase_from_ranks": switch}
+            "one_rank_per_node": True, "grid": grid, "two_phase_from_ranks": switch,
+            "auto_two_phase_min_ranks": sm.best_threshold(step_times, nodes_all)}
 
 
 def best(grid: list[dict], gbit, n, scheme, mode) -> dict:
@@ -411,7 +416,9 @@ def markdown(pred: dict, mode: str) -> str:
                 f"{r[s]['samples_per_s']:,.0f} ({short[r[s]['collective']]})" for s in sm.SCHEMES) + " | " +
                 " | ".join(f"{r[s]['link_bytes_per_rank'] / 1e6:.3f}" for s in sm.SCHEMES) + " |")
     lines += ["", "Two-phase faster than allgather from (ranks): " + ", ".join(
-        f"{k} {v if v is not None else 'never (<= 64)'}" for k, v in pred["two_phase_from_ranks"].items())]
+        f"{k} {v if v is not None else 'never (<= 64)'}" for k, v in pred["two_phase_from_ranks"].items()),
+        "", f"`--collective auto` switch losing least over all of these (INT4 QAT step time, 2-64 ranks): "
+        f"two-phase from {pred['auto_two_phase_min_ranks']} ranks"]
     return "\n".join(lines) + "\n"
 
 
@@ -454,6 +461,8 @@ def main() -> None:
     ap.add_argument("--rates", nargs="+", default=["1gbit", "10gbit"])
     ap.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     ap.add_argument("--cap", type=int, default=1_000_000, help="rows per table in the compute measurement")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch threads of the compute measurement (the predicted node's compute)")
     ap.add_argument("--global-batch", type=int, default=512)
     ap.add_argument("--latency-us", type=float, default=25.0, help="one-way link latency of the predicted clusters")
     ap.add_argument("--link-worker", action="store_true", help=argparse.SUPPRESS)

@@ -223,3 +223,24 @@ def switch_point(faster: dict[int, str]) -> int | None:
         if all(faster[m] == "two-phase" for m in ranks[i:]):
             return n
     return None
+
+
+def best_threshold(times: dict[tuple, dict[str, float]], ranks: list[int]) -> int:
+    """The ``two_phase_min_ranks`` of ``--collective auto`` (allgather below it, two-phase
+    from it) that loses least against always picking the faster collective: the smallest k
+    minimising the summed relative slowdown t(auto) / min(t) - 1 over every case.
+
+    times: (case, ranks) -> {"allgather": s, "two-phase": s}, for each case (a scheme at a
+    link speed) at each of ``ranks``.  k ranges over ``ranks`` and max(ranks) + 1 (never)."""
+    cases = {c for c, _ in times}
+
+    def loss(k: int) -> float:
+        total = 0.0
+        for c in cases:
+            for n in ranks:
+                t = times[(c, n)]
+                total += t["two-phase" if n >= k else "allgather"] / min(t.values()) - 1
+        return total
+
+    candidates = sorted(ranks) + [max(ranks) + 1]
+    return min(candidates, key=lambda k: (loss(k), k))

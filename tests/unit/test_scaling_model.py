@@ -128,3 +128,18 @@ def test_interpolate_rows():
     assert sm.interpolate_rows([1, 10, 100], [26, 200, 1000], 1000) == pytest.approx(5000)  # last slope (0.699)
     with pytest.raises(ValueError):
         sm.interpolate_rows([1], [1], 2)
+
+
+def test_best_threshold():
+    ag, tp = "allgather", "two-phase"
+    ranks = [2, 3, 4, 5]
+    # a: two-phase 10 % faster from 3 ranks; b: two-phase 20 % slower below 5 ranks, 2x faster at 5
+    times = {("a", n): {ag: 1.0, tp: 1.0 if n < 3 else 0.9} for n in ranks}
+    times |= {("b", n): {ag: 1.0, tp: 1.2 if n < 5 else 0.5} for n in ranks}
+    # summed slowdown: k=2: b 0.6; k=3: b 0.4; k=4: a 0.111 + b 0.2; k=5: a 0.222; never: a 0.333 + b 1.0
+    assert sm.best_threshold(times, ranks) == 5
+    times |= {("a", n): {ag: 1.0, tp: 1.0 if n < 3 else 0.5} for n in ranks}  # a gains 2x from 3 ranks
+    # k=3: b 0.4; k=4: a 1.0 + b 0.2; k=5: a 2.0
+    assert sm.best_threshold(times, ranks) == 3
+    never = {(c, n): {ag: 1.0, tp: 2.0} for c in "ab" for n in ranks}
+    assert sm.best_threshold(never, ranks) == 6
