@@ -4,7 +4,8 @@ the emulated cluster, then used to predict 2-64 nodes (formulas: ``scaling_model
 Parts, measured on this machine (or read back with ``--parts FILE``):
   compute   forward + backward + SGD step of one rank, FP32 and INT4 QAT (embeddings per
             table + MLP per channel, scale period 200), Kaggle dimensions with tables capped
-            at --cap rows, at several batch sizes: fixed + per-sample seconds (least squares)
+            at --cap rows, at several batch sizes, --threads (default: all cores here; the
+            predicted node computes as this machine does): fixed + per-sample seconds
   codec     the real MLP and embedding exchanges (comm/sync.py) over an in-process stand-in
             of W ranks (benchmarks/comm.py's), FP32 / INT8 / INT4: seconds per value encoded
             and decoded (error feedback as comm.py's configurations), per message, per call
@@ -17,11 +18,16 @@ Parts, measured on this machine (or read back with ``--parts FILE``):
 Check (root): benchmarks/comm.py's exchange on the emulated cluster at 2, 3 and 4 ranks and
 each --rates (128 samples per rank, sparse FP32 / INT8 / INT4 allgather, INT8 two-phase):
 measured ms per step (slowest rank) and bytes sent per rank against the model's.  Ranks
-share this machine's cores there: the model stretches codec time by ranks / cores.
+share this machine's cores there: the model stretches codec time by ranks / cores, and the
+ranks run with OMPI_MCA_mpi_yield_when_idle=1 (unless set) so that MPI's busy polling does not
+take the cores (at 4 ranks on 2 cores it made the exchange 3-5x slower in a trial).
 Prediction: nodes 2-64 at 1/10/25/100 Gbit/s, global batch fixed (--global-batch, default
 512: DQRM's Kaggle runs, 128 per worker on 4), criteo-like unique rows, one rank per node:
 samples/s and bytes per rank per step for FP32 sparse, INT8 and INT4 exchange (both
-collectives), and where two-phase starts to beat allgather.
+collectives), and where two-phase starts to beat allgather.  The predicted links take the
+emulated 1 Gbit/s link's efficiency and per-call costs and --latency-us one way.  The switch
+of ``--collective auto`` (two_phase_min_ranks) is the threshold that loses least against
+always picking the faster collective, over 2-64 ranks, every link speed and scheme.
 
     python benchmarks/scaling.py --out bench_out/scaling          # as root: everything (~10 min quiet)
     python benchmarks/scaling.py --parts bench_out/scaling/parts.json --no-check   # re-predict only
@@ -52,10 +58,6 @@ CHECK_CONFIGS = {  # benchmarks/comm.py configuration -> (scheme codec, two-phas
     "sparse_int8_two_phase": ("int8", True)}
 EF = {"none": False, "int8": True, "int4": True}  # MLP error feedback, as comm.py's configurations
 KAGGLE_ROWS = 45_840_617  # lines of Criteo Kaggle's train.txt: the criteo-like file's length
-
-
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
 
 
 def _lstsq(columns: list[list[float]], y: list[float]) -> list[float]:
@@ -125,7 +127,7 @@ def measure_compute(batches: list[int], steps: int, cap: int) -> dict:
                     times[name].append(time.perf_counter() - t0)
                 step[0] += 1
         for name in modes:
-            per_batch[name].append(_median(times[name]))
+            per_batch[name].append(statistics.median(times[name]))
     out = {"batches": batches, "cap_rows_per_table": cap, "threads": torch.get_num_threads()}
     for name in modes:
         fixed, per_sample = _lstsq([[1.0] * len(batches), [float(b) for b in batches]], per_batch[name])
@@ -162,7 +164,7 @@ def measure_codec(steps: int) -> dict:
                 mlp.exchange(grads)
                 if step >= 2:
                     times.append(time.perf_counter() - t0)
-            mlp_t.append(_median(times))
+            mlp_t.append(statistics.median(times))
             for b in batches:
                 times, rows = [], []
                 for step in range(steps + 2):
@@ -174,7 +176,7 @@ def measure_codec(steps: int) -> dict:
                     if step >= 2:
                         times.append(time.perf_counter() - t0)
                         rows.append(gid.numel())
-                emb_rows.append((w, statistics.fmean(rows), _median(times)))
+                emb_rows.append((w, statistics.fmean(rows), statistics.median(times)))
             backend.traffic.take()
         v = dims.mlp_values
         a, d = _lstsq([[1.0] * len(worlds), [float(w) for w in worlds]], mlp_t)
@@ -235,7 +237,7 @@ def link_worker(out: str, nominal_gbit: float, reps: int) -> None:
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return _median(times[2:])
+        return statistics.median(times[2:])
 
     tiny = torch.zeros(2, dtype=torch.uint8)
     calls = {"allreduce": timed(lambda: backend.allreduce_average([torch.zeros(1)], "t.ar", "x"), reps),
@@ -357,7 +359,13 @@ def check(parts: dict, rates: list[str], steps: int) -> dict:
             "max_abs_bytes_error": max(abs(p["bytes_error"]) for p in points)}
 
 
-def predict(parts: dict, global_batch: int, latency_s: float, efficiency: float, calls: sm.CallCost) -> dict:
+def predict(parts: dict, global_batch: int = 512, latency_us: float = 25.0) -> dict:
+    """The grid of predictions; links as the emulated 1 Gbit/s one (efficiency, call costs)."""
+    link1 = (parts.get("link") or {}).get("1gbit")
+    if link1 is None:
+        raise ValueError("the parts have no emulated 1gbit link measurement (call costs, efficiency): run as root "
+                         "with --rates 1gbit ... (or --link), or pass --parts with one")
+    efficiency, calls, latency_s = link1["efficiency"], calls_from(link1), latency_us * 1e-6
     dims, codec, rows = model_from(parts)
     glob = sm.interpolate_rows(rows["batches"], rows["criteo_like"], global_batch)
     nodes_all = list(range(2, max(NODES) + 1))
@@ -475,6 +483,9 @@ def main() -> None:
         return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The emulated hosts share this machine's cores: MPI's busy polling while waiting (harmless
+    # on hosts with cores of their own) would take them from the ranks that have work.
+    os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     if a.parts:
         try:
             parts = json.loads(Path(a.parts).read_text())
@@ -483,15 +494,13 @@ def main() -> None:
     else:
         parts = measure_parts(a)
         _write(out / "parts.json", json.dumps(parts, indent=2))
-    links = parts.get("link") or {}
-    if "1gbit" not in links:
-        sys.exit("the parts have no emulated 1gbit link measurement (call costs, efficiency): run as root "
-                 "with --rates 1gbit ... (or --link), or pass --parts with one")
     result = {"benchmark": "scaling", "machine": machine(), "parts_file": a.parts or str(out / "parts.json")}
+    try:
+        result["prediction"] = predict(parts, a.global_batch, a.latency_us)
+    except ValueError as e:
+        sys.exit(str(e))
     if a.check:
-        result["check"] = check(parts, a.rates, a.steps)
-    result["prediction"] = predict(parts, a.global_batch, a.latency_us * 1e-6, links["1gbit"]["efficiency"],
-                                   calls_from(links["1gbit"]))
+        result = {**result, "check": check(parts, a.rates, a.steps), "prediction": result["prediction"]}
     _write(out / "scaling.json", json.dumps(result, indent=2))
     _write(out / "scaling.md", markdown(result["prediction"], "qat_int4"))
     plot(result["prediction"], "qat_int4", out / "scaling.png")

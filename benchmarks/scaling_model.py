@@ -27,7 +27,7 @@ two-phase id ranges is ignored (ranges split the id space evenly, not the traffi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 BITS = {"none": 32, "int8": 8, "int4": 4}
 #: exchange schemes predicted: name -> the compressor of both embedding and MLP gradients
@@ -108,8 +108,6 @@ class CodecWork:
 class Plan:
     transfers: tuple[Transfer, ...]
     work: CodecWork
-    kind: str = ""
-    notes: dict = field(default_factory=dict)
 
     @property
     def sent_bytes(self) -> float:
@@ -144,14 +142,14 @@ def mlp_plan(codec: str, n: int, dims: Dims, two_phase: bool) -> Plan:
     v = dims.mlp_values
     p = mlp_payload_bytes(dims, codec)
     if codec == "none":  # linear: one grouped allreduce whatever the collective setting
-        return Plan((Transfer("allreduce", 2 * (n - 1) / n * p, p, 2 * (n - 1)),), CodecWork(v, v, 1), "mlp")
+        return Plan((Transfer("allreduce", 2 * (n - 1) / n * p, p, 2 * (n - 1)),), CodecWork(v, v, 1))
     if not two_phase:
-        return Plan((Transfer("allgather", (n - 1) * p, p, n - 1),), CodecWork(v, n * v, n), "mlp")
+        return Plan((Transfer("allgather", (n - 1) * p, p, n - 1),), CodecWork(v, n * v, n))
     chunk = p / n
     return Plan((Transfer("alltoall", (n - 1) * chunk, (n - 1) * chunk, n - 1),
                  Transfer("allgather", 0.0, 8, n - 1),  # the chunks' byte counts
                  Transfer("allgather", (n - 1) * chunk, chunk, n - 1)),
-                CodecWork(v + v / n, 2 * v, 2 * n), "mlp")
+                CodecWork(v + v / n, 2 * v, 2 * n))
 
 
 def emb_plan(codec: str, n: int, rows_local: float, rows_global: float, dims: Dims, two_phase: bool) -> Plan:
@@ -162,13 +160,13 @@ def emb_plan(codec: str, n: int, rows_local: float, rows_global: float, dims: Di
     if not two_phase:
         m = emb_message_bytes(rows_local, dims, codec)
         return Plan((counts, Transfer("allgather", (n - 1) * m, m, n - 1)),
-                    CodecWork(rows_local * d, n * rows_local * d, n), "emb")
+                    CodecWork(rows_local * d, n * rows_local * d, n))
     out = sum(emb_message_bytes(rows_local / n, dims, codec) for _ in range(n))  # one message per id range
     owned = rows_global / n
     reduced = emb_message_bytes(owned, dims, codec)
     return Plan((Transfer("alltoall", (n - 1) / n * out, (n - 1) / n * out, n - 1),
                  counts, Transfer("allgather", (n - 1) * reduced, reduced, n - 1)),
-                CodecWork((rows_local + owned) * d, (rows_local + rows_global) * d, 2 * n), "emb")
+                CodecWork((rows_local + owned) * d, (rows_local + rows_global) * d, 2 * n))
 
 
 # -- seconds --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 exchanges hand to their collectives on simulated ranks, seconds on hand-computed cases."""
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import pytest
@@ -143,3 +144,14 @@ def test_best_threshold():
     assert sm.best_threshold(times, ranks) == 3
     never = {(c, n): {ag: 1.0, tp: 2.0} for c in "ab" for n in ranks}
     assert sm.best_threshold(never, ranks) == 6
+
+
+def test_auto_switch_is_the_models_answer():
+    """``--collective auto``'s two_phase_min_ranks is what the model says for the parts measured
+    in benchmarks/scaling_parts.json.  After re-measuring (``benchmarks/scaling.py``, then copy
+    OUT/parts.json there) this fails until the default follows the new answer."""
+    from benchmarks.scaling import ROOT, predict
+    from dqrm_mpi.compression import CompressionConfig
+
+    parts = json.loads((ROOT / "benchmarks/scaling_parts.json").read_text())
+    assert CompressionConfig().two_phase_min_ranks == predict(parts)["auto_two_phase_min_ranks"]
