@@ -62,12 +62,15 @@ def log(text: str) -> None:
     print(f"[peer_torchrec] {text}", file=sys.stderr, flush=True)
 
 
-def pypi_reachable(host: str = "pypi.org") -> bool:
+def no_network() -> str | None:
+    """Why pip cannot reach PyPI, or None (also when a proxy or another index is configured)."""
+    if any(os.environ.get(k) for k in ("PIP_INDEX_URL", "HTTPS_PROXY", "https_proxy")):
+        return None
     try:
-        socket.create_connection((host, 443), timeout=10).close()
-        return True
-    except OSError:
-        return False
+        socket.create_connection(("pypi.org", 443), timeout=10).close()
+        return None
+    except OSError as e:
+        return f"pypi.org:443 is not reachable from this machine ({e})"
 
 
 def ensure_peer_venv(venv: Path) -> Path:
@@ -80,6 +83,11 @@ def ensure_peer_venv(venv: Path) -> Path:
         return python
     if venv.resolve().is_relative_to(HERE.parent.resolve()):
         sys.exit(f"--peer-venv {venv} is inside the repository; put it outside (it holds about 5.5 GB)")
+    offline = no_network()
+    if offline:
+        sys.exit(f"the torchrec peer is not installed in {venv} and cannot be: {offline}.  Run this once "
+                 f"where PyPI is reachable (or set pip's proxy / PIP_INDEX_URL), or pass --peer-venv (or "
+                 f"DQRM_TORCHREC_VENV) pointing to an installed one.")
     log(f"installing torchrec 1.9.2 + fbgemm-gpu-cpu 1.9.0 (torch 2.14.1 with its CUDA libraries, "
         f"about 5.5 GB, once) into {venv}")
     if not python.exists():
@@ -93,10 +101,9 @@ def ensure_peer_venv(venv: Path) -> Path:
     for what, *args in steps:
         log(what)
         if subprocess.run([*pip, *args], stdout=sys.stderr).returncode:
-            hint = ("" if pypi_reachable() else
-                    " pypi.org is not reachable from this machine: run this once where it is (or with "
-                    "pip's proxy settings), or pass --peer-venv pointing to an installed one.")
-            sys.exit(f"installing the torchrec peer into {venv} failed ({what}).{hint}")
+            offline = no_network()
+            sys.exit(f"installing the torchrec peer into {venv} failed ({what})"
+                     + (f": {offline}" if offline else "; pip's output is above"))
     check = subprocess.run([str(python), str(WORKER), "--check"], capture_output=True, text=True)
     if check.returncode:
         sys.exit(f"the torchrec peer in {venv} does not import:\n{check.stderr[-3000:]}")
