@@ -7,22 +7,24 @@ torch 2.14.1 they need into their own virtual environment OUTSIDE this repositor
 (--peer-venv, default $DQRM_TORCHREC_VENV or ~/.cache/dqrm_mpi/torchrec-venv; PyPI's torch
 brings its CUDA libraries: about 5.5 GB, downloaded once).  ``--install-only`` stops there.
 
-Then, per batch size, in interleaved rounds (torchrec, dqrm FP32, dqrm INT4 QAT, torchrec,
-...: the machine's speed drifts over minutes, so every round hits all three alike), one
-process each, FP32, the same torch thread count (--threads), Kaggle dimensions (dim 16,
+Then, per batch size, in interleaved rounds (torchrec, dqrm FP32, dqrm INT4 QAT, then the
+reverse order, ...: the machine's speed drifts over minutes, so every round hits all three
+alike), one process each, FP32, the same torch thread count (--threads), Kaggle dimensions (dim 16,
 bottom 13-512-256-64-16, top 367-512-256-1, Kaggle's cardinalities capped at --cap rows):
 
   torchrec   torchrec.models.dlrm.DLRM, embeddings in fbgemm's table-batched kernel with
-             SGD fused into backward, dense part torch.optim.SGD, synthetic batches
-             (benchmarks/peer_torchrec_worker.py, run by the peer venv's python);
-  fp32       dqrm-train on a synthetic dataset of the same shape;
+             SGD fused into backward, dense part torch.optim.SGD, on the training rows
+             of fp32's dataset (benchmarks/peer_torchrec_worker.py, run by the peer
+             venv's python);
+  fp32       dqrm-train on a synthetic (planted-model) dataset of warm-up + steps batches;
   int4_qat   dqrm-train --emb-bits 4 --mlp-bits 4 --mlp-scale channel --scale-period 200.
 
 Each process trains --warmup + --steps steps; the warm-up is excluded.  Samples/s is wall
 clock over the measured steps (dqrm-train: its metrics.jsonl step windows, data wait
 included; summary.json's whole-run figure, warm-up included, is given too).  Prints JSON:
-samples/s per round and the median of the rounds, and the ratios of issue 10's targets:
-dqrm FP32 / torchrec samples/s (target >= 1.3) and INT4 QAT / FP32 step time (<= 1.15).
+samples/s per round and the median of the rounds, and the ratios of issue 10's targets
+(medians of each round's ratio): dqrm FP32 / torchrec samples/s (target >= 1.3) and
+INT4 QAT / FP32 step time (target <= 1.15).
 """
 from __future__ import annotations
 
@@ -112,7 +114,8 @@ def ensure_peer_venv(venv: Path) -> Path:
     return python
 
 
-def dqrm_run(data: Path, out: Path, batch: int, warmup: int, steps: int, threads: int, extra: tuple[str, ...]) -> dict:
+def dqrm_run(data: Path, out: Path, batch: int, warmup: int, steps: int, threads: int,
+             extra: tuple[str, ...]) -> dict:
     """One dqrm-train process; samples/s over the steps after ``warmup`` (from metrics.jsonl's
     windows of ``warmup`` steps, data wait included) and summary.json's whole-run figure."""
     e = env()
@@ -179,6 +182,8 @@ def main() -> None:
     p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     a = p.parse_args()
+    if min(a.steps, a.warmup, a.rounds, a.threads) < 1:
+        p.error("--steps, --warmup, --rounds and --threads must be at least 1")
     python = ensure_peer_venv(a.peer_venv.expanduser())
     if a.install_only:
         return
@@ -194,7 +199,8 @@ def main() -> None:
         for r in range(a.rounds):
             for b in batch_sizes:
                 data, npz = inputs[b]
-                for name in ("torchrec", "fp32", "int4_qat"):
+                order = ("torchrec", "fp32", "int4_qat")
+                for name in order if r % 2 == 0 else order[::-1]:  # drift favours neither side
                     log(f"round {r + 1}/{a.rounds}, batch {b}: {name}")
                     if name == "torchrec":
                         res = peer_run(python, npz, cards, b, a.warmup, a.steps, a.threads)
@@ -221,7 +227,8 @@ def main() -> None:
         for n in ("fp32", "int4_qat"):
             results[str(b)][n]["summary_samples_per_second"] = median(
                 [x["summary_samples_per_second"] for x in by_name[n]], 1)
-            results[str(b)][n]["ms_per_step_by_part"] = by_name[n][-1]["ms_per_step_by_part"]
+            parts = [x["ms_per_step_by_part"] for x in by_name[n]]
+            results[str(b)][n]["ms_per_step_by_part"] = {k: median([x[k] for x in parts]) for k in parts[0]}
     emit({"benchmark": "peer_torchrec", "precision": "fp32 (int4_qat: --emb-bits 4 --mlp-bits 4 --mlp-scale channel "
           "--scale-period 200)", "preset": "kaggle", "cardinality_cap": a.cap, "embedding_rows": sum(cards),
           "steps": a.steps, "warmup": a.warmup, "rounds": a.rounds, "threads": a.threads,

@@ -28,7 +28,8 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 
-def build(cardinalities: list[int], dim: int, bottom: list[int], top: list[int], lr: float) -> tuple[DLRM, torch.optim.Optimizer]:
+def build(cardinalities: list[int], dim: int, bottom: list[int], top: list[int],
+          lr: float) -> tuple[DLRM, torch.optim.Optimizer]:
     """torchrec's DLRM with fused SGD embeddings, and the SGD for its dense part."""
     tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=c, feature_names=[f"f{i}"])
               for i, c in enumerate(cardinalities)]
@@ -95,7 +96,8 @@ def main() -> None:
     print(json.dumps({"samples_per_second": a.steps * a.batch_size / seconds, "ms_per_step": 1e3 * seconds / a.steps,
                       "steps": a.steps, "warmup": a.warmup, "batches_in_data": len(data),
                       "loss_first": losses[0], "loss_last_mean": sum(losses[-20:]) / len(losses[-20:]),
-                      "torch": torch.__version__, "torchrec": torchrec.__version__, "threads": torch.get_num_threads()}))
+                      "torch": torch.__version__, "torchrec": torchrec.__version__,
+                      "threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":
