@@ -178,7 +178,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="measured steps per process")
     p.add_argument("--warmup", type=int, default=30, help="steps per process before the measurement")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torchrec, fp32, int4_qat each)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of every process")
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                   help="torch threads of every process (default: the cores this process may use, %(default)s)")
     p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     a = p.parse_args()
