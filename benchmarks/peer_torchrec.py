@@ -174,13 +174,13 @@ def main() -> None:
     p.add_argument("--peer-venv", type=Path, default=default_peer_venv(),
                    help="torchrec's virtual environment, created when missing (default: %(default)s)")
     p.add_argument("--install-only", action="store_true", help="install the peer venv, run nothing")
-    p.add_argument("--batches", default="128,512", help="batch sizes, comma separated")
-    p.add_argument("--steps", type=int, default=200, help="measured steps per process")
-    p.add_argument("--warmup", type=int, default=30, help="steps per process before the measurement")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torchrec, fp32, int4_qat each)")
+    p.add_argument("--batches", default="128,512", help="batch sizes, comma separated (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=200, help="measured steps per process (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=30, help="steps per process before the measurement (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torchrec, fp32, int4_qat each) (default: %(default)s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of every process (default: the cores this process may use, %(default)s)")
-    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
+    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table (default: %(default)s)")
     p.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     a = p.parse_args()
     if min(a.steps, a.warmup, a.rounds, a.threads) < 1:
