@@ -176,8 +176,10 @@ def main() -> None:
     p.add_argument("--install-only", action="store_true", help="install the peer venv, run nothing")
     p.add_argument("--batches", default="128,512", help="batch sizes, comma separated (default: %(default)s)")
     p.add_argument("--steps", type=int, default=200, help="measured steps per process (default: %(default)s)")
-    p.add_argument("--warmup", type=int, default=30, help="steps per process before the measurement (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (torchrec, fp32, int4_qat each) (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=30,
+                   help="steps per process before the measurement (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds, each runs torchrec, fp32 and int4_qat (default: %(default)s)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                    help="torch threads of every process (default: the cores this process may use, %(default)s)")
     p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table (default: %(default)s)")
