@@ -164,13 +164,14 @@ class PairwiseDotInteraction(nn.Module):
     def __init__(self, num_vectors: int) -> None:
         super().__init__()
         rows, cols = torch.tril_indices(num_vectors, num_vectors, offset=-1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        # positions of the pairs in the flattened [27 * 27] dot products: one index_select picks them
+        # (several times faster than indexing with rows and cols, forward and backward; same values)
+        self.register_buffer("pairs", rows * num_vectors + cols, persistent=False)
 
     def forward(self, bottom: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, 27, d]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, 27, 27]
-        return torch.cat([bottom, dots[:, self.rows, self.cols]], dim=1)
+        return torch.cat([bottom, dots.flatten(1).index_select(1, self.pairs)], dim=1)
 
 
 class DLRM(nn.Module):

@@ -90,7 +90,6 @@ class EmbeddingFakeQuant(_ModeChecked):
         self.register_buffer("scales_valid", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("refreshes", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.tensor(-1, dtype=torch.int64))
-        self.register_buffer("_zero_points", torch.zeros(num_tables, dtype=torch.int32), persistent=False)
         self._qmin, self._qmax = qrange(bits)
         self._sync_flags()
 
@@ -123,13 +122,14 @@ class EmbeddingFakeQuant(_ModeChecked):
         if not self._scales_valid:
             raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
                                "forward pass (or refresh() them)")
-        # The hot path: one fused per-channel kernel (channel = table, axis 1) on the detached rows (the
-        # same values as quantizer.fake_quant with table t's [1] scale), with an identity STE: between
-        # refreshes rows may outgrow the stored scale and are clamped in the forward pass, but they keep
-        # their gradient (a masked STE would freeze them until the next refresh; as in DQRM's quantizer).
+        # The hot path: all tables' rows at once, each with its table's scale (axis 1), with the
+        # arithmetic of PyTorch's fused fake-quant kernels (round half-to-even of x * (1/scale), clamp,
+        # times scale; the same bits as quantizer.fake_quant) in three passes, and an identity STE:
+        # between refreshes rows may outgrow the stored scale and are clamped in the forward pass, but
+        # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
         detached = rows.detach()
-        quantized = torch.fake_quantize_per_channel_affine(detached, self.scales, self._zero_points, 1,
-                                                           self._qmin, self._qmax)
+        scales = self.scales.view(1, -1, 1)
+        quantized = torch.round(detached * (1.0 / scales)).clamp_(self._qmin, self._qmax).mul_(scales)
         return rows + (quantized - detached)
 
 
