@@ -13,7 +13,8 @@ Per gradient, keyed by parameter name:
   chunks).  Sparsifying compressors (topk, threshold) send (index, value) messages whose
   size may differ per rank: always allgathered with their byte counts; every rank adds
   every rank's kept values into a dense sum in rank order.
-- Embedding gradients (sparse COO from ``EmbeddingBag(sparse=True)``), ``SparseExchange``:
+- Embedding gradients (sparse COO rows of the flat table, cut into tables as the model's
+  ``embedding_tables()`` says), ``SparseExchange``:
   duplicate rows are merged locally, the tables are flattened into one id space (table
   offset + row), and each rank's ids and (compressed) values travel as one byte message
   (allgather, or two-phase with the id space split into one range per rank).  Received
