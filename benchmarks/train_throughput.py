@@ -105,14 +105,14 @@ def main() -> None:
                     r["np2"]["samples_per_second"] / r["np1"]["samples_per_second"], 3)
         if "fp32" in by_precision and "int4" in by_precision:
             for np_ in ranks:
-                ratios[f"{name}.np{np_}.int4_over_fp32_ms_per_step"] = round(
-                    by_precision["int4"][f"np{np_}"]["ms_per_step"] / by_precision["fp32"][f"np{np_}"]["ms_per_step"], 3)
+                int4, fp32 = by_precision["int4"][f"np{np_}"], by_precision["fp32"][f"np{np_}"]
+                ratios[f"{name}.np{np_}.int4_over_fp32_ms_per_step"] = round(int4["ms_per_step"] / fp32["ms_per_step"], 3)
     if "other" in results:
         for precision in precisions:
             for np_ in ranks:
+                pairs = zip(runs[("this", precision, np_)], runs[("other", precision, np_)])  # per repeat
                 ratios[f"this_over_other.{precision}.np{np_}_samples_per_second"] = round(
-                    statistics.median(t["samples_per_second"] / o["samples_per_second"]  # per repeat: same window
-                                      for t, o in zip(runs[("this", precision, np_)], runs[("other", precision, np_)])), 3)
+                    statistics.median(t["samples_per_second"] / o["samples_per_second"] for t, o in pairs), 3)
     emit({"benchmark": "train_throughput", "preset": "kaggle", "global_batch": a.batch_size, "steps": a.steps,
           "repeats": a.repeats, "cardinality_cap": a.cap, "embedding_rows": sum(cards),
           "checkouts": {k: str(v) for k, v in checkouts.items()}, "results": results, "ratios": ratios,

@@ -409,8 +409,9 @@ class GradientSynchronizer:
         self.dim = dims.pop() if dims else 0
         # The tables that space is cut into (scales and residuals are per table): the model's
         # ``embedding_tables()`` when it stores several tables in one parameter, else one per parameter.
-        tables = (model.embedding_tables() if hasattr(model, "embedding_tables")
-                  else [(n, p.shape[0]) for n, p in self.sparse])
+        tables = [(n, p.shape[0]) for n, p in self.sparse]
+        if self.sparse and hasattr(model, "embedding_tables"):
+            tables = model.embedding_tables()
         if sum(n for _, n in tables) != self.total_rows:
             raise ValueError(f"the embedding tables have {sum(n for _, n in tables)} rows in all, the sparse "
                              f"parameters {self.total_rows}")
@@ -479,7 +480,8 @@ class GradientSynchronizer:
             if g is None:
                 continue
             if not g.is_sparse:
-                raise TypeError(f"{name}: expected a sparse gradient (an embedding lookup with sparse=True), got dense")
+                raise TypeError(f"{name}: expected a sparse gradient (an embedding lookup with sparse=True), "
+                                "got dense")
             g = g.coalesce()
             ids.append(g.indices()[0] + offset)
             values.append(g.values())

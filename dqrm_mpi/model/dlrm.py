@@ -68,6 +68,7 @@ class EmbeddingTables(nn.Module):
 
     weight: float32 [sum n_t, d], table t at rows offsets[t] .. offsets[t] + n_t; its
     gradient is one sparse tensor (one row per sample and table, duplicates not merged).
+    ``weight`` may be a Parameter already (kept as it is, ``freeze`` then does not apply).
     The state dict keeps one entry per table, ``tables.{t}.weight`` [n_t, d] (views of the
     flat table), as checkpoints of the per-table layout have it; ``table(t)`` is that view.
     """

@@ -170,7 +170,8 @@ def load_packed(path: str | Path) -> DLRM:
             raise ValueError(f"{path}: tensor {e.name} is missing or not of shape {e.stored_shape}")
     n = len(config.cardinalities)
     if quant.emb_bits is None:
-        embeddings = EmbeddingTables.from_tables([tensors[f"embeddings.{t}.weight"] for t in range(n)], freeze=True)
+        embeddings = EmbeddingTables.from_tables([tensors[f"embeddings.{t}.weight"] for t in range(n)],
+                                                 freeze=True)
     else:
         embeddings = PackedEmbeddingTables([tensors[f"embeddings.{t}.q"] for t in range(n)],
                                            [tensors[f"embeddings.{t}.scale"] for t in range(n)],

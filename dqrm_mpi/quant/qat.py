@@ -9,8 +9,9 @@ optimizers are those of the FP32 model):
   in the batch are fake-quantized; the FP32 master tables keep receiving sparse
   gradients through the straight-through estimator.  Per-table scales (DQRM) are
   refreshed by a full pass over every table only at steps that are multiples of
-  ``scale_period``; between refreshes a step costs one fused fake-quant op on the
-  [B, 26, d] rows (one scale per table).  Rowwise scales come from the looked-up rows themselves (no table pass).
+  ``scale_period``; between refreshes a step fake-quantizes the [B, 26, d] rows in three
+  vectorized passes (one scale per table).  Rowwise scales come from the looked-up rows
+  themselves (no table pass).
 - ``QuantLinear`` in place of every ``nn.Linear`` of the bottom and top MLPs (same
   ``weight``/``bias`` parameters, so parameter names and optimizers are unchanged):
   weights fake-quantized per matrix or per output channel at every forward (cheap:
