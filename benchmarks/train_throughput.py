@@ -106,7 +106,8 @@ def main() -> None:
         if "fp32" in by_precision and "int4" in by_precision:
             for np_ in ranks:
                 int4, fp32 = by_precision["int4"][f"np{np_}"], by_precision["fp32"][f"np{np_}"]
-                ratios[f"{name}.np{np_}.int4_over_fp32_ms_per_step"] = round(int4["ms_per_step"] / fp32["ms_per_step"], 3)
+                ratios[f"{name}.np{np_}.int4_over_fp32_ms_per_step"] = round(
+                    int4["ms_per_step"] / fp32["ms_per_step"], 3)
     if "other" in results:
         for precision in precisions:
             for np_ in ranks:
