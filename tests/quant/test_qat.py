@@ -189,3 +189,21 @@ def test_rows_outgrowing_a_stale_table_scale_are_clamped_but_keep_their_gradient
     out[:, 0].sum().backward()
     g = model.embeddings.weight.grad.coalesce()  # row 5 of every table; only table 0's feeds the sum
     assert torch.equal(g.values()[g.indices()[0] == 5], torch.full((1, 8), 2.0))  # identity STE
+
+
+def test_every_table_is_fake_quantized_with_its_own_scale_as_the_fused_kernel_does():
+    model = _model()
+    qat = prepare_qat(model, QuantConfig(emb_bits=4, scale_period=1000))
+    qat.on_step(0)
+    with torch.no_grad():  # some rows outgrow their table's scale: clamped
+        model.embeddings.table(3)[:4] *= 5
+    _, sparse, _ = _batch(7, n=64)
+    out = model.embeddings(sparse)
+    scales = model.embeddings.row_transform.scales
+    assert len(set(scales.tolist())) > 1  # the tables' scales differ
+    zero = torch.zeros((), dtype=torch.int32)
+    for t in range(len(CARDS)):
+        rows = model.embeddings.table(t).detach()[sparse[:, t]]
+        kernel = torch.fake_quantize_per_tensor_affine(rows, scales[t], zero, -8, 7)  # one table, fused kernel
+        assert torch.equal(kernel, fake_quant(rows, scales[t:t + 1], 4)), t
+        assert torch.equal(out[:, t], rows + (kernel - rows)), t  # through the identity STE's sum, as before
