@@ -387,7 +387,10 @@ class GradientSynchronizer:
 
     ``config`` (default: no compression) picks the compressors, error feedback, collective
     and embedding exchange (sparse rows or dense tables); see ``CompressionConfig``.  A single
-    rank communicates nothing.
+    rank communicates nothing.  ``sparse_names``: the parameters with sparse gradients; a
+    model that stores its tables in one such parameter (DLRM's flat table) says how it is
+    cut by ``embedding_tables()`` -> [(table name, rows)], and the embedding exchange scales
+    and remembers per table under those names.
     """
 
     def __init__(self, backend: Collectives, model: nn.Module, sparse_names: set[str],
