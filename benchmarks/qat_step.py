@@ -24,6 +24,7 @@ import torch
 
 from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.quant import QuantConfig, prepare_qat
+from dqrm_mpi.train.sgd import PlainSGD
 
 KAGGLE = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306,
           10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
@@ -48,7 +49,7 @@ def main() -> None:
         torch.manual_seed(0)
         models[name] = DLRM(config)
         states[name] = prepare_qat(models[name], quant) if quant else None
-        opts[name] = torch.optim.SGD(models[name].parameters(), lr=0.1)
+        opts[name] = PlainSGD(models[name].parameters(), lr=0.1)  # as dqrm-train steps
     gen = torch.Generator().manual_seed(0)
     n_batches = 64
     batches = [(torch.rand(args.batch_size, 13, generator=gen),

@@ -13,7 +13,8 @@ Per gradient, keyed by parameter name:
   chunks).  Sparsifying compressors (topk, threshold) send (index, value) messages whose
   size may differ per rank: always allgathered with their byte counts; every rank adds
   every rank's kept values into a dense sum in rank order.
-- Embedding gradients (sparse COO from ``EmbeddingBag(sparse=True)``), ``SparseExchange``:
+- Embedding gradients (sparse COO rows of the flat table, cut into tables as the model's
+  ``embedding_tables()`` says), ``SparseExchange``:
   duplicate rows are merged locally, the tables are flattened into one id space (table
   offset + row), and each rank's ids and (compressed) values travel as one byte message
   (allgather, or two-phase with the id space split into one range per rank).  Received
@@ -385,7 +386,10 @@ class GradientSynchronizer:
 
     ``config`` (default: no compression) picks the compressors, error feedback, collective
     and embedding exchange (sparse rows or dense tables); see ``CompressionConfig``.  A single
-    rank communicates nothing.
+    rank communicates nothing.  ``sparse_names``: the parameters with sparse gradients; a
+    model that stores its tables in one such parameter (DLRM's flat table) says how it is
+    cut by ``embedding_tables()`` -> [(table name, rows)], and the embedding exchange scales
+    and remembers per table under those names.
     """
 
     def __init__(self, backend: Collectives, model: nn.Module, sparse_names: set[str],
@@ -401,16 +405,26 @@ class GradientSynchronizer:
         dims = {p.shape[1] for _, p in self.sparse}
         if len(dims) > 1:
             raise ValueError(f"embedding tables must share one dim, got {sorted(dims)}")
-        rows = [p.shape[0] for _, p in self.sparse]
+        rows = [p.shape[0] for _, p in self.sparse]  # the sparse parameters, one flat id space
         self.offsets = torch.tensor([0, *torch.tensor(rows).cumsum(0).tolist()], dtype=torch.int64)
         self.total_rows = int(self.offsets[-1])
         self.dim = dims.pop() if dims else 0
+        # The tables that space is cut into (scales and residuals are per table): the model's
+        # ``embedding_tables()`` when it stores several tables in one parameter, else one per parameter.
+        tables = [(n, p.shape[0]) for n, p in self.sparse]
+        if self.sparse and hasattr(model, "embedding_tables"):
+            tables = model.embedding_tables()
+        if sum(n for _, n in tables) != self.total_rows:
+            raise ValueError(f"the embedding tables have {sum(n for _, n in tables)} rows in all, the sparse "
+                             f"parameters {self.total_rows}")
+        self.table_names = [name for name, _ in tables]
+        self.table_rows = [n for _, n in tables]
         two_phase = config.use_two_phase(backend.size)
         self.dense_exchange = DenseExchange(
             backend, {n: p.shape for n, p in self.dense}, get_compressor(config.mlp), config.mlp_scale,
             config.mlp_error_feedback, two_phase, kind="mlp")
         self.sparse_exchange = SparseExchange(
-            backend, [n for n, _ in self.sparse], rows, self.dim, get_compressor(config.emb), config.emb_scale,
+            backend, self.table_names, self.table_rows, self.dim, get_compressor(config.emb), config.emb_scale,
             config.emb_error_feedback, two_phase, kind="emb")
         self.table_exchange = None  # --emb-exchange dense: whole tables through one allreduce
         if config.emb_exchange == "dense" and self.sparse and backend.size > 1:
@@ -418,10 +432,10 @@ class GradientSynchronizer:
             if nbytes > config.dense_emb_max_bytes:
                 raise ValueError(
                     f"--emb-exchange dense would allreduce {nbytes / 2**30:.3g} GiB of FP32 embedding gradients "
-                    f"per step and rank ({len(rows)} tables, {self.total_rows:,} rows x {self.dim}), above the "
+                    f"per step and rank ({len(tables)} tables, {self.total_rows:,} rows x {self.dim}), above the "
                     f"limit of {config.dense_emb_max_bytes / 2**30:.3g} GiB; use --emb-exchange sparse (lossless: "
                     "the touched rows only) or smaller tables")
-            self.table_exchange = DenseExchange(backend, {n: p.shape for n, p in self.sparse},
+            self.table_exchange = DenseExchange(backend, {n: (r, self.dim) for n, r in tables},
                                                 get_compressor(config.emb), "tensor", config.emb_error_feedback,
                                                 kind="emb")
 
@@ -444,10 +458,11 @@ class GradientSynchronizer:
     def _dense_tables(self) -> None:
         """Dense embedding exchange: every table's full-size gradient averaged (rows no rank
         touched are zeros), then stored sparse again (the rows with a nonzero average)."""
-        grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.to_dense() for n, p in self.sparse}
-        averaged = self.table_exchange.exchange(grads)
-        for n, p in self.sparse:
-            p.grad = averaged[n].to_sparse(sparse_dim=1)
+        flat = torch.cat([torch.zeros_like(p) if p.grad is None else p.grad.to_dense() for _, p in self.sparse])
+        averaged = self.table_exchange.exchange(dict(zip(self.table_names, torch.split(flat, self.table_rows))))
+        flat = torch.cat([averaged[n] for n in self.table_names])
+        for (_, p), g in zip(self.sparse, torch.split(flat, [p.shape[0] for _, p in self.sparse])):
+            p.grad = g.to_sparse(sparse_dim=1)
 
     def _dense(self, step: int | None) -> None:
         grads = {}
@@ -467,7 +482,8 @@ class GradientSynchronizer:
             if g is None:
                 continue
             if not g.is_sparse:
-                raise TypeError(f"{name}: expected a sparse gradient (EmbeddingBag(sparse=True)), got dense")
+                raise TypeError(f"{name}: expected a sparse gradient (an embedding lookup with sparse=True), "
+                                "got dense")
             g = g.coalesce()
             ids.append(g.indices()[0] + offset)
             values.append(g.values())

@@ -1,8 +1,8 @@
 """DLRM as named parts."""
 from .config import NUM_DENSE, NUM_SPARSE, PRESETS, ModelConfig, model_config_from_preset
-from .dlrm import DLRM, BottomMLP, EmbeddingTables, LinearFactory, PairwiseDotInteraction, TopMLP, fp32_tables
+from .dlrm import DLRM, BottomMLP, EmbeddingTables, LinearFactory, PairwiseDotInteraction, TopMLP
 
 __all__ = [
     "NUM_DENSE", "NUM_SPARSE", "PRESETS", "ModelConfig", "model_config_from_preset",
-    "DLRM", "BottomMLP", "EmbeddingTables", "LinearFactory", "PairwiseDotInteraction", "TopMLP", "fp32_tables",
+    "DLRM", "BottomMLP", "EmbeddingTables", "LinearFactory", "PairwiseDotInteraction", "TopMLP",
 ]

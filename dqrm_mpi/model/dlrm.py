@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import ModelConfig
 
@@ -61,30 +62,97 @@ class TopMLP(nn.Module):
         return self.layers(x).squeeze(-1)
 
 
-def fp32_tables(cardinalities: tuple[int, ...], dim: int) -> nn.ModuleList:
-    """One ``EmbeddingBag`` per table with sparse gradients, reference initialisation
-    (rows of table t uniform in +-sqrt(1 / n_t))."""
-    tables = nn.ModuleList(nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in cardinalities)
-    with torch.no_grad():
+class EmbeddingTables(nn.Module):
+    """The embedding tables stored as one flat table, one id per sample per table:
+    sparse int [B, T] -> float32 [B, T, d] in one lookup (ids + table offsets).
+
+    weight: float32 [sum n_t, d], table t at rows offsets[t] .. offsets[t] + n_t; its
+    gradient is one sparse tensor (one row per sample and table, duplicates not merged).
+    ``weight`` may be a Parameter already (kept as it is, ``freeze`` then does not apply).
+    The state dict keeps one entry per table, ``tables.{t}.weight`` [n_t, d] (views of the
+    flat table), as checkpoints of the per-table layout have it; ``table(t)`` is that view.
+    """
+
+    def __init__(self, weight: torch.Tensor, cardinalities: tuple[int, ...], freeze: bool = False) -> None:
+        super().__init__()
+        if weight.dim() != 2 or weight.shape[0] != sum(cardinalities):
+            raise ValueError(f"the flat table must be [{sum(cardinalities)}, d], got {tuple(weight.shape)}")
+        self.cardinalities = tuple(int(n) for n in cardinalities)
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=not freeze)
+        starts = [0]
+        for n in self.cardinalities[:-1]:
+            starts.append(starts[-1] + n)
+        self._starts = starts
+        self.register_buffer("offsets", torch.tensor(starts, dtype=torch.int64), persistent=False)
+
+    @classmethod
+    def initialised(cls, cardinalities: tuple[int, ...], dim: int) -> "EmbeddingTables":
+        """Reference initialisation: rows of table t uniform in +-sqrt(1 / n_t).  Each table
+        first draws the N(0, 1) values ``nn.EmbeddingBag`` would (then overwritten), so the
+        random stream, and every parameter initialised after the tables, is as before."""
+        weight = torch.empty(sum(cardinalities), dim)
+        tables = torch.split(weight, list(cardinalities))
+        for table in tables:
+            table.normal_()
         for table, n in zip(tables, cardinalities):
             bound = math.sqrt(1.0 / n)
-            table.weight.uniform_(-bound, bound)
-    return tables
+            table.uniform_(-bound, bound)
+        return cls(weight, cardinalities)
 
+    @classmethod
+    def from_tables(cls, weights: list[torch.Tensor], freeze: bool = False) -> "EmbeddingTables":
+        """Tables float32 [n_t, d] (copied into one flat table)."""
+        return cls(torch.cat(weights), tuple(w.shape[0] for w in weights), freeze)
 
-class EmbeddingTables(nn.Module):
-    """FP32 tables (``fp32_tables``), one id per sample per table: sparse int [B, 26] ->
-    float32 [B, 26, d].  ``lookup(t, ids)`` gives one table's rows [B, d]."""
+    @property
+    def num_tables(self) -> int:
+        return len(self.cardinalities)
 
-    def __init__(self, tables: nn.ModuleList) -> None:
-        super().__init__()
-        self.tables = tables
+    def table(self, t: int) -> torch.Tensor:
+        """Table t, a view [n_t, d] of the flat weight."""
+        return self.weight[self._starts[t]:self._starts[t] + self.cardinalities[t]]
 
-    def lookup(self, t: int, ids: torch.Tensor) -> torch.Tensor:
-        return self.tables[t](ids.unsqueeze(1))  # [B, d]: a bag of one id per sample
+    def table_weights(self) -> list[torch.Tensor]:
+        """Every table, views [n_t, d] of the flat weight (detached)."""
+        return list(torch.split(self.weight.detach(), self.cardinalities))
+
+    def lookup(self, sparse: torch.Tensor) -> torch.Tensor:
+        """sparse int [B, T] -> the rows float32 [B, T, d], one embedding call."""
+        rows = F.embedding((sparse + self.offsets).reshape(-1), self.weight, sparse=True)
+        return rows.view(*sparse.shape, self.weight.shape[1])
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.lookup(t, sparse[:, t]) for t in range(len(self.tables))], dim=1)
+        return self.lookup(sparse)
+
+    def _table_keys(self, prefix: str) -> list[str]:
+        return [f"{prefix}tables.{t}.weight" for t in range(self.num_tables)]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        weight = destination.pop(prefix + "weight")
+        for key, n, start in zip(self._table_keys(prefix), self.cardinalities, self._starts):
+            destination[key] = weight[start:start + n]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        keys = self._table_keys(prefix)
+        for t, key in enumerate(keys):
+            if key not in state_dict:
+                missing_keys.append(key)
+                continue
+            value, expected = state_dict[key], (self.cardinalities[t], self.weight.shape[1])
+            if tuple(value.shape) != expected:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(value.shape)} from "
+                                  f"checkpoint, the shape in current model is {expected}.")
+                continue
+            with torch.no_grad():
+                self.table(t).copy_(value)
+        if strict:
+            known = set(keys)
+            for key in state_dict:
+                if (key.startswith(prefix) and key not in known
+                        and key[len(prefix):].split(".", 1)[0] not in self._modules):
+                    unexpected_keys.append(key)
 
 
 class PairwiseDotInteraction(nn.Module):
@@ -97,13 +165,14 @@ class PairwiseDotInteraction(nn.Module):
     def __init__(self, num_vectors: int) -> None:
         super().__init__()
         rows, cols = torch.tril_indices(num_vectors, num_vectors, offset=-1)
-        self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
+        # positions of the pairs in the flattened [27 * 27] dot products: one index_select picks them
+        # (several times faster than indexing with rows and cols, forward and backward; same values)
+        self.register_buffer("pairs", rows * num_vectors + cols, persistent=False)
 
     def forward(self, bottom: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, 27, d]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, 27, 27]
-        return torch.cat([bottom, dots[:, self.rows, self.cols]], dim=1)
+        return torch.cat([bottom, dots.flatten(1).index_select(1, self.pairs)], dim=1)
 
 
 class DLRM(nn.Module):
@@ -121,7 +190,7 @@ class DLRM(nn.Module):
         self.config = config
         self.bottom = BottomMLP(config.dense_inputs, config.bottom_mlp, linear)
         self.embeddings = (embeddings if embeddings is not None else
-                           EmbeddingTables(fp32_tables(config.cardinalities, config.embedding_dim)))
+                           EmbeddingTables.initialised(config.cardinalities, config.embedding_dim))
         self.interaction = PairwiseDotInteraction(len(config.cardinalities) + 1)
         self.top = TopMLP(config.num_interactions, config.top_mlp, linear)
 
@@ -130,5 +199,10 @@ class DLRM(nn.Module):
         return self.top(self.interaction(bottom, self.embeddings(sparse)))
 
     def embedding_parameter_names(self) -> set[str]:
-        """Names of the parameters with sparse gradients (the tables)."""
-        return {f"embeddings.tables.{i}.weight" for i in range(len(self.embeddings.tables))}
+        """Names of the parameters with sparse gradients: the flat table."""
+        return {"embeddings.weight"}
+
+    def embedding_tables(self) -> list[tuple[str, int]]:
+        """(name, rows) of each table, in the flat table's order: the exchange scales and
+        remembers embedding gradients per table under these names (the state dict's keys)."""
+        return [(f"embeddings.tables.{t}.weight", n) for t, n in enumerate(self.embeddings.cardinalities)]

@@ -96,8 +96,8 @@ def _tensors(model: DLRM, quant: QuantConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the layout, as the values to write (packed uint8 or float32)."""
     out: dict[str, torch.Tensor] = {}
     emb = getattr(model.embeddings, "row_transform", None)
-    for t, table in enumerate(model.embeddings.tables):
-        w = table.weight.detach().float().cpu()
+    for t, table in enumerate(model.embeddings.table_weights()):
+        w = table.float().cpu()
         if quant.emb_bits is None:
             out[f"embeddings.{t}.weight"] = w
             continue
@@ -157,11 +157,6 @@ class PackedEmbeddingTables(nn.Module):
         return torch.stack(out, dim=1)
 
 
-def _frozen_tables(weights: list[torch.Tensor]) -> EmbeddingTables:
-    return EmbeddingTables(nn.ModuleList(nn.EmbeddingBag.from_pretrained(w, freeze=True, mode="sum")
-                                         for w in weights))
-
-
 def load_packed(path: str | Path) -> DLRM:
     """Read a packed file into a ``DLRM`` in eval mode (tables stay packed in memory)."""
     header, tensors = packfile.read(path)
@@ -175,7 +170,8 @@ def load_packed(path: str | Path) -> DLRM:
             raise ValueError(f"{path}: tensor {e.name} is missing or not of shape {e.stored_shape}")
     n = len(config.cardinalities)
     if quant.emb_bits is None:
-        embeddings = _frozen_tables([tensors[f"embeddings.{t}.weight"] for t in range(n)])
+        embeddings = EmbeddingTables.from_tables([tensors[f"embeddings.{t}.weight"] for t in range(n)],
+                                                 freeze=True)
     else:
         embeddings = PackedEmbeddingTables([tensors[f"embeddings.{t}.q"] for t in range(n)],
                                            [tensors[f"embeddings.{t}.scale"] for t in range(n)],

@@ -9,8 +9,9 @@ optimizers are those of the FP32 model):
   in the batch are fake-quantized; the FP32 master tables keep receiving sparse
   gradients through the straight-through estimator.  Per-table scales (DQRM) are
   refreshed by a full pass over every table only at steps that are multiples of
-  ``scale_period``; between refreshes a step costs 26 small fake-quant ops on [B, d]
-  rows.  Rowwise scales come from the looked-up rows themselves (no table pass).
+  ``scale_period``; between refreshes a step fake-quantizes the [B, 26, d] rows in three
+  vectorized passes (one scale per table).  Rowwise scales come from the looked-up rows
+  themselves (no table pass).
 - ``QuantLinear`` in place of every ``nn.Linear`` of the bottom and top MLPs (same
   ``weight``/``bias`` parameters, so parameter names and optimizers are unchanged):
   weights fake-quantized per matrix or per output channel at every forward (cheap:
@@ -67,7 +68,7 @@ class _ModeChecked(nn.Module):
 
 
 class EmbeddingFakeQuant(_ModeChecked):
-    """(table t, rows float32 [B, d], ids [B]) -> fake-quantized rows [B, d].
+    """Looked-up rows float32 [B, T, d] -> fake-quantized rows [B, T, d].
 
     Buffers: scales float32 [T] (per-table scale, table mode), scales_valid uint8,
     refreshes int64 (full-table passes so far), last_refresh_step int64 (-1: none),
@@ -90,7 +91,6 @@ class EmbeddingFakeQuant(_ModeChecked):
         self.register_buffer("scales_valid", torch.tensor(0, dtype=torch.uint8))
         self.register_buffer("refreshes", torch.tensor(0, dtype=torch.int64))
         self.register_buffer("last_refresh_step", torch.tensor(-1, dtype=torch.int64))
-        self.register_buffer("_zero_point", torch.zeros((), dtype=torch.int32), persistent=False)
         self._qmin, self._qmax = qrange(bits)
         self._sync_flags()
 
@@ -113,34 +113,37 @@ class EmbeddingFakeQuant(_ModeChecked):
         """float32 [1], the scale table t is quantized with now."""
         return self.scales[t:t + 1]
 
-    def forward(self, t: int, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """rows float32 [B, T, d] (table t's rows at [:, t]) -> fake-quantized rows [B, T, d]."""
         if not self._enabled:
             return rows
         if self.is_rowwise:
-            return fake_quant_own_scale(rows, row_scales(rows, self.num_bits), self.num_bits)
+            flat = rows.reshape(-1, rows.shape[-1])
+            return fake_quant_own_scale(flat, row_scales(flat, self.num_bits), self.num_bits).view(rows.shape)
         if not self._scales_valid:
             raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
                                "forward pass (or refresh() them)")
-        # The hot path (26 calls a step): PyTorch's fused per-tensor kernel on the detached rows (the
-        # same values as quantizer.fake_quant with a [1] scale), with an identity STE: between refreshes
-        # rows may outgrow the stored scale and are clamped in the forward pass, but they keep their
-        # gradient (a masked STE would freeze them until the next refresh; as in DQRM's quantizer).
+        # The hot path: all tables' rows at once, each with its table's scale (axis 1), with the
+        # arithmetic of PyTorch's fused fake-quant kernels (round half-to-even of x * (1/scale), clamp,
+        # times scale; the same bits as quantizer.fake_quant) in three passes, and an identity STE:
+        # between refreshes rows may outgrow the stored scale and are clamped in the forward pass, but
+        # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
         detached = rows.detach()
-        quantized = torch.fake_quantize_per_tensor_affine(detached, self.scales[t], self._zero_point,
-                                                          self._qmin, self._qmax)
+        scales = self.scales.view(1, -1, 1)
+        quantized = torch.round(detached * (1.0 / scales)).clamp_(self._qmin, self._qmax).mul_(scales)
         return rows + (quantized - detached)
 
 
 class QuantEmbeddingTables(EmbeddingTables):
-    """FP32 tables whose looked-up rows are fake-quantized by ``row_transform``
-    (an ``EmbeddingFakeQuant``): sparse int [B, 26] -> float32 [B, 26, d]."""
+    """FP32 tables (the same flat ``weight`` Parameter) whose looked-up rows are fake-quantized
+    by ``row_transform`` (an ``EmbeddingFakeQuant``): sparse int [B, 26] -> float32 [B, 26, d]."""
 
-    def __init__(self, tables: nn.ModuleList, row_transform: EmbeddingFakeQuant) -> None:
-        super().__init__(tables)
+    def __init__(self, tables: EmbeddingTables, row_transform: EmbeddingFakeQuant) -> None:
+        super().__init__(tables.weight, tables.cardinalities)
         self.row_transform = row_transform
 
-    def lookup(self, t: int, ids: torch.Tensor) -> torch.Tensor:
-        return self.row_transform(t, super().lookup(t, ids), ids)
+    def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        return self.row_transform(self.lookup(sparse))
 
 
 class QuantLinear(nn.Linear, _ModeChecked):
@@ -273,7 +276,7 @@ class QATState:
             return
         if step % self.config.scale_period == 0 or not emb._scales_valid:
             t0 = time.perf_counter()
-            emb.refresh([table.weight for table in self.model.embeddings.tables], step)
+            emb.refresh(self.model.embeddings.table_weights(), step)
             self.scale_seconds += time.perf_counter() - t0
 
     def activation_scales(self) -> list[torch.Tensor]:
@@ -309,9 +312,9 @@ def prepare_qat(model: nn.Module, config: QuantConfig) -> QATState:
         raise ValueError("the model is already prepared for quantization-aware training")
     emb = None
     if config.emb_bits is not None:
-        tables = model.embeddings.tables
-        emb = EmbeddingFakeQuant(len(tables), config.emb_bits, config.emb_scale == ROW,
-                                 config.scale_period).to(tables[0].weight.device)
+        tables = model.embeddings
+        emb = EmbeddingFakeQuant(tables.num_tables, config.emb_bits, config.emb_scale == ROW,
+                                 config.scale_period).to(tables.weight.device)
         model.embeddings = QuantEmbeddingTables(tables, emb)
     linears: list[QuantLinear] = []
     if config.mlp_bits is not None or config.act_bits is not None:

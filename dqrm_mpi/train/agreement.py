@@ -25,8 +25,12 @@ class NonFiniteStepError(FloatingPointError):
 
 
 def _nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """True when ``t`` holds NaN/inf: its min or max is not finite (aminmax propagates NaN; one
+    read-only pass, several times faster than isfinite().any() over a gradient)."""
     values = t._values() if t.is_sparse else t
-    return (~torch.isfinite(values)).any()
+    if values.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=values.device)
+    return ~torch.isfinite(torch.stack(torch.aminmax(values))).all()
 
 
 def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ from .launcher_watch import LauncherWatch
 from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .report import format_summary
 from .run_dir import RunDir
+from .sgd import PlainSGD
 from .step_timer import StepTimer
 from .training_log import TrainingLog
 from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
@@ -154,7 +155,7 @@ class _Training:
         self.model_config, self.model, self.qat = model_config, model, qat
         self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=config.lr)
+        self.optimizer = PlainSGD(model.parameters(), lr=config.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.train_reader = SplitReader(config.data, "train")
         self.batches = TrainBatches(self.train_reader, config.batch_size, backend.rank, backend.size, config.seed,

@@ -43,7 +43,7 @@ def test_only_batch_rows_are_fake_quantized_and_master_table_stays_fp32():
     model = _model()
     qat = prepare_qat(model, QuantConfig(emb_bits=4))
     qat.on_step(0)
-    w0 = model.embeddings.tables[0].weight
+    w0 = model.embeddings.table(0)
     before = w0.detach().clone()
     _, sparse, _ = _batch(1)
     out = model.embeddings(sparse)  # [B, 26, d]
@@ -52,8 +52,8 @@ def test_only_batch_rows_are_fake_quantized_and_master_table_stays_fp32():
     assert not torch.equal(out[:, 0], before[sparse[:, 0]])  # really quantized
     assert torch.equal(w0.detach(), before)  # the master table is untouched
     out.sum().backward()
-    g = w0.grad.coalesce()
-    assert g.is_sparse and set(g.indices()[0].tolist()) == set(sparse[:, 0].tolist())
+    g = model.embeddings.weight.grad.coalesce()  # table 0 is the flat table's first rows
+    assert g.is_sparse and set(g.indices()[0].tolist()) == set((sparse + model.embeddings.offsets).view(-1).tolist())
 
 
 def test_full_table_scale_pass_runs_exactly_at_multiples_of_the_period():
@@ -66,7 +66,7 @@ def test_full_table_scale_pass_runs_exactly_at_multiples_of_the_period():
     history = []
 
     def record(step):
-        w = model.embeddings.tables[2].weight.detach()
+        w = model.embeddings.table(2).detach()
         history.append((step, emb.scales[2].item(), tensor_scale(w, 4).item()))
 
     _sgd_steps(model, qat, 25, on_step_hook=record)
@@ -90,7 +90,7 @@ def test_period_one_refreshes_every_step_and_rowwise_never_passes_over_tables():
     _sgd_steps(model, qat, 5)
     assert qat.table_passes == 0
     _, sparse, _ = _batch(3)
-    rows = model.embeddings.tables[1].weight.detach()[sparse[:, 1]]
+    rows = model.embeddings.table(1).detach()[sparse[:, 1]]
     assert torch.equal(model.embeddings(sparse)[:, 1], fake_quant(rows, row_scales(rows, 4), 4))
 
 
@@ -179,7 +179,7 @@ def test_rows_outgrowing_a_stale_table_scale_are_clamped_but_keep_their_gradient
     model = _model()
     qat = prepare_qat(model, QuantConfig(emb_bits=4, scale_period=1000))
     qat.on_step(0)
-    table = model.embeddings.tables[0].weight
+    table = model.embeddings.table(0)
     scale = float(model.embeddings.row_transform.scales[0])
     with torch.no_grad():
         table[5] = 100 * scale  # grown far beyond the stored scale since the last refresh
@@ -187,4 +187,23 @@ def test_rows_outgrowing_a_stale_table_scale_are_clamped_but_keep_their_gradient
     out = model.embeddings(sparse)
     assert torch.allclose(out[:, 0], torch.full_like(out[:, 0], 7 * scale))  # clamped at qmax * scale
     out[:, 0].sum().backward()
-    assert torch.equal(table.grad.coalesce().values(), torch.full((1, 8), 2.0))  # identity STE
+    g = model.embeddings.weight.grad.coalesce()  # row 5 of every table; only table 0's feeds the sum
+    assert torch.equal(g.values()[g.indices()[0] == 5], torch.full((1, 8), 2.0))  # identity STE
+
+
+def test_every_table_is_fake_quantized_with_its_own_scale_as_the_fused_kernel_does():
+    model = _model()
+    qat = prepare_qat(model, QuantConfig(emb_bits=4, scale_period=1000))
+    qat.on_step(0)
+    with torch.no_grad():  # some rows outgrow their table's scale: clamped
+        model.embeddings.table(3)[:4] *= 5
+    _, sparse, _ = _batch(7, n=64)
+    out = model.embeddings(sparse)
+    scales = model.embeddings.row_transform.scales
+    assert len(set(scales.tolist())) > 1  # the tables' scales differ
+    zero = torch.zeros((), dtype=torch.int32)
+    for t in range(len(CARDS)):
+        rows = model.embeddings.table(t).detach()[sparse[:, t]]
+        kernel = torch.fake_quantize_per_tensor_affine(rows, scales[t], zero, -8, 7)  # one table, fused kernel
+        assert torch.equal(kernel, fake_quant(rows, scales[t:t + 1], 4)), t
+        assert torch.equal(out[:, t], rows + (kernel - rows)), t  # through the identity STE's sum, as before

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dqrm_mpi.model import DLRM, PairwiseDotInteraction, model_config_from_preset
+from dqrm_mpi.model import DLRM, EmbeddingTables, PairwiseDotInteraction, model_config_from_preset
 
 CARDS = [5, 7, 3] + [4] * 23
 
@@ -51,7 +51,7 @@ def test_reference_initialisation_ranges():
     torch.manual_seed(0)
     cards = [1000] * 26
     model = DLRM(model_config_from_preset("kaggle", cards))
-    w = model.embeddings.tables[0].weight
+    w = model.embeddings.table(0)
     assert w.abs().max() <= math.sqrt(1 / 1000) + 1e-7
     first = model.bottom.layers[0].weight  # 512 x 13
     assert abs(first.std().item() - math.sqrt(2 / (13 + 512))) < 0.01
@@ -89,3 +89,60 @@ def test_linear_factory_keeps_the_reference_initialisation():
     b = DLRM(config, linear=lambda i, o: torch.nn.Linear(i, o))
     for (n, p), (m, q) in zip(a.state_dict().items(), b.state_dict().items()):
         assert n == m and torch.equal(p, q), n
+
+
+def _per_table_reference(cards, dim):
+    """The earlier layout: one EmbeddingBag(sparse=True) per table, reference initialisation."""
+    tables = torch.nn.ModuleList(torch.nn.EmbeddingBag(n, dim, mode="sum", sparse=True) for n in cards)
+    with torch.no_grad():
+        for table, n in zip(tables, cards):
+            table.weight.uniform_(-math.sqrt(1 / n), math.sqrt(1 / n))
+    return tables
+
+
+def test_flat_table_initialises_and_trains_as_per_table_embedding_bags_bit_for_bit():
+    torch.manual_seed(3)
+    flat = EmbeddingTables.initialised(tuple(CARDS), 4)
+    after_flat = torch.rand(3)  # the random stream goes on where the per-table layout left it
+    torch.manual_seed(3)
+    ref = _per_table_reference(CARDS, 4)
+    assert torch.equal(torch.rand(3), after_flat)
+    for t in range(len(CARDS)):
+        assert torch.equal(flat.table(t), ref[t].weight), t
+    opt_flat = torch.optim.SGD(flat.parameters(), lr=0.7)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.7)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):  # duplicate ids in every table (cardinalities 3..7, batch 12)
+        sparse = torch.stack([torch.randint(0, c, (12,), generator=gen) for c in CARDS], dim=1)
+        upstream = torch.randn(12, len(CARDS), 4, generator=gen)
+        out_ref = torch.stack([ref[t](sparse[:, t].unsqueeze(1)) for t in range(len(CARDS))], dim=1)
+        out_flat = flat(sparse)
+        assert torch.equal(out_flat, out_ref)
+        for opt, out in ((opt_flat, out_flat), (opt_ref, out_ref)):
+            opt.zero_grad()
+            (out * upstream).sum().backward()
+            opt.step()
+    assert flat.weight.grad.is_sparse
+    for t in range(len(CARDS)):
+        assert torch.equal(flat.table(t), ref[t].weight), t
+
+
+def test_state_dict_keeps_one_entry_per_table_and_loads_the_per_table_layout():
+    torch.manual_seed(0)
+    model = DLRM(model_config_from_preset("tiny", CARDS))
+    state = model.state_dict()
+    table_keys = [k for k in state if k.startswith("embeddings.")]
+    assert table_keys == [f"embeddings.tables.{t}.weight" for t in range(26)]
+    assert [state[k].shape[0] for k in table_keys] == CARDS
+    torch.manual_seed(0)
+    old = {f"embeddings.tables.{t}.weight": w.weight.detach()  # a checkpoint of the per-table layout
+           for t, w in enumerate(_per_table_reference(CARDS, model.config.embedding_dim))}
+    other = DLRM(model_config_from_preset("tiny", CARDS))
+    other.load_state_dict({**state, **old})
+    assert all(torch.equal(other.embeddings.table(t), old[f"embeddings.tables.{t}.weight"]) for t in range(26))
+    with pytest.raises(RuntimeError, match=r"size mismatch for embeddings.tables.2.weight.*\(4, 8\)"):
+        other.load_state_dict({**state, "embeddings.tables.2.weight": torch.zeros(4, 8)})
+    with pytest.raises(RuntimeError, match=r"Missing key.*embeddings.tables.25.weight(.|\n)*Unexpected key.*"
+                                           r"embeddings.weight"):
+        other.load_state_dict({**{k: v for k, v in state.items() if k != "embeddings.tables.25.weight"},
+                               "embeddings.weight": model.embeddings.weight})

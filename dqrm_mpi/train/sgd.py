@@ -1,0 +1,34 @@
+"""Plain SGD, the reference DLRM's optimizer (no momentum, no weight decay), with the least
+work per step: ``p -= lr * grad`` for every parameter that has a gradient, dense or sparse
+(the flat embedding table's sparse gradient updates only the looked-up rows).
+
+The same arithmetic as ``torch.optim.SGD(params, lr)`` (``p.add_(grad, alpha=-lr)``), bit
+for bit, without its per-step bookkeeping (hooks, profiler ranges, option checks).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+class PlainSGD:
+    """``step()`` updates every parameter with a gradient; ``zero_grad()`` drops the gradients."""
+
+    def __init__(self, params: Iterable[nn.Parameter], lr: float) -> None:
+        if lr <= 0:
+            raise ValueError(f"the learning rate must be positive, got {lr}")
+        self.params = [p for p in params if p.requires_grad]
+        self.lr = lr
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-self.lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Gradients become None (the next backward stores fresh ones, sparse ones included)."""
+        for p in self.params:
+            p.grad = None
