@@ -11,6 +11,7 @@ diagnosis that explains a finding that does not appear (report.md's last section
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,28 @@ def error_compensation(n: _Numbers) -> Finding:
                    f"{ec:.4f} ({ec - naive:+.4f} over no compensation; winning back means at least half the loss).")
 
 
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil (1982): the standard error of an AUC measured on ``positives`` clicks and
+    ``negatives`` non-clicks, the scale against which AUC differences on one test split are read."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc * auc) + (negatives - 1) * (q2 - auc * auc)) / (
+        positives * negatives)
+    return math.sqrt(max(var, 0.0))
+
+
+def _noise(n: _Numbers) -> str:
+    """A sentence giving the test AUC's standard error (from the FP32 model's evaluation)."""
+    try:
+        e = n.cells.files(n.plan.names[FP32]).packed_eval("packed", "test")
+        positives = round(e["rows"] * e["ctr"])
+        se = auc_standard_error(e["auc"], positives, e["rows"] - positives)
+    except (MetricError, OSError, ValueError, KeyError):
+        return ""
+    return (f"The test split has {e['rows']} rows ({positives} clicks): a test AUC near {e['auc']:.3f} has a "
+            f"standard error of about {se:.4f} (Hanley-McNeil), so differences below that are within "
+            "sampling noise (differences between models on the same rows are somewhat less noisy).")
+
+
 def findings_markdown(plan: Plan, out: Path) -> str:
     """The findings and the diagnosis as markdown ("" where the plan lacks the paper's runs)."""
     if not all(run in plan.names for run in (FP32, DQRM4, SPARSE, NAIVE[8], INT8)):
@@ -103,7 +126,8 @@ def findings_markdown(plan: Plan, out: Path) -> str:
     for f in (ptq_gap(n), overfitting(n), error_compensation(n)):
         verdict = {True: "**appears**", False: "**does not appear**", None: "not measured yet"}[f.appears]
         lines += [f"- {f.title}: {verdict}. {f.evidence}"]
-    return "\n".join(lines + ["", diagnosis_markdown(plan, out)])
+    noise = _noise(n)
+    return "\n".join(lines + (["", noise] if noise else []) + ["", diagnosis_markdown(plan, out)])
 
 
 def diagnosis_markdown(plan: Plan, out: Path) -> str:

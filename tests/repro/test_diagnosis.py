@@ -23,3 +23,13 @@ def test_rows_below_half_a_step_round_to_zero_and_shares_weight_lookups():
 def test_no_lookups_give_zero_shares():
     s = table_stats(torch.ones(3, 4), np.array([], dtype=np.int64), bits=4)
     assert s.zero_lookup_share == 0.0 and s.zero_row_share == 0.0
+
+
+def test_auc_standard_error_matches_hanley_mcneil():
+    from dqrm_mpi.repro.findings import auc_standard_error
+
+    # by hand: A = 0.9, 50 + 50: Q1 = 0.9 / 1.1, Q2 = 1.62 / 1.9,
+    # var = (0.09 + 49 (Q1 - 0.81) + 49 (Q2 - 0.81)) / 2500 = 0.0010319 -> SE 0.03212
+    assert auc_standard_error(0.9, 50, 50) == pytest.approx(0.03212, abs=1e-5)
+    # more rows, less noise; a chance-level AUC on 10k + 10k rows: sqrt((1/12) * (1/n_pos + 1/n_neg)) ~ 0.0041
+    assert auc_standard_error(0.5, 10_000, 10_000) == pytest.approx(0.0041, abs=1e-4)
