@@ -159,10 +159,12 @@ class DenseExchange:
                 out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
-    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None) -> torch.Tensor:
+    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """The gradients (plus ``residual``: error-feedback compensation, in the same pass) as one
-        reused float32 [numel] buffer on the CPU, in ``names`` order."""
-        flat = self._buf("flat", (self.numel,), torch.float32)
+        float32 [numel] vector on the CPU, in ``names`` order: ``out`` (which may be ``residual``
+        itself), else a buffer reused across steps."""
+        flat = self._buf("flat", (self.numel,), torch.float32) if out is None else out
         local = [grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names]
         if residual is None:
             torch.cat(local, out=flat)
@@ -222,12 +224,7 @@ class DenseExchange:
         feedback the residual itself becomes the compensated gradient (residual + gradient, in
         place), then loses what was sent: no copy of the flat vector."""
         layout = self.layouts[0]
-        if residual is None:
-            flat = self._flat(grads)
-        else:
-            flat = residual
-            for n, part in zip(self.names, torch.split(flat, self.numels)):
-                part.add_(grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32))
+        flat = self._flat(grads, residual, out=residual)
         msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
             residual[idx] -= sent
