@@ -129,7 +129,7 @@ def diagnose(run_dir: Path, data: Path, bits: int, splits: str) -> None:
                                  param_hint="--splits")
     try:
         result = run_diagnosis(run_dir, data, bits=bits, splits=chosen)
-    except (ValueError, OSError, KeyError) as e:
+    except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     click.echo(json.dumps(result, indent=1))
 

@@ -28,9 +28,6 @@ from ..train.evaluation import predict
 from ..train.metrics import binary_metrics
 from ..train.run_dir import CHECKPOINT
 
-TABLE_WEIGHT = "embeddings.tables.{}.weight"  # checkpoint key of table t
-
-
 @dataclass(frozen=True)
 class TableStats:
     """One embedding table [rows, d] of a trained model, against the lookups of a split."""
@@ -82,9 +79,7 @@ def epoch_rows(run_dir: Path, data: str | Path, bits: int, splits: tuple[str, ..
     epoch = 0
     while (path := run_dir / epoch_checkpoint_name(epoch)).exists():
         row: dict[str, Any] = {"epoch": epoch}
-        model, quant, _ = load_checkpoint(path)
-        if quant.enabled:
-            raise ValueError(f"{path}: a quantization-aware checkpoint; the diagnosis needs an FP32 run")
+        model = _fp32_model(path)
         for split in splits:
             m = binary_metrics(*reversed(predict(model, data, split)))
             row[f"{split}_auc"], row[f"{split}_log_loss"] = m["auc"], m["log_loss"]
@@ -95,6 +90,14 @@ def epoch_rows(run_dir: Path, data: str | Path, bits: int, splits: tuple[str, ..
     return rows
 
 
+def _fp32_model(path: Path):
+    """The FP32 DLRM of a checkpoint (ValueError for a quantization-aware one)."""
+    model, quant, _ = load_checkpoint(path)
+    if quant.enabled:
+        raise ValueError(f"{path}: a quantization-aware checkpoint; the diagnosis needs an FP32 run")
+    return model
+
+
 def diagnose(run_dir: str | Path, data: str | Path, bits: int = 4,
              splits: tuple[str, ...] = ("train", "test")) -> dict[str, Any]:
     """The diagnosis of an FP32 run as JSON-ready dict: ``epochs`` (``epoch_rows``), ``tables``
@@ -102,14 +105,11 @@ def diagnose(run_dir: str | Path, data: str | Path, bits: int = 4,
     lookup-weighted share of all test lookups that INT``bits`` zeroes."""
     run_dir = Path(run_dir)
     path = run_dir / CHECKPOINT
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if (ckpt.get("train_config") or {}).get("quant", {}) and QuantConfig.from_dict(ckpt["train_config"]["quant"]).enabled:
-        raise ValueError(f"{path}: a quantization-aware checkpoint; the diagnosis needs an FP32 run")
+    weights = _fp32_model(path).embeddings.table_weights()
     ids = split_ids(data, "test")
-    missing = [TABLE_WEIGHT.format(t) for t in range(ids.shape[1]) if TABLE_WEIGHT.format(t) not in ckpt["model"]]
-    if missing:
-        raise ValueError(f"{path}: no {missing[0]} (expected {ids.shape[1]} embedding tables, as {data} has)")
-    tables = [table_stats(ckpt["model"][TABLE_WEIGHT.format(t)], ids[:, t], bits) for t in range(ids.shape[1])]
+    if len(weights) != ids.shape[1]:
+        raise ValueError(f"{path}: {len(weights)} embedding tables, but {data} has {ids.shape[1]} sparse features")
+    tables = [table_stats(w, ids[:, t], bits) for t, w in enumerate(weights)]
     epochs = epoch_rows(run_dir, data, bits, splits)
     return {
         "run": str(run_dir), "data": str(data), "bits": bits, "scale": "one per table",

@@ -52,8 +52,8 @@ class _Numbers:
             return None
 
 
-def _missing(*names: str) -> Finding:
-    return Finding("", None, f"not measured yet: needs the runs {', '.join(names)}")
+def _missing(*names: str) -> str:
+    return f"not measured yet: needs the runs {', '.join(names)}"
 
 
 def ptq_gap(n: _Numbers) -> Finding:
@@ -61,7 +61,7 @@ def ptq_gap(n: _Numbers) -> Finding:
     fp32, ptq, dqrm = (n.value(FP32, "packed_auc", "packed"), n.value(FP32, "packed_auc", "ptq4"),
                        n.value(DQRM4, "packed_auc", "packed"))
     if None in (fp32, ptq, dqrm):
-        return Finding(title, None, _missing(n.plan.names[FP32], n.plan.names[DQRM4]).evidence)
+        return Finding(title, None, _missing(n.plan.names[FP32], n.plan.names[DQRM4]))
     appears = fp32 - ptq >= PTQ_LOSS and dqrm >= fp32 - DQRM_MARGIN
     return Finding(title, appears,
                    f"test AUC of the final models: FP32 {fp32:.4f}, vanilla PTQ INT4 {ptq:.4f} "
@@ -73,7 +73,7 @@ def overfitting(n: _Numbers) -> Finding:
     title = "2. FP32 peaks after epoch 1-2; INT4 QAT keeps improving"
     fp32, qat = n.epoch_aucs(FP32), n.epoch_aucs(DQRM4)
     if fp32 is None or qat is None:
-        return Finding(title, None, _missing(n.plan.names[FP32], n.plan.names[DQRM4]).evidence)
+        return Finding(title, None, _missing(n.plan.names[FP32], n.plan.names[DQRM4]))
     peak = max(range(len(fp32)), key=fp32.__getitem__)
     fp32_peaks = len(fp32) > 1 and peak < len(fp32) - 1
     qat_improves = max(range(len(qat)), key=qat.__getitem__) == len(qat) - 1
@@ -86,7 +86,7 @@ def error_compensation(n: _Numbers) -> Finding:
     title = "3. INT8 gradients without error compensation lose AUC; MLP error compensation wins it back"
     fp32, naive, ec = (n.value(SPARSE, "best_auc"), n.value(NAIVE[8], "best_auc"), n.value(INT8, "best_auc"))
     if None in (fp32, naive, ec):
-        return Finding(title, None, _missing(*(n.plan.names[r] for r in (SPARSE, NAIVE[8], INT8))).evidence)
+        return Finding(title, None, _missing(*(n.plan.names[r] for r in (SPARSE, NAIVE[8], INT8))))
     loss = fp32 - naive
     appears = loss >= GRAD_LOSS and ec - naive >= loss / 2
     return Finding(title, appears,

@@ -226,7 +226,7 @@ class _Training:
         if self.qat is not None:
             self.qat.on_step(self.step)  # full-table scale pass only at multiples of --scale-period
         self.timer.lap("scale_pass")
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         try:  # local computation only: an error here is this rank's, named with its batch
             loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
             loss.backward()

@@ -28,7 +28,7 @@ class PlainSGD:
             if p.grad is not None:
                 p.add_(p.grad, alpha=-self.lr)
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
         """Gradients become None (the next backward stores fresh ones, sparse ones included)."""
         for p in self.params:
             p.grad = None

@@ -25,7 +25,7 @@ def test_plain_sgd_equals_torch_sgd_bit_for_bit_with_sparse_embedding_gradients(
         for model, qat, opt in zip((ours, ref), qats, opts):
             if qat:
                 qat.on_step(step)
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
             opt.step()
         assert ours.embeddings.weight.grad.is_sparse
