@@ -17,6 +17,7 @@ no copy of q); INT4 packs and unpacks through int16 views of the bytes (``qcore.
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from ..qcore.pack import unpack_int4_int8
 from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
 
+_LITTLE_ENDIAN = sys.byteorder == "little"
 UNIT = 65_536  # values per unit of the blocked encoder and of ``mean_of_payloads`` (256 KiB of float32)
 
 
@@ -95,13 +97,30 @@ def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, s
             if b.row_group is None:
                 torch.amax(rows, dim=1, out=scales[b.g_lo:b.g_lo + b.rows])
             else:
-                scales.scatter_reduce_(0, b.row_group, rows.amax(dim=1), reduce="amax", include_self=True)
+                _group_absmax_(rows, b.row_group, scales)
     scale_from_max_(scales, bits)
     for b in layout.blocks:
         if b.rows and b.cols:
             torch.div(x[b.lo:b.hi].view(b.rows, b.cols), b.row_scales(scales).unsqueeze(-1),
                       out=q[b.lo:b.hi].view(b.rows, b.cols))
     q.round_()
+
+
+def _group_absmax_(a: torch.Tensor, row_group: torch.Tensor, absmax: torch.Tensor) -> None:
+    """absmax float32 [groups] = max(absmax, the max of a float32 [rows, cols] (|x|) over each group's
+    rows), row i in group row_group[i].  Rows sorted by group (embedding rows in id order, grouped
+    by table) take one ``np.maximum.reduceat`` over the runs of a group; other orders, a scatter
+    (several times slower: an amax over each short row, then scatter_reduce)."""
+    if a.device.type == "cpu" and a.numel():
+        rg = row_group.numpy()
+        step = np.diff(rg)
+        if not (step < 0).any():
+            starts = np.concatenate(([0], np.flatnonzero(step) + 1))
+            g = rg[starts]
+            an, mn = a.numpy().reshape(-1), absmax.numpy()
+            mn[g] = np.maximum(mn[g], np.maximum.reduceat(an, starts * a.shape[1]))
+            return
+    absmax.scatter_reduce_(0, row_group, a.amax(dim=1), reduce="amax", include_self=True)
 
 
 def scale_rows_(values: torch.Tensor, scales: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -188,6 +207,19 @@ def _scaled_units(layout: Layout, scales: np.ndarray):
             yield b.lo + r0 * b.cols, b.lo + r1 * b.cols, (r1 - r0, b.cols), rs[:, r0:r1]
 
 
+def _pack_int4_from_int8(u: torch.Tensor, n: int, out: torch.Tensor) -> None:
+    """u uint8 [2 m] whose first n bytes are int8 values in [-8, 7] (u is overwritten) -> out uint8
+    [m], the bytes of ``qcore.pack_int4_into`` (q + 8, two values a byte, the low nibble first),
+    without its copy of the values."""
+    if not _LITTLE_ENDIAN:
+        pack_int4_into(u[:n].view(torch.int8), out)
+        return
+    u[:n].add_(8)  # uint8 arithmetic wraps -8..-1 to 0..7
+    u[n:] = 0  # the padding nibble of an odd n
+    pairs = u.view(torch.int16)  # lo + 256 hi -> lo | hi << 4 in its low byte
+    out.copy_(pairs.bitwise_right_shift(4).bitwise_or_(pairs))
+
+
 class _IntCompressor(Compressor):
     linear = False
     collective = ALLGATHER
@@ -219,10 +251,12 @@ class _IntCompressor(Compressor):
         n, nd = x.numel(), self.data_nbytes(x.numel())
         scales = torch.empty(layout.num_groups, dtype=torch.float32, device=x.device)
         if self.bits <= 8 and n and blockable(layout):
-            q = out[:nd].view(torch.int8) if self.bits == 8 else torch.empty(n, dtype=torch.int8, device=x.device)
-            quantize_units_into(x, layout, self.bits, q, scales, transmitted, feedback)
-            if self.bits == 4:
-                pack_int4_into(q, out[:nd])
+            if self.bits == 8:
+                quantize_units_into(x, layout, self.bits, out[:nd].view(torch.int8), scales, transmitted, feedback)
+            else:  # the integers straight into the bytes that ``pack_int4_into`` would copy them to
+                u = torch.empty(2 * nd, dtype=torch.uint8, device=x.device)
+                quantize_units_into(x, layout, self.bits, u[:n].view(torch.int8), scales, transmitted, feedback)
+                _pack_int4_from_int8(u, n, out[:nd])
         else:
             q = work if work is not None else torch.empty(n, dtype=torch.float32, device=x.device)
             quantize_into(x, layout, self.bits, q, scales)
