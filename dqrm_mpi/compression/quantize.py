@@ -9,10 +9,12 @@ Speed: groups are contiguous runs of elements (an output channel, a bias, an emb
 or table), described by a ``Layout`` of 2-D blocks whose rows are groups.  Per-group absmax
 is then ``amax(dim=1)`` on a view, and scales broadcast over rows, with no per-element
 group index, scatter or gather.  ``encode_into`` / ``decode_many`` write into caller-owned
-buffers and decode every rank's payload in one pass.  Each whole-vector pass costs about as
-much as the memory it moves, so the encoder makes as few as it can: |x|, x / scale, round,
-the cast into the payload, and q * scale straight into the transmitted values (no clamp,
-no copy of q); INT4 packs and unpacks through int16 views of the bytes (``qcore.pack``).
+buffers and decode every rank's payload in one pass.  INT8 and INT4 encode (and, with one
+torch thread, ``decode_mean`` averages) unit by unit: about 64 k values of whole rows at a
+time, so each unit's passes (|x|, absmax, x / scale, round, the cast into the payload, q *
+scale into the transmitted values or straight off the residual with ``encode_feedback_into``;
+no clamp) work in the core's cache instead of moving the vector through memory once per pass.
+INT4 packs and unpacks through int16 views of the bytes (``qcore.pack``).
 """
 from __future__ import annotations
 
