@@ -99,30 +99,13 @@ def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, s
             if b.row_group is None:
                 torch.amax(rows, dim=1, out=scales[b.g_lo:b.g_lo + b.rows])
             else:
-                _group_absmax_(rows, b.row_group, scales)
+                scales.scatter_reduce_(0, b.row_group, rows.amax(dim=1), reduce="amax", include_self=True)
     scale_from_max_(scales, bits)
     for b in layout.blocks:
         if b.rows and b.cols:
             torch.div(x[b.lo:b.hi].view(b.rows, b.cols), b.row_scales(scales).unsqueeze(-1),
                       out=q[b.lo:b.hi].view(b.rows, b.cols))
     q.round_()
-
-
-def _group_absmax_(a: torch.Tensor, row_group: torch.Tensor, absmax: torch.Tensor) -> None:
-    """absmax float32 [groups] = max(absmax, the max of a float32 [rows, cols] (|x|) over each group's
-    rows), row i in group row_group[i].  Rows sorted by group (embedding rows in id order, grouped
-    by table) take one ``np.maximum.reduceat`` over the runs of a group; other orders, a scatter
-    (several times slower: an amax over each short row, then scatter_reduce)."""
-    if a.device.type == "cpu" and a.numel():
-        rg = row_group.numpy()
-        step = np.diff(rg)
-        if not (step < 0).any():
-            starts = np.concatenate(([0], np.flatnonzero(step) + 1))
-            g = rg[starts]
-            an, mn = a.numpy().reshape(-1), absmax.numpy()
-            mn[g] = np.maximum(mn[g], np.maximum.reduceat(an, starts * a.shape[1]))
-            return
-    absmax.scatter_reduce_(0, row_group, a.amax(dim=1), reduce="amax", include_self=True)
 
 
 def scale_rows_(values: torch.Tensor, scales: torch.Tensor, layout: Layout) -> torch.Tensor:

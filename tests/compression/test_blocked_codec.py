@@ -67,26 +67,6 @@ def test_encode_feedback_into_leaves_compensated_minus_decoded(name, granularity
     assert torch.equal(residual, x - transmitted)
 
 
-@pytest.mark.parametrize("name", INT_CODECS)
-@pytest.mark.parametrize("order", ["sorted", "shuffled"])
-def test_table_scales_of_embedding_rows_equal_the_scatter_reference(name, order):
-    """Rows grouped by table (a row_group): sorted ids take one reduceat over each table's run of
-    rows, other orders a scatter; both give the bytes of compress with a per-element group index
-    (two tables empty)."""
-    gen = torch.Generator().manual_seed(5)
-    row_group = torch.sort(torch.randint(0, 24, (700,), generator=gen) % 22).values
-    if order == "shuffled":
-        row_group = row_group[torch.randperm(700, generator=gen)]
-    layout = Layout.rows(700, 16, row_group, 24)
-    x = torch.randn(700 * 16, generator=gen) * torch.rand(24, generator=gen)[row_group].repeat_interleave(16)
-    c = get_compressor(name)
-    out, transmitted = _encode(c, x.clone(), layout)
-    groups = row_group.repeat_interleave(16)
-    ref = c.compress(x, groups, 24)
-    assert torch.equal(out, c.to_bytes(ref))
-    assert torch.equal(transmitted, c.decompress(ref, groups))
-
-
 @settings(max_examples=40, deadline=None)
 @given(name=st.sampled_from(INT_CODECS),
        sizes=st.lists(st.one_of(st.integers(0, 40), st.integers(1000, 9000), st.just(UNIT + 1)), min_size=1,
