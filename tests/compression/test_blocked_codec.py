@@ -32,7 +32,7 @@ def _encode(c, x: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, torch.Ten
 @pytest.mark.parametrize("name", INT_CODECS)
 @pytest.mark.parametrize("sizes", [
     [7000] * 20 + [13] * 5100 + [1],  # unit edges inside both blocks; one at an odd offset (INT4 nibbles)
-    [UNIT + 3, 5, UNIT // 2 + 1, UNIT // 2],  # rows longer than a unit; a unit of exactly UNIT
+    [UNIT + 3, 5, UNIT // 2 + 1] + [UNIT // 2] * 3,  # rows longer than a unit; a unit of exactly UNIT
     [0, 4, 0, 70_000, 0],  # empty groups around a row that is a unit of its own
 ], ids=["edges-inside-blocks", "long-rows", "empty-groups"])
 def test_encode_across_unit_edges_equals_whole_vector_quantization(name, sizes):
