@@ -155,7 +155,7 @@ class DenseExchange:
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
             else:
-                flat = self._flat(grads, residual)
+                flat = self._flat(grads, residual, out=residual)  # with error feedback: the residual itself
                 out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
             return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
@@ -195,16 +195,15 @@ class DenseExchange:
 
     def _encode(self, flat: torch.Tensor, residual: torch.Tensor | None, msg: torch.Tensor) -> None:
         """Encode each chunk of the compensated ``flat`` into its slice of ``msg``; with error
-        feedback, residual = compensated - what the receivers decode."""
-        tx = self._buf("tx", (self.numel,), torch.float32) if residual is not None else None
+        feedback ``flat`` is the residual, which becomes compensated - what the receivers decode."""
         work = self._buf("work", (self.numel,), torch.float32)
         at = 0
         for c, layout, nb in zip(self.chunks, self.layouts, self.chunk_nbytes):
-            self.compressor.encode_into(flat[c.lo:c.hi], layout, msg[at:at + nb],
-                                        None if tx is None else tx[c.lo:c.hi], work[c.lo:c.hi])
+            if residual is None:
+                self.compressor.encode_into(flat[c.lo:c.hi], layout, msg[at:at + nb], None, work[c.lo:c.hi])
+            else:
+                self.compressor.encode_feedback_into(flat[c.lo:c.hi], layout, msg[at:at + nb], work[c.lo:c.hi])
             at += nb
-        if residual is not None:
-            torch.sub(flat, tx, out=residual)
 
     def _reduce(self, bufs: torch.Tensor, layout: Layout) -> torch.Tensor:
         """Payloads uint8 [size, nbytes] of one chunk -> their float average [numel] (new tensor),

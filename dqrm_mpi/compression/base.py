@@ -102,6 +102,14 @@ class Compressor(ABC):
         if transmitted is not None:
             transmitted.copy_(self.decompress(c))
 
+    def encode_feedback_into(self, x: torch.Tensor, layout, out: torch.Tensor, work: torch.Tensor | None = None) -> None:
+        """``encode_into``, then x -= the values the receivers will decode: x float32 [n], the
+        compensated vector of error feedback, becomes the residual in place (the numbers of
+        ``residual = x - transmitted``, without a transmitted copy where the codec can avoid it)."""
+        transmitted = torch.empty_like(x)
+        self.encode_into(x, layout, out, transmitted, work)
+        x.sub_(transmitted)
+
     def decode_many(self, bufs: torch.Tensor, layout, out: torch.Tensor) -> torch.Tensor:
         """Payloads uint8 [r, nbytes] (one per rank, one layout) -> out float32 [r, numel]."""
         for i in range(bufs.shape[0]):

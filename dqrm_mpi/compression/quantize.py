@@ -9,22 +9,78 @@ Speed: groups are contiguous runs of elements (an output channel, a bias, an emb
 or table), described by a ``Layout`` of 2-D blocks whose rows are groups.  Per-group absmax
 is then ``amax(dim=1)`` on a view, and scales broadcast over rows, with no per-element
 group index, scatter or gather.  ``encode_into`` / ``decode_many`` write into caller-owned
-buffers and decode every rank's payload in one pass.  Each whole-vector pass costs about as
-much as the memory it moves, so the encoder makes as few as it can: |x|, x / scale, round,
-the cast into the payload, and q * scale straight into the transmitted values (no clamp,
-no copy of q); INT4 packs and unpacks through int16 views of the bytes (``qcore.pack``).
+buffers and decode every rank's payload in one pass.  INT8 and INT4 encode (and, with one
+torch thread, ``decode_mean`` averages) unit by unit: about 64 k values of whole rows at a
+time, so each unit's passes (|x|, absmax, x / scale, round, the cast into the payload, q *
+scale into the transmitted values or straight off the residual with ``encode_feedback_into``;
+no clamp) work in the core's cache instead of moving the vector through memory once per pass.
+INT4 packs and unpacks through int16 views of the bytes (``qcore.pack``).
 """
 from __future__ import annotations
+
+import functools
+import sys
 
 import numpy as np
 import torch
 
-from ..qcore import group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
+from ..qcore import EPS, group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
 from ..qcore.pack import unpack_int4_int8
 from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
 
-UNIT = 16_384  # values per unit of ``mean_of_payloads`` (64 KiB of float32 scratch)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+UNIT = 65_536  # values per unit of the blocked encoder and of ``mean_of_payloads`` (256 KiB of float32)
+
+
+@functools.lru_cache(maxsize=64)
+def units(layout: Layout, unit: int = UNIT) -> tuple[tuple[int, int, int, int, int], ...]:
+    """The layout cut into units of whole rows of one block, about ``unit`` values each (a block
+    row longer than that is one unit): (lo, hi, rows, cols, first group) per unit, empty blocks
+    left out.  Only for layouts whose rows are their own groups (no ``row_group``)."""
+    out = []
+    for b in layout.blocks:
+        if not (b.rows and b.cols):
+            continue
+        step = max(1, unit // b.cols)
+        for r0 in range(0, b.rows, step):
+            r1 = min(r0 + step, b.rows)
+            out.append((b.lo + r0 * b.cols, b.lo + r1 * b.cols, r1 - r0, b.cols, b.g_lo + r0))
+    return tuple(out)
+
+
+def blockable(layout: Layout) -> bool:
+    """Whether ``units`` applies: every group is one row of a block (no ``row_group``)."""
+    return all(b.row_group is None for b in layout.blocks)
+
+
+def quantize_units_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor,
+                        transmitted: torch.Tensor | None = None, feedback: bool = False) -> None:
+    """``quantize_into``'s numbers unit by unit (``units``; ``blockable(layout)``): x float32 [n]
+    -> q int8 [n] (the integers; bits <= 8) and scales float32 [groups]; transmitted float32 [n],
+    when given, receives q * scale; with ``feedback`` x itself becomes x - q * scale (the
+    error-feedback residual) instead.
+
+    A unit's passes (|x|, absmax per row, scale, x / scale, round, the cast, q * scale) run on
+    about 256 KiB that stay in the core's cache, where whole-vector passes would each move the
+    vector (and its copies) through memory; units much smaller than that cost more in per-call
+    overhead than they save."""
+    qmax = qrange(bits)[1]
+    scratch = torch.empty(max(UNIT, max(b.cols for b in layout.blocks)), dtype=torch.float32, device=x.device)
+    scale_from_max_(scales.zero_(), bits)  # the scale of an empty group
+    for lo, hi, rows, cols, g in units(layout):
+        xs, a, m = x[lo:hi].view(rows, cols), scratch[:hi - lo].view(rows, cols), scales[g:g + rows]
+        torch.abs(xs, out=a)
+        torch.amax(a, dim=1, out=m)
+        m.div_(qmax).clamp_min_(EPS)  # scale_from_max_ without its checks
+        mc = m.unsqueeze(1)
+        torch.div(xs, mc, out=a)
+        a.round_()
+        q[lo:hi].view(rows, cols).copy_(a)
+        if feedback:
+            xs.sub_(a.mul_(mc))
+        elif transmitted is not None:
+            torch.mul(a, mc, out=transmitted[lo:hi].view(rows, cols))
 
 
 def quantize_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor) -> None:
@@ -102,6 +158,30 @@ def mean_of_payloads(q: np.ndarray, scales: np.ndarray, layout: Layout, size: in
     a node's cores), and PyTorch's passes, which spread over threads, otherwise."""
     on = out.numpy()
     scratch = np.empty(max([UNIT, *(b.cols for b in layout.blocks)]), dtype=np.float32)
+    # x / 2^k and x * 2^-k are the same float (both the rounded x / 2^k); a multiply is cheaper
+    power_of_two = size & (size - 1) == 0
+    for lo, hi, shape, rs in _scaled_units(layout, scales):
+        acc, t = on[lo:hi].reshape(shape), scratch[:hi - lo].reshape(shape)
+        np.copyto(acc, q[0, lo:hi].reshape(shape))
+        np.multiply(acc, rs[0, :, None], out=acc)
+        for r in range(1, q.shape[0]):
+            np.copyto(t, q[r, lo:hi].reshape(shape))
+            np.multiply(t, rs[r, :, None], out=t)
+            np.add(acc, t, out=acc)
+        if power_of_two:
+            np.multiply(acc, np.float32(1 / size), out=acc)
+        else:
+            np.divide(acc, np.float32(size), out=acc)
+    return out
+
+
+def _scaled_units(layout: Layout, scales: np.ndarray):
+    """(lo, hi, (rows, cols), the rows' scales [r, rows]) of every unit of whole rows of one block
+    (``units`` when the layout is ``blockable``), scales float32 [r, groups]."""
+    if blockable(layout):
+        for lo, hi, rows, cols, g in units(layout):
+            yield lo, hi, (rows, cols), scales[:, g:g + rows]
+        return
     for b in layout.blocks:
         if not (b.rows and b.cols):
             continue
@@ -109,16 +189,20 @@ def mean_of_payloads(q: np.ndarray, scales: np.ndarray, layout: Layout, size: in
         step = max(1, UNIT // b.cols)
         for r0 in range(0, b.rows, step):
             r1 = min(r0 + step, b.rows)
-            lo, hi, shape = b.lo + r0 * b.cols, b.lo + r1 * b.cols, (r1 - r0, b.cols)
-            acc, t = on[lo:hi].reshape(shape), scratch[:hi - lo].reshape(shape)
-            np.copyto(acc, q[0, lo:hi].reshape(shape))
-            np.multiply(acc, rs[0, r0:r1, None], out=acc)
-            for r in range(1, q.shape[0]):
-                np.copyto(t, q[r, lo:hi].reshape(shape))
-                np.multiply(t, rs[r, r0:r1, None], out=t)
-                np.add(acc, t, out=acc)
-            np.divide(acc, np.float32(size), out=acc)
-    return out
+            yield b.lo + r0 * b.cols, b.lo + r1 * b.cols, (r1 - r0, b.cols), rs[:, r0:r1]
+
+
+def _pack_int4_from_int8(u: torch.Tensor, n: int, out: torch.Tensor) -> None:
+    """u uint8 [2 m] whose first n bytes are int8 values in [-8, 7] (u is overwritten) -> out uint8
+    [m], the bytes of ``qcore.pack_int4_into`` (q + 8, two values a byte, the low nibble first),
+    without its copy of the values."""
+    if not _LITTLE_ENDIAN:
+        pack_int4_into(u[:n].view(torch.int8), out)
+        return
+    u[:n].add_(8)  # uint8 arithmetic wraps -8..-1 to 0..7
+    u[n:] = 0  # the padding nibble of an odd n
+    pairs = u.view(torch.int16)  # lo + 256 hi -> lo | hi << 4 in its low byte
+    out.copy_(pairs.bitwise_right_shift(4).bitwise_or_(pairs))
 
 
 class _IntCompressor(Compressor):
@@ -140,14 +224,33 @@ class _IntCompressor(Compressor):
 
     # -- the fast path used by the exchanges ------------------------------------------
     def encode_into(self, x, layout, out, transmitted=None, work=None):
+        self._encode(x, layout, out, transmitted, work, feedback=False)
+
+    def encode_feedback_into(self, x, layout, out, work=None):
+        self._encode(x, layout, out, None, work, feedback=True)
+
+    def _encode(self, x: torch.Tensor, layout: Layout, out: torch.Tensor, transmitted: torch.Tensor | None,
+                work: torch.Tensor | None, feedback: bool) -> None:
+        """``encode_into`` (``feedback``: ``encode_feedback_into``): unit by unit for INT8 and INT4
+        when every group is a row of a block, else in whole-vector passes."""
         n, nd = x.numel(), self.data_nbytes(x.numel())
-        q = work if work is not None else torch.empty(n, dtype=torch.float32, device=x.device)
         scales = torch.empty(layout.num_groups, dtype=torch.float32, device=x.device)
-        quantize_into(x, layout, self.bits, q, scales)
-        self._pack_into(q, out[:nd])
+        if self.bits <= 8 and n and blockable(layout):
+            if self.bits == 8:
+                quantize_units_into(x, layout, self.bits, out[:nd].view(torch.int8), scales, transmitted, feedback)
+            else:  # the integers straight into the bytes that ``pack_int4_into`` would copy them to
+                u = torch.empty(2 * nd, dtype=torch.uint8, device=x.device)
+                quantize_units_into(x, layout, self.bits, u[:n].view(torch.int8), scales, transmitted, feedback)
+                _pack_int4_from_int8(u, n, out[:nd])
+        else:
+            q = work if work is not None else torch.empty(n, dtype=torch.float32, device=x.device)
+            quantize_into(x, layout, self.bits, q, scales)
+            self._pack_into(q, out[:nd])
+            if feedback:
+                x.sub_(scale_rows_(q.view(1, -1), scales.view(1, -1), layout).view(-1))
+            elif transmitted is not None:
+                scale_rows_into(q.view(1, -1), scales.view(1, -1), layout, transmitted.view(1, -1))
         out[nd:nd + 4 * layout.num_groups].copy_(scales.view(torch.uint8))
-        if transmitted is not None:
-            scale_rows_into(q.view(1, -1), scales.view(1, -1), layout, transmitted.view(1, -1))
 
     def decode_many(self, bufs, layout, out):
         nd = self.data_nbytes(out.shape[1])

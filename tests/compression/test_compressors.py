@@ -181,7 +181,7 @@ def torch_threads():
 
 
 @pytest.mark.parametrize("name", ["int16", "int8", "int4"])
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2, 3, 4])
 @pytest.mark.parametrize("threads", [1, 2], ids=["unit-by-unit", "whole-vector"])
 def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks, threads, torch_threads):
     """decode_mean (the exchanges' reduce: unit by unit with one thread, whole-vector passes
@@ -189,7 +189,7 @@ def test_decode_mean_is_the_rank_order_sum_of_the_decoded_payloads(name, ranks, 
     count, bit for bit."""
     torch_threads(threads)
     c = get_compressor(name)
-    layout = Layout.from_sizes([13] * 40 + [40, 2500] + [7000] * 3 + [7, 1])  # blocks split into units
+    layout = Layout.from_sizes([13] * 40 + [40, 2500] + [7000] * 20 + [7, 1])  # a block split into units
     gen = torch.Generator().manual_seed(ranks)
     bufs = torch.empty(ranks, c.nbytes(layout.numel, layout.num_groups), dtype=torch.uint8)
     for buf in bufs:
