@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -68,6 +69,22 @@ class _CodecClock:
 
 
 @dataclass(frozen=True)
+class Started:
+    """An exchange whose payload is encoded and whose collective is in flight (``inflight``,
+    a ``Collectives`` handle; None when the exchange already ran whole, e.g. two-phase):
+    ``decode(result of the collective)`` gives the exchange's output."""
+
+    inflight: Any
+    decode: Callable[[Any], Any]
+
+
+def _finish(backend: Collectives, kind: str, started: Started) -> Any:
+    """Wait for ``started``'s collective and decode its result (decoding counts as codec time)."""
+    with _CodecClock(backend, kind):
+        return started.decode(None if started.inflight is None else backend.wait(started.inflight))
+
+
+@dataclass(frozen=True)
 class _Chunk:
     lo: int      # first element
     hi: int      # one past the last element
@@ -93,12 +110,13 @@ class DenseExchange:
 
     def __init__(self, backend: Collectives, shapes: dict[str, torch.Size], compressor: Compressor,
                  granularity: str = "channel", error_feedback: bool = False, two_phase: bool = False,
-                 kind: str = "mlp") -> None:
+                 kind: str = "mlp", tag: str | None = None) -> None:
         if granularity not in ("channel", "tensor"):
             raise ValueError(f"granularity must be channel or tensor, got {granularity!r}")
         if compressor.collective == ALLREDUCE and not compressor.linear:
             raise ValueError(f"{compressor.name}: declares allreduce, but its payloads cannot be summed")
         self.backend, self.compressor, self.kind = backend, compressor, kind
+        self.tag = tag or f"grad.{kind}"  # the collectives' names (one per exchange object: buckets differ)
         self.allreduce = compressor.collective == ALLREDUCE  # else allgather or two-phase
         self.names = list(shapes)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
@@ -144,20 +162,37 @@ class DenseExchange:
     def exchange(self, grads: dict[str, torch.Tensor], step: int | None = None) -> dict[str, torch.Tensor]:
         """name -> local gradient  =>  name -> gradient averaged over ranks (new tensors).  ``step``:
         the global step, the clock of a sparse compressor's warm-up (default: exchanges so far)."""
+        return self.finish(self.start(grads, step))
+
+    def start(self, grads: dict[str, torch.Tensor], step: int | None = None) -> Started:
+        """Error-feedback compensate and encode ``grads`` and start the collective; ``finish``
+        waits and decodes.  Sparse and two-phase exchanges run whole here (nothing in flight)."""
         step = self.steps if step is None else step
         self.steps = step + 1
         with _CodecClock(self.backend, self.kind):
             if self.allreduce:
                 comp = {n: (self.memory.compensate(n, grads[n]) if self.memory else grads[n]) for n in self.names}
-                return self._allreduce(comp)
+                return self._allreduce_start(comp)
             device = grads[self.names[0]].device if self.names else torch.device("cpu")
             residual = self._residual()
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
-            else:
-                flat = self._flat(grads, residual)
-                out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
-            return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
+                return Started(None, lambda _: self._unflat(out, device))
+            flat = self._flat(grads, residual)
+            if self.two_phase:
+                out = self._two_phase(flat, residual)
+                return Started(None, lambda _: self._unflat(out, device))
+            msg = self._buf("msg", (self.chunk_nbytes[0],), torch.uint8)
+            self._encode(flat, residual, msg)
+            inflight = self.backend.allgather_stacked_start(msg, name=self.tag, kind=self.kind)
+            return Started(inflight, lambda gathered: self._unflat(self._reduce(gathered, self.layouts[0]), device))
+
+    def finish(self, started: Started) -> dict[str, torch.Tensor]:
+        """``start``'s exchange done: name -> gradient averaged over ranks."""
+        return _finish(self.backend, self.kind, started)
+
+    def _unflat(self, out: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
     def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,14 +219,15 @@ class DenseExchange:
                 self.memory.residuals[n] = v.view(self.shapes[n])
         return r
 
-    def _allreduce(self, comp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _allreduce_start(self, comp: dict[str, torch.Tensor]) -> Started:
         c = [self.compressor.compress(comp[n]) for n in self.names]
         if self.memory:
             for n, ci in zip(self.names, c):
                 self.memory.update(n, comp[n], self.compressor.decompress(ci).view(self.shapes[n]))
-        avg = self.backend.allreduce_average([ci.data for ci in c], name=f"grad.{self.kind}", kind=self.kind)
-        return {n: self.compressor.decompress(type(ci)(a, ci.scales, ci.numel)).view(self.shapes[n])
-                for n, ci, a in zip(self.names, c, avg)}
+        inflight = self.backend.allreduce_start([ci.data for ci in c], name=self.tag, kind=self.kind)
+        return Started(inflight, lambda avg: {
+            n: self.compressor.decompress(type(ci)(a, ci.scales, ci.numel)).view(self.shapes[n])
+            for n, ci, a in zip(self.names, c, avg)})
 
     def _encode(self, flat: torch.Tensor, residual: torch.Tensor | None, msg: torch.Tensor) -> None:
         """Encode each chunk of the compensated ``flat`` into its slice of ``msg``; with error
@@ -211,12 +247,6 @@ class DenseExchange:
         summed in rank order (the same float sum on every rank)."""
         return self.compressor.decode_mean(bufs, layout, self.backend.size)
 
-    def _allgather(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        msg = self._buf("msg", (self.chunk_nbytes[0],), torch.uint8)
-        self._encode(flat, residual, msg)
-        gathered = self.backend.allgather_stacked(msg, name=f"grad.{self.kind}", kind=self.kind)
-        return self._reduce(gathered, self.layouts[0])
-
     def _sparse_allgather(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None,
                           step: int) -> torch.Tensor:
         """(index, value) messages of any size per rank: allgathered with their byte counts, each
@@ -228,7 +258,7 @@ class DenseExchange:
         msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
             residual[idx] -= sent
-        parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
+        parts = self.backend.allgather([msg], name=self.tag, kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
         touched = torch.cat([self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
                              for r, p in enumerate(parts)])
@@ -240,7 +270,7 @@ class DenseExchange:
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (sum(self.chunk_nbytes),), torch.uint8)
         self._encode(flat, residual, msg)
-        received, rsplits = self.backend.alltoall(msg, self.chunk_nbytes, name=f"grad.{self.kind}.scatter",
+        received, rsplits = self.backend.alltoall(msg, self.chunk_nbytes, name=f"{self.tag}.scatter",
                                                   kind=self.kind)
         r = self.backend.rank
         mine, layout = self.chunks[r], self.layouts[r]
@@ -248,7 +278,7 @@ class DenseExchange:
         reduced = torch.empty(self.chunk_nbytes[r], dtype=torch.uint8)
         self.compressor.encode_into(avg, layout, reduced, work=self._buf("work", (self.numel,), torch.float32)[
             :mine.hi - mine.lo])
-        gathered = self.backend.allgather([reduced], name=f"grad.{self.kind}.gather", kind=self.kind)[0]
+        gathered = self.backend.allgather([reduced], name=f"{self.tag}.gather", kind=self.kind)[0]
         out = torch.empty(self.numel, dtype=torch.float32)
         for p, c, lay in zip(gathered, self.chunks, self.layouts):
             self.compressor.decode_many(p.view(1, -1), lay, out[c.lo:c.hi].view(1, -1))
@@ -346,17 +376,29 @@ class SparseExchange:
     def exchange(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local unique sorted global ids int64 [n] and values [n, dim] => rows of the average
         gradient: ids [m] and values [m, dim] (ids may repeat: sum them per id)."""
+        return self.finish(self.start(ids, values))
+
+    def start(self, ids: torch.Tensor, values: torch.Tensor) -> Started:
+        """Compensate, encode and start the allgather (``finish`` waits and decodes); the
+        two-phase exchange runs whole here."""
         with _CodecClock(self.backend, self.kind):
             comp = self._compensate(ids, values) if self.memory else values
             if self.two_phase:
-                return self._two_phase(ids, comp)
+                out = self._two_phase(ids, comp)
+                return Started(None, lambda _: out)
             msg, transmitted = self.encode(ids, comp)
             if self.memory:
                 self._remember(ids, comp, transmitted)
-            parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
-            decoded = [self.decode(p) for p in parts]
-            return (torch.cat([d[0] for d in decoded]),
-                    torch.cat([d[1] for d in decoded]) / self.backend.size)
+            return Started(self.backend.allgather_start([msg], name=f"grad.{self.kind}", kind=self.kind),
+                           self._decode_parts)
+
+    def finish(self, started: Started) -> tuple[torch.Tensor, torch.Tensor]:
+        """``start``'s exchange done: ids [m] and values [m, dim] of the average gradient."""
+        return _finish(self.backend, self.kind, started)
+
+    def _decode_parts(self, gathered: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = [self.decode(p) for p in gathered[0]]
+        return torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded]) / self.backend.size
 
     def _two_phase(self, ids: torch.Tensor, comp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cuts = torch.searchsorted(ids, self.bounds).tolist()
