@@ -420,6 +420,29 @@ class SparseExchange:
         return torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded])
 
 
+def _buckets(params: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """``params`` in order, cut into runs of whole tensors holding at least ``bucket_bytes`` of
+    FP32 each (the last may hold less; 0: one tensor per bucket)."""
+    groups: list[list[tuple[str, nn.Parameter]]] = [[]]
+    held = 0
+    for n, p in params:
+        if groups[-1] and held >= bucket_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append((n, p))
+        held += 4 * p.numel()
+    return [g for g in groups if g]
+
+
+class _Bucket:
+    """MLP parameters whose gradients travel together through one ``DenseExchange``."""
+
+    def __init__(self, params: list[tuple[str, nn.Parameter]], exchange: DenseExchange) -> None:
+        self.params, self.exchange = params, exchange
+        self.ready = 0  # gradients accumulated in this backward
+        self.started: Started | None = None
+
+
 class GradientSynchronizer:
     """Averages the gradients of ``model`` across ranks; parameters are keyed by name.
 
@@ -459,9 +482,7 @@ class GradientSynchronizer:
         self.table_names = [name for name, _ in tables]
         self.table_rows = [n for _, n in tables]
         two_phase = config.use_two_phase(backend.size)
-        self.dense_exchange = DenseExchange(
-            backend, {n: p.shape for n, p in self.dense}, get_compressor(config.mlp), config.mlp_scale,
-            config.mlp_error_feedback, two_phase, kind="mlp")
+        mlp = get_compressor(config.mlp)
         self.sparse_exchange = SparseExchange(
             backend, self.table_names, self.table_rows, self.dim, get_compressor(config.emb), config.emb_scale,
             config.emb_error_feedback, two_phase, kind="emb")
@@ -477,22 +498,114 @@ class GradientSynchronizer:
             self.table_exchange = DenseExchange(backend, {n: (r, self.dim) for n, r in tables},
                                                 get_compressor(config.emb), "tensor", config.emb_error_feedback,
                                                 kind="emb")
+        # Overlap: only where every exchange is one collective started from encoded payloads.
+        self.overlap = (config.overlap and backend.size > 1 and not two_phase and not mlp.sparse
+                        and self.table_exchange is None)
+        # The MLP's buckets: one of everything without overlap (collective "grad.mlp"), else
+        # whole tensors in reverse registration order (backward makes the top MLP's first).
+        groups = _buckets(self.dense[::-1], config.bucket_bytes) if self.overlap else [self.dense]
+        self.buckets = [_Bucket(group, DenseExchange(
+            backend, {n: p.shape for n, p in group}, mlp, config.mlp_scale, config.mlp_error_feedback, two_phase,
+            kind="mlp", tag=f"grad.mlp.{i}" if self.overlap else None)) for i, group in enumerate(groups)]
+        self._in_flight: list[_Bucket] = []  # MLP buckets started this step, in start order
+        self._emb_started: Started | None = None
+        self._emb_ready = 0  # sparse parameters whose gradient this backward has accumulated
+        self._armed = False  # begin_step() was called: backward's hooks start the exchange
+        self._first_start: float | None = None
+        self._hook_seconds = 0.0
+        self.start_order: list[tuple[str, bool]] = []  # this step's (collective name, started in backward)
+        self.last_start_order: list[tuple[str, bool]] = []  # the last synchronized step's
+        if self.overlap:
+            for b in self.buckets:
+                for _, p in b.params:
+                    p.register_post_accumulate_grad_hook(lambda _p, b=b: self._dense_ready(b))
+            for _, p in self.sparse:
+                p.register_post_accumulate_grad_hook(lambda _p: self._emb_ready_hook())
 
     def error_feedback_nbytes(self) -> int:
         """Bytes held by residuals now (embedding residuals are table-sized)."""
-        exchanges = (self.dense_exchange, self.sparse_exchange, self.table_exchange)
+        exchanges = (*(b.exchange for b in self.buckets), self.sparse_exchange, self.table_exchange)
         return sum(e.memory.nbytes() for e in exchanges if e is not None and e.memory)
+
+    def begin_step(self) -> None:
+        """Call before ``backward()`` (with overlap): its hooks then start each bucket's exchange as
+        soon as the bucket's gradients are accumulated, and the embedding exchange once the
+        embedding gradient exists; ``synchronize()`` starts what backward did not and finishes.
+        Local ``p.grad`` stays untouched until ``synchronize()``.  Without overlap: nothing."""
+        self._armed = self.overlap
+
+    def _clock_start(self) -> float:
+        now = time.perf_counter()
+        if self._first_start is None:
+            self._first_start = now
+        return now
+
+    def _dense_ready(self, bucket: "_Bucket") -> None:
+        """A hook: one more of ``bucket``'s gradients is accumulated; start it once all are."""
+        if not self._armed:
+            return
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            t0 = self._clock_start()
+            self._start_bucket(bucket, None, in_backward=True)
+            self._hook_seconds += time.perf_counter() - t0
+
+    def _emb_ready_hook(self) -> None:
+        """A hook on a sparse parameter: once every one has its gradient, start the embedding exchange."""
+        if not self._armed:
+            return
+        self._emb_ready += 1
+        if self._emb_ready == len(self.sparse):
+            t0 = self._clock_start()
+            self._start_sparse(in_backward=True)
+            self._hook_seconds += time.perf_counter() - t0
+
+    def _start_bucket(self, bucket: "_Bucket", step: int | None, in_backward: bool) -> None:
+        grads = {}
+        for n, p in bucket.params:
+            if p.grad is None:  # a parameter unused this step still takes part (as zeros)
+                p.grad = torch.zeros_like(p)
+            grads[n] = p.grad
+        bucket.started = bucket.exchange.start(grads, step)
+        self._in_flight.append(bucket)
+        self.start_order.append((bucket.exchange.tag, in_backward))
+
+    def _start_sparse(self, in_backward: bool) -> None:
+        ids, values = self.local_sparse_rows()
+        # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
+        self._emb_started = self.sparse_exchange.start(ids.cpu(), values.cpu())
+        self.start_order.append((f"grad.{self.sparse_exchange.kind}", in_backward))
 
     def synchronize(self, step: int | None = None) -> None:
         """Average every gradient in place.  ``step``: the global step (0 for the first), the
-        clock of a top-k warm-up (default: calls so far, which restart with the process)."""
+        clock of a top-k warm-up (default: calls so far, which restart with the process).
+
+        Starts the exchanges backward's hooks did not (all of them without overlap), waits for
+        each and decodes it in rank order, then writes ``p.grad``.  Records the step's
+        ``exchange_seconds`` (first start to last decode) and ``waited_seconds`` (hook encoding
+        plus this call) in ``backend.traffic``."""
         if self.backend.size == 1:
             return
-        self._dense(step)
+        t0 = self._clock_start()
+        for bucket in self.buckets:
+            if bucket.started is None:
+                self._start_bucket(bucket, step, in_backward=False)
         if self.table_exchange:
             self._dense_tables()
-        elif self.sparse:
-            self._sparse()
+        elif self.sparse and self._emb_started is None:
+            self._start_sparse(in_backward=False)
+        for bucket in self._in_flight:  # in start order: the earliest is the likeliest done
+            averaged = bucket.exchange.finish(bucket.started)
+            for n, p in bucket.params:
+                p.grad.copy_(averaged[n])
+            bucket.started, bucket.ready = None, 0
+        if self._emb_started is not None:
+            self.set_sparse_grads(*self.sparse_exchange.finish(self._emb_started))
+        end = time.perf_counter()
+        self.backend.traffic.record_exchange(end - self._first_start, self._hook_seconds + end - t0)
+        self._in_flight, self._emb_started, self._emb_ready, self._armed = [], None, 0, False
+        self._first_start, self._hook_seconds = None, 0.0
+        self.last_start_order, self.start_order = self.start_order, []
 
     def _dense_tables(self) -> None:
         """Dense embedding exchange: every table's full-size gradient averaged (rows no rank
@@ -502,16 +615,6 @@ class GradientSynchronizer:
         flat = torch.cat([averaged[n] for n in self.table_names])
         for (_, p), g in zip(self.sparse, torch.split(flat, [p.shape[0] for _, p in self.sparse])):
             p.grad = g.to_sparse(sparse_dim=1)
-
-    def _dense(self, step: int | None) -> None:
-        grads = {}
-        for n, p in self.dense:
-            if p.grad is None:  # a parameter unused this step still takes part (as zeros)
-                p.grad = torch.zeros_like(p)
-            grads[n] = p.grad
-        averaged = self.dense_exchange.exchange(grads, step)
-        for n, p in self.dense:
-            p.grad.copy_(averaged[n])
 
     def local_sparse_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's embedding gradient: global row ids int64 [nnz] (unique, sorted) and values [nnz, d]."""
@@ -529,12 +632,6 @@ class GradientSynchronizer:
         if not ids:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, self.dim)
         return torch.cat(ids), torch.cat(values)
-
-    def _sparse(self) -> None:
-        ids, values = self.local_sparse_rows()
-        # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
-        ids, values = self.sparse_exchange.exchange(ids.cpu(), values.cpu())
-        self.set_sparse_grads(ids, values)
 
     def set_sparse_grads(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Sum ``values`` [n, d] per global row id [n] and store them as the tables' gradients.
