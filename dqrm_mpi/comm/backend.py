@@ -29,6 +29,12 @@ class Inflight:
     kind: str
     collective: str
     finish: Callable[[], tuple[int, Any]]
+    counted: bool = True  # False: nothing was handed to Horovod (no tensors), nothing to count
+
+
+def _nothing(kind: str, collective: str) -> Inflight:
+    """A collective over no tensors: nothing to send, an empty result, no traffic."""
+    return Inflight(kind, collective, lambda: (0, []), counted=False)
 
 
 class HorovodBackend:
@@ -75,36 +81,36 @@ class HorovodBackend:
     # the transfer took while the caller did something else).
     def allreduce_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> "Inflight":
         """Start averaging float tensors across ranks in one grouped negotiation."""
+        if not tensors:
+            return _nothing(kind, "allreduce")
         for t in tensors:
             if not t.is_floating_point():
                 raise TypeError(f"{name}: allreduce is for float tensors, got {t.dtype}: never sum quantized integers")
         start = time.perf_counter()
         handle = self._hvd.grouped_allreduce_async([self._to_comm(t) for t in tensors], op=self._hvd.Average,
-                                                   name=name) if tensors else None
+                                                   name=name)
         size = sum(_nbytes(t) for t in tensors)
         self.traffic.record(kind, "allreduce", size, 0, time.perf_counter() - start)
 
         def finish() -> tuple[int, list[torch.Tensor]]:
-            out = self._hvd.synchronize(handle) if tensors else []
-            return size, [self._like(o, t) for o, t in zip(out, tensors)]
+            return size, [self._like(o, t) for o, t in zip(self._hvd.synchronize(handle), tensors)]
 
         return Inflight(kind, "allreduce", finish)
 
     def allgather_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> "Inflight":
         """Start gathering each tensor from every rank (dim 0 may differ); ``wait`` returns
         [tensor][rank] parts.  The dim-0 counts travel in a second collective started at once."""
+        if not tensors:
+            return _nothing(kind, "allgather")
         start = time.perf_counter()
         # Dim-0 sizes per rank, to split the gathered result back into per-rank parts.
         counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
-        if tensors:
-            counts_handle = self._hvd.allgather_async(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
-            handle = self._hvd.grouped_allgather_async([self._to_comm(t) for t in tensors], name=name)
-        own = sum(_nbytes(t) for t in tensors) + _nbytes(counts) if tensors else 0
+        counts_handle = self._hvd.allgather_async(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
+        handle = self._hvd.grouped_allgather_async([self._to_comm(t) for t in tensors], name=name)
+        own = sum(_nbytes(t) for t in tensors) + _nbytes(counts)
         self.traffic.record(kind, "allgather", own, 0, time.perf_counter() - start)
 
         def finish() -> tuple[int, list[list[torch.Tensor]]]:
-            if not tensors:
-                return 0, []
             all_counts = self._hvd.synchronize(counts_handle)
             gathered = self._hvd.synchronize(handle)
             total = sum(_nbytes(g) for g in gathered) + _nbytes(all_counts)
@@ -131,7 +137,9 @@ class HorovodBackend:
         """Block until a started collective is done; its result (as the blocking call's)."""
         start = time.perf_counter()
         received, result = inflight.finish()
-        self.traffic.record(inflight.kind, inflight.collective, 0, received, time.perf_counter() - start, calls=0)
+        if inflight.counted:
+            self.traffic.record(inflight.kind, inflight.collective, 0, received, time.perf_counter() - start,
+                                calls=0)
         return result
 
     def allreduce_average(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[torch.Tensor]:

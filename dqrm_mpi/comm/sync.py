@@ -24,6 +24,18 @@ Per gradient, keyed by parameter name:
 
 Every rank decodes the same bytes and reduces them in the same order, so parameters stay
 identical.  With ``none`` everywhere the result equals the uncompressed exchange bit for bit.
+
+Overlap (``CompressionConfig.overlap``, on by default): the MLP parameters are cut into
+buckets of whole tensors in reverse registration order (backward produces the top MLP's
+gradients first), each its own ``DenseExchange`` (its own layout and residual: per-channel
+and per-tensor scales, and the residual, are those of the exchange over everything).  After
+``begin_step()``, a post-accumulate-grad hook starts a bucket's exchange (compensate, encode,
+start the collective) as soon as all its gradients exist, and the embedding table's hook
+starts the embedding exchange; ``synchronize()`` then only waits and decodes, so the result
+is bit-identical to exchanging after backward.  Each exchange is split into ``start`` (encode,
+start the collective) and ``finish`` (wait, decode): one copy of the codec path for both.
+Two-phase, top-k/threshold MLP compressors, ``--emb-exchange dense`` and one rank exchange
+after backward (one bucket named ``grad.mlp``).
 """
 from __future__ import annotations
 
