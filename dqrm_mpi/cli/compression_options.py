@@ -80,10 +80,11 @@ def compression_options(fn: Callable) -> Callable:
 
 
 def pop_compression_config(options: dict[str, Any]) -> CompressionConfig:
-    """Remove the compression options from ``options`` and build the validated config."""
+    """Remove the compression options from ``options`` and build the validated config (the
+    overlap options, when absent, keep the config's defaults)."""
     return CompressionConfig(
         emb=options.pop("emb_compress"), mlp=options.pop("mlp_compress"),
         error_feedback=options.pop("error_feedback"), collective=options.pop("collective"),
         emb_scale=options.pop("emb_grad_scale"), mlp_scale=options.pop("mlp_grad_scale"),
-        emb_exchange=options.pop("emb_exchange"), overlap=options.pop("overlap"),
-        bucket_bytes=int(options.pop("bucket_mb") * 2**20))
+        emb_exchange=options.pop("emb_exchange"), overlap=options.pop("overlap", True),
+        bucket_bytes=int(options.pop("bucket_mb", BUCKET_BYTES / 2**20) * 2**20))
