@@ -31,7 +31,8 @@ class TrafficMeter:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     codec: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-    exchange: list[float] = field(default_factory=lambda: [0.0, 0.0])  # exchange_seconds, waited_seconds
+    exchange_seconds: float = 0.0
+    waited_seconds: float = 0.0
 
     def record(self, kind: str, collective: str, sent: int, received: int, seconds: float, calls: int = 1) -> None:
         """Add to ``kind/collective``; a started collective is recorded twice: at its start
@@ -48,8 +49,8 @@ class TrafficMeter:
 
     def record_exchange(self, exchange_seconds: float, waited_seconds: float) -> None:
         """One gradient exchange's span and the part of it the step waited for (see the module doc)."""
-        self.exchange[0] += float(exchange_seconds)
-        self.exchange[1] += float(waited_seconds)
+        self.exchange_seconds += float(exchange_seconds)
+        self.waited_seconds += float(waited_seconds)
 
     def take(self) -> dict[str, object]:
         """Totals and the per-(kind/collective) breakdown since the last call; then reset."""
@@ -58,8 +59,8 @@ class TrafficMeter:
             "comm_bytes_received": sum(self.received.values()),
             "comm_seconds": sum(self.seconds.values()),
             "codec_seconds": round(sum(self.codec.values()), 6),
-            "exchange_seconds": round(self.exchange[0], 6),
-            "waited_seconds": round(self.exchange[1], 6),
+            "exchange_seconds": round(self.exchange_seconds, 6),
+            "waited_seconds": round(self.waited_seconds, 6),
             "comm_breakdown": {
                 k: {"sent": self.sent[k], "received": self.received[k],
                     "seconds": round(self.seconds[k], 6), "calls": self.calls[k]}
@@ -71,5 +72,5 @@ class TrafficMeter:
         self.seconds.clear()
         self.calls.clear()
         self.codec.clear()
-        self.exchange = [0.0, 0.0]
+        self.exchange_seconds = self.waited_seconds = 0.0
         return out
