@@ -6,8 +6,8 @@ from typing import Any, Callable
 import click
 
 from ..compression import CompressionConfig, compressor_names, get_compressor
-from ..compression.config import (COLLECTIVES, DENSE_EMB_MAX_BYTES, EMB_EXCHANGES, EMB_SCALES, ERROR_FEEDBACK,
-                                  MLP_SCALES)
+from ..compression.config import (BUCKET_BYTES, COLLECTIVES, DENSE_EMB_MAX_BYTES, EMB_EXCHANGES, EMB_SCALES,
+                                  ERROR_FEEDBACK, MLP_SCALES)
 from ..compression.sparse import SPEC_FORM
 from .options import apply_options
 
@@ -61,6 +61,17 @@ _OPTIONS = [
                       "per rank, the owner decodes, averages and re-quantizes it, allgather of the "
                       "chunks: about 2x the payload per rank at any world size, one extra "
                       "quantization) or auto (allgather below 5 ranks, two-phase from 5)."),
+    click.option("--overlap/--no-overlap", default=True, show_default=True,
+                 help="Overlap the gradient exchange with backward: each bucket of MLP gradients (see "
+                      "--bucket-mb; the top MLP's first) is compressed and its collective started as soon "
+                      "as backward has produced it, the embedding exchange as soon as the embedding "
+                      "gradient exists; the step then waits only for what is still in flight.  Same "
+                      "numbers bit for bit.  Applies to the allgather/allreduce exchanges on 2+ ranks; "
+                      "two-phase (--collective), top-k/threshold --mlp-compress, --emb-exchange dense and "
+                      "1-rank runs always exchange after backward."),
+    click.option("--bucket-mb", type=click.FloatRange(min=0), default=BUCKET_BYTES / 2**20, show_default=True,
+                 help="--overlap: MiB of FP32 MLP gradients per bucket (whole tensors; 0: one per tensor). "
+                      "Smaller buckets start earlier, each costs one more collective."),
 ]
 
 
@@ -69,9 +80,11 @@ def compression_options(fn: Callable) -> Callable:
 
 
 def pop_compression_config(options: dict[str, Any]) -> CompressionConfig:
-    """Remove the compression options from ``options`` and build the validated config."""
+    """Remove the compression options from ``options`` and build the validated config (the
+    overlap options, when absent, keep the config's defaults)."""
     return CompressionConfig(
         emb=options.pop("emb_compress"), mlp=options.pop("mlp_compress"),
         error_feedback=options.pop("error_feedback"), collective=options.pop("collective"),
         emb_scale=options.pop("emb_grad_scale"), mlp_scale=options.pop("mlp_grad_scale"),
-        emb_exchange=options.pop("emb_exchange"))
+        emb_exchange=options.pop("emb_exchange"), overlap=options.pop("overlap", True),
+        bucket_bytes=int(options.pop("bucket_mb", BUCKET_BYTES / 2**20) * 2**20))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -18,6 +19,22 @@ from .traffic import TrafficMeter
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+@dataclass(frozen=True)
+class Inflight:
+    """A started collective: ``finish()`` blocks until it is done and returns (bytes received
+    from other ranks, the result).  Pass it to ``HorovodBackend.wait``."""
+
+    kind: str
+    collective: str
+    finish: Callable[[], tuple[int, Any]]
+    counted: bool = True  # False: nothing was handed to Horovod (no tensors), nothing to count
+
+
+def _nothing(kind: str, collective: str) -> Inflight:
+    """A collective over no tensors: nothing to send, an empty result, no traffic."""
+    return Inflight(kind, collective, lambda: (0, []), counted=False)
 
 
 class HorovodBackend:
@@ -56,47 +73,87 @@ class HorovodBackend:
         return result.to(ref.device) if result.device != ref.device else result
 
     # -- collectives --------------------------------------------------------
-    def allreduce_average(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[torch.Tensor]:
-        """Average float tensors across ranks in one grouped negotiation."""
+    # Each step collective comes as ``*_start`` (enqueue, returns an ``Inflight``) and ``wait``
+    # (block until done, return the result); the blocking form is start + wait.  Traffic:
+    # ``sent`` and the enqueue seconds are recorded at start (with the call), ``received`` and
+    # the seconds blocked in ``wait`` at wait: a collective's seconds are the time the calling
+    # thread spent enqueueing it plus the time it spent blocked waiting for it (not the time
+    # the transfer took while the caller did something else).
+    def allreduce_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> "Inflight":
+        """Start averaging float tensors across ranks in one grouped negotiation."""
         if not tensors:
-            return []
+            return _nothing(kind, "allreduce")
         for t in tensors:
             if not t.is_floating_point():
                 raise TypeError(f"{name}: allreduce is for float tensors, got {t.dtype}: never sum quantized integers")
         start = time.perf_counter()
-        out = self._hvd.grouped_allreduce([self._to_comm(t) for t in tensors], op=self._hvd.Average, name=name)
-        elapsed = time.perf_counter() - start
+        handle = self._hvd.grouped_allreduce_async([self._to_comm(t) for t in tensors], op=self._hvd.Average,
+                                                   name=name)
         size = sum(_nbytes(t) for t in tensors)
-        self.traffic.record(kind, "allreduce", size, size, elapsed)
-        return [self._like(o, t) for o, t in zip(out, tensors)]
+        self.traffic.record(kind, "allreduce", size, 0, time.perf_counter() - start)
 
-    def allgather(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[list[torch.Tensor]]:
-        """Gather each tensor from every rank (dim 0 may differ); returns [tensor][rank] parts."""
+        def finish() -> tuple[int, list[torch.Tensor]]:
+            return size, [self._like(o, t) for o, t in zip(self._hvd.synchronize(handle), tensors)]
+
+        return Inflight(kind, "allreduce", finish)
+
+    def allgather_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> "Inflight":
+        """Start gathering each tensor from every rank (dim 0 may differ); ``wait`` returns
+        [tensor][rank] parts.  The dim-0 counts travel in a second collective started at once."""
         if not tensors:
-            return []
+            return _nothing(kind, "allgather")
         start = time.perf_counter()
         # Dim-0 sizes per rank, to split the gathered result back into per-rank parts.
         counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64)
-        all_counts = self._hvd.allgather(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
-        gathered = self._hvd.grouped_allgather([self._to_comm(t) for t in tensors], name=name)
-        elapsed = time.perf_counter() - start
+        counts_handle = self._hvd.allgather_async(counts.unsqueeze(0), name=f"{name}.counts")  # [size, k]
+        handle = self._hvd.grouped_allgather_async([self._to_comm(t) for t in tensors], name=name)
         own = sum(_nbytes(t) for t in tensors) + _nbytes(counts)
-        total = sum(_nbytes(g) for g in gathered) + _nbytes(all_counts)
-        self.traffic.record(kind, "allgather", own, total - own, elapsed)
-        return [
-            [self._like(p, t) for p in torch.split(g, all_counts[:, i].tolist(), dim=0)]
-            for i, (g, t) in enumerate(zip(gathered, tensors))
-        ]
+        self.traffic.record(kind, "allgather", own, 0, time.perf_counter() - start)
+
+        def finish() -> tuple[int, list[list[torch.Tensor]]]:
+            all_counts = self._hvd.synchronize(counts_handle)
+            gathered = self._hvd.synchronize(handle)
+            total = sum(_nbytes(g) for g in gathered) + _nbytes(all_counts)
+            return total - own, [[self._like(p, t) for p in torch.split(g, all_counts[:, i].tolist(), dim=0)]
+                                 for i, (g, t) in enumerate(zip(gathered, tensors))]
+
+        return Inflight(kind, "allgather", finish)
+
+    def allgather_stacked_start(self, tensor: torch.Tensor, name: str, kind: str) -> "Inflight":
+        """Start gathering a tensor of the same shape from every rank; ``wait`` returns
+        [size, *shape] in rank order (one collective: no dim-0 counts to exchange)."""
+        start = time.perf_counter()
+        handle = self._hvd.allgather_async(self._to_comm(tensor.unsqueeze(0)), name=name)
+        own = _nbytes(tensor)
+        self.traffic.record(kind, "allgather", own, 0, time.perf_counter() - start)
+
+        def finish() -> tuple[int, torch.Tensor]:
+            gathered = self._hvd.synchronize(handle)
+            return _nbytes(gathered) - own, self._like(gathered, tensor)
+
+        return Inflight(kind, "allgather", finish)
+
+    def wait(self, inflight: "Inflight") -> Any:
+        """Block until a started collective is done; its result (as the blocking call's)."""
+        start = time.perf_counter()
+        received, result = inflight.finish()
+        if inflight.counted:
+            self.traffic.record(inflight.kind, inflight.collective, 0, received, time.perf_counter() - start,
+                                calls=0)
+        return result
+
+    def allreduce_average(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[torch.Tensor]:
+        """Average float tensors across ranks in one grouped negotiation."""
+        return self.wait(self.allreduce_start(tensors, name, kind))
+
+    def allgather(self, tensors: list[torch.Tensor], name: str, kind: str) -> list[list[torch.Tensor]]:
+        """Gather each tensor from every rank (dim 0 may differ); returns [tensor][rank] parts."""
+        return self.wait(self.allgather_start(tensors, name, kind))
 
     def allgather_stacked(self, tensor: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         """Gather a tensor of the same shape from every rank: [size, *shape], rank order, one
         collective (fixed-size packed payloads: no dim-0 counts to exchange)."""
-        start = time.perf_counter()
-        gathered = self._hvd.allgather(self._to_comm(tensor.unsqueeze(0)), name=name)
-        elapsed = time.perf_counter() - start
-        own = _nbytes(tensor)
-        self.traffic.record(kind, "allgather", own, _nbytes(gathered) - own, elapsed)
-        return self._like(gathered, tensor)
+        return self.wait(self.allgather_stacked_start(tensor, name, kind))
 
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str, kind: str) -> tuple[torch.Tensor, list[int]]:
         """Send ``splits[r]`` rows of ``tensor`` to rank r; returns (received rows, rows per source rank)."""

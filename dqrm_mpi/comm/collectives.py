@@ -33,6 +33,21 @@ class Collectives(Protocol):
     def allgather_stacked(self, tensor: torch.Tensor, name: str, kind: str) -> torch.Tensor:
         """A tensor of the same shape from every rank: [size, *shape], rank order."""
 
+    # the same three, started without blocking (e.g. from a backward hook): ``wait`` returns
+    # the blocking call's result.  Their seconds in ``traffic`` are enqueue time plus the time
+    # blocked in ``wait``; their bytes are recorded at start (sent) and at ``wait`` (received).
+    def allreduce_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> Any:
+        """Start ``allreduce_average``; a handle for ``wait``."""
+
+    def allgather_start(self, tensors: list[torch.Tensor], name: str, kind: str) -> Any:
+        """Start ``allgather`` (the dim-0 counts travel in a second collective started with it)."""
+
+    def allgather_stacked_start(self, tensor: torch.Tensor, name: str, kind: str) -> Any:
+        """Start ``allgather_stacked``."""
+
+    def wait(self, handle: Any) -> Any:
+        """Block until the started collective is done; its result."""
+
     def alltoall(self, tensor: torch.Tensor, splits: list[int], name: str, kind: str) -> tuple[torch.Tensor, list[int]]:
         """Send ``splits[r]`` rows to rank r: (received rows in source-rank order, rows per source rank)."""
 

@@ -9,12 +9,17 @@ backend, with its traffic accounting and part splitting, over simulated ranks:
     results = run_ranks(3, lambda backend: exchange_something(backend))   # rank order
 
 Ranks meet at a ``Rendezvous`` for every call.  Ranks that issue different calls at the
-same time (a hang under Horovod) raise instead, as do all ranks when one fails.
+same time (a hang under Horovod) raise instead, as do all ranks when one fails.  As in
+Horovod, each rank's collectives run in order on one background thread of its own, so the
+``*_async`` calls return at once and ``synchronize(handle)`` waits for the result; the
+blocking calls are async + synchronize.  (Horovod matches calls by name and tolerates
+ranks enqueueing them in different orders; here the order must agree, which is stricter.)
 """
 from __future__ import annotations
 
 import pickle
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -81,16 +86,25 @@ class InProcessHorovod:
 
     def __init__(self, rank: int, rendezvous: Rendezvous) -> None:
         self._rank, self._rv = rank, rendezvous
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-collectives")
+
+    def _start(self, op: str, name: str | None, value: Any, combine: Callable[[list[Any]], T]) -> "Future[T]":
+        return self._worker.submit(self._rv.exchange, self._rank, f"{op}:{name}", value, combine)
 
     def _call(self, op: str, name: str | None, value: Any, combine: Callable[[list[Any]], T]) -> T:
-        return self._rv.exchange(self._rank, f"{op}:{name}", value, combine)
+        return self.synchronize(self._start(op, name, value, combine))
+
+    @staticmethod
+    def synchronize(handle: "Future[T]") -> T:
+        """The result of an ``*_async`` call, once every rank's worker has done it."""
+        return handle.result()
 
     # -- process facts -----------------------------------------------------------
     def init(self) -> None:
         pass
 
     def shutdown(self) -> None:
-        pass
+        self._worker.shutdown(wait=False, cancel_futures=True)
 
     def rank(self) -> int:
         return self._rank
@@ -106,6 +120,10 @@ class InProcessHorovod:
 
     # -- collectives ---------------------------------------------------------------
     def grouped_allreduce(self, tensors: list[torch.Tensor], op: str, name: str | None = None) -> list[torch.Tensor]:
+        return self.synchronize(self.grouped_allreduce_async(tensors, op, name))
+
+    def grouped_allreduce_async(self, tensors: list[torch.Tensor], op: str, name: str | None = None
+                                ) -> "Future[list[torch.Tensor]]":
         if op != self.Average:
             raise NotImplementedError(f"op {op!r}: only Average is simulated")
 
@@ -119,18 +137,25 @@ class InProcessHorovod:
                 out.append(total.div_(self._rv.size))
             return out
 
-        return self._call("allreduce", name, list(tensors), combine)
+        return self._start("allreduce", name, list(tensors), combine)
 
     def _cat(self, parts: list[torch.Tensor], name: str | None) -> torch.Tensor:
         _check_parts(parts, str(name), same_dim0=False)
         return torch.cat(parts)
 
     def allgather(self, tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
-        return self._call("allgather", name, tensor, lambda parts: self._cat(parts, name))
+        return self.synchronize(self.allgather_async(tensor, name))
+
+    def allgather_async(self, tensor: torch.Tensor, name: str | None = None) -> "Future[torch.Tensor]":
+        return self._start("allgather", name, tensor, lambda parts: self._cat(parts, name))
 
     def grouped_allgather(self, tensors: list[torch.Tensor], name: str | None = None) -> list[torch.Tensor]:
-        return self._call("allgather", name, list(tensors),
-                          lambda parts: [self._cat([p[i] for p in parts], name) for i in range(len(parts[0]))])
+        return self.synchronize(self.grouped_allgather_async(tensors, name))
+
+    def grouped_allgather_async(self, tensors: list[torch.Tensor], name: str | None = None
+                                ) -> "Future[list[torch.Tensor]]":
+        return self._start("allgather", name, list(tensors),
+                           lambda parts: [self._cat([p[i] for p in parts], name) for i in range(len(parts[0]))])
 
     def alltoall(self, tensor: torch.Tensor, splits: torch.Tensor, name: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,11 +191,14 @@ def run_ranks(size: int, fn: Callable[[HorovodBackend], T], timeout: float = 120
     errors: list[BaseException | None] = [None] * size
 
     def rank_main(rank: int) -> None:
+        hvd = InProcessHorovod(rank, rendezvous)
         try:
-            results[rank] = fn(HorovodBackend(InProcessHorovod(rank, rendezvous)))
+            results[rank] = fn(HorovodBackend(hvd))
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
             errors[rank] = e
             rendezvous.abort()
+        finally:
+            hvd.shutdown()
 
     threads = [threading.Thread(target=rank_main, args=(r,), name=f"rank{r}") for r in range(size)]
     for t in threads:

@@ -13,7 +13,11 @@ with every rank's figures as means per step over the window.
 
 Per rank and step: bytes sent / received and seconds waiting on collectives, in total, by
 gradient kind (``emb``, ``mlp``) and by kind/collective (``emb/allgather``, ``mlp/alltoall``...,
-with their ``calls``), plus ``codec_seconds`` (compressing and decompressing).
+with their ``calls``), plus ``codec_seconds`` (compressing and decompressing) and the
+gradient exchange's ``exchange_seconds`` (its span: first collective started, in backward
+when it overlaps, to last result decoded) and ``waited_seconds`` (the part of the step it
+took on the training thread: encoding in backward's hooks plus ``synchronize()``); see
+``traffic.py``.  waited / exchange is the share of the exchange that overlap did not hide.
 """
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ from .distribution import StreamingDistribution
 
 FIELDS = ("sent", "received", "seconds")
 # summary.json's *_per_step fields (this rank) and the per-step figures they come from
-TOTALS = {"comm_bytes_sent": "sent", "comm_bytes_received": "received", "comm_seconds": "seconds"}
+TOTALS = {"comm_bytes_sent": "sent", "comm_bytes_received": "received", "comm_seconds": "seconds",
+          "exchange_seconds": "exchange_seconds", "waited_seconds": "waited_seconds"}
 GATHER_EVERY = 1000  # steps a rank buffers at most before they go to rank 0
 
 
@@ -36,7 +41,9 @@ def flatten(traffic: dict[str, Any]) -> dict[str, float]:
     """A rank's figures of one step from ``TrafficMeter.take()``, as ``{"sent": .., "emb.sent": ..,
     "emb/allgather.calls": .., ...}`` (totals, then per kind, then per kind/collective)."""
     out = {"sent": traffic["comm_bytes_sent"], "received": traffic["comm_bytes_received"],
-           "seconds": traffic["comm_seconds"], "codec_seconds": traffic.get("codec_seconds", 0.0)}
+           "seconds": traffic["comm_seconds"], "codec_seconds": traffic.get("codec_seconds", 0.0),
+           "exchange_seconds": traffic.get("exchange_seconds", 0.0),
+           "waited_seconds": traffic.get("waited_seconds", 0.0)}
     for key, v in traffic["comm_breakdown"].items():
         kind = key.split("/", 1)[0]
         for f in FIELDS:
@@ -175,8 +182,10 @@ class CommOverheadLog:
                 "max_over_ranks": {k: d.summary() for k, d in sorted(self._worst.items())},
                 "definitions": "bytes and seconds per step and rank; sent: tensors this rank handed to "
                                "Horovod; received: output bytes from other ranks; seconds: waiting on "
-                               "collectives; codec_seconds: compress + decompress; mean exact, p50/p95 "
-                               "within 0.5 %"}
+                               "collectives (enqueue + blocked); codec_seconds: compress + decompress; "
+                               "exchange_seconds: first collective started to last result decoded; "
+                               "waited_seconds: the step's time on the exchange (encoding in backward + "
+                               "synchronize()); mean exact, p50/p95 within 0.5 %"}
 
     def summary_fields(self) -> dict[str, Any]:
         """summary.json's communication fields: this rank's bytes and seconds per step

@@ -24,11 +24,24 @@ Per gradient, keyed by parameter name:
 
 Every rank decodes the same bytes and reduces them in the same order, so parameters stay
 identical.  With ``none`` everywhere the result equals the uncompressed exchange bit for bit.
+
+Overlap (``CompressionConfig.overlap``, on by default): the MLP parameters are cut into
+buckets of whole tensors in reverse registration order (backward produces the top MLP's
+gradients first), each its own ``DenseExchange`` (its own layout and residual: per-channel
+and per-tensor scales, and the residual, are those of the exchange over everything).  After
+``begin_step()``, a post-accumulate-grad hook starts a bucket's exchange (compensate, encode,
+start the collective) as soon as all its gradients exist, and the embedding table's hook
+starts the embedding exchange; ``synchronize()`` then only waits and decodes, so the result
+is bit-identical to exchanging after backward.  Each exchange is split into ``start`` (encode,
+start the collective) and ``finish`` (wait, decode): one copy of the codec path for both.
+Two-phase, top-k/threshold MLP compressors, ``--emb-exchange dense`` and one rank exchange
+after backward (one bucket named ``grad.mlp``).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -68,6 +81,22 @@ class _CodecClock:
 
 
 @dataclass(frozen=True)
+class Started:
+    """An exchange whose payload is encoded and whose collective is in flight (``inflight``,
+    a ``Collectives`` handle; None when the exchange already ran whole, e.g. two-phase):
+    ``decode(result of the collective)`` gives the exchange's output."""
+
+    inflight: Any
+    decode: Callable[[Any], Any]
+
+
+def _finish(backend: Collectives, kind: str, started: Started) -> Any:
+    """Wait for ``started``'s collective and decode its result (decoding counts as codec time)."""
+    with _CodecClock(backend, kind):
+        return started.decode(None if started.inflight is None else backend.wait(started.inflight))
+
+
+@dataclass(frozen=True)
 class _Chunk:
     lo: int      # first element
     hi: int      # one past the last element
@@ -93,12 +122,13 @@ class DenseExchange:
 
     def __init__(self, backend: Collectives, shapes: dict[str, torch.Size], compressor: Compressor,
                  granularity: str = "channel", error_feedback: bool = False, two_phase: bool = False,
-                 kind: str = "mlp") -> None:
+                 kind: str = "mlp", tag: str | None = None) -> None:
         if granularity not in ("channel", "tensor"):
             raise ValueError(f"granularity must be channel or tensor, got {granularity!r}")
         if compressor.collective == ALLREDUCE and not compressor.linear:
             raise ValueError(f"{compressor.name}: declares allreduce, but its payloads cannot be summed")
         self.backend, self.compressor, self.kind = backend, compressor, kind
+        self.tag = tag or f"grad.{kind}"  # the collectives' names (one per exchange object: buckets differ)
         self.allreduce = compressor.collective == ALLREDUCE  # else allgather or two-phase
         self.names = list(shapes)
         self.shapes = {n: torch.Size(s) for n, s in shapes.items()}
@@ -144,20 +174,37 @@ class DenseExchange:
     def exchange(self, grads: dict[str, torch.Tensor], step: int | None = None) -> dict[str, torch.Tensor]:
         """name -> local gradient  =>  name -> gradient averaged over ranks (new tensors).  ``step``:
         the global step, the clock of a sparse compressor's warm-up (default: exchanges so far)."""
+        return self.finish(self.start(grads, step))
+
+    def start(self, grads: dict[str, torch.Tensor], step: int | None = None) -> Started:
+        """Error-feedback compensate and encode ``grads`` and start the collective; ``finish``
+        waits and decodes.  Sparse and two-phase exchanges run whole here (nothing in flight)."""
         step = self.steps if step is None else step
         self.steps = step + 1
         with _CodecClock(self.backend, self.kind):
             if self.allreduce:
                 comp = {n: (self.memory.compensate(n, grads[n]) if self.memory else grads[n]) for n in self.names}
-                return self._allreduce(comp)
+                return self._allreduce_start(comp)
             device = grads[self.names[0]].device if self.names else torch.device("cpu")
             residual = self._residual()
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
-            else:
-                flat = self._flat(grads, residual, out=residual)  # with error feedback: the residual itself
-                out = self._two_phase(flat, residual) if self.two_phase else self._allgather(flat, residual)
-            return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
+                return Started(None, lambda _: self._unflat(out, device))
+            flat = self._flat(grads, residual, out=residual)  # with error feedback: the residual itself
+            if self.two_phase:
+                out = self._two_phase(flat, residual)
+                return Started(None, lambda _: self._unflat(out, device))
+            msg = self._buf("msg", (self.chunk_nbytes[0],), torch.uint8)
+            self._encode(flat, residual, msg)
+            inflight = self.backend.allgather_stacked_start(msg, name=self.tag, kind=self.kind)
+            return Started(inflight, lambda gathered: self._unflat(self._reduce(gathered, self.layouts[0]), device))
+
+    def finish(self, started: Started) -> dict[str, torch.Tensor]:
+        """``start``'s exchange done: name -> gradient averaged over ranks."""
+        return _finish(self.backend, self.kind, started)
+
+    def _unflat(self, out: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
     def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,14 +231,15 @@ class DenseExchange:
                 self.memory.residuals[n] = v.view(self.shapes[n])
         return r
 
-    def _allreduce(self, comp: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _allreduce_start(self, comp: dict[str, torch.Tensor]) -> Started:
         c = [self.compressor.compress(comp[n]) for n in self.names]
         if self.memory:
             for n, ci in zip(self.names, c):
                 self.memory.update(n, comp[n], self.compressor.decompress(ci).view(self.shapes[n]))
-        avg = self.backend.allreduce_average([ci.data for ci in c], name=f"grad.{self.kind}", kind=self.kind)
-        return {n: self.compressor.decompress(type(ci)(a, ci.scales, ci.numel)).view(self.shapes[n])
-                for n, ci, a in zip(self.names, c, avg)}
+        inflight = self.backend.allreduce_start([ci.data for ci in c], name=self.tag, kind=self.kind)
+        return Started(inflight, lambda avg: {
+            n: self.compressor.decompress(type(ci)(a, ci.scales, ci.numel)).view(self.shapes[n])
+            for n, ci, a in zip(self.names, c, avg)})
 
     def _encode(self, flat: torch.Tensor, residual: torch.Tensor | None, msg: torch.Tensor) -> None:
         """Encode each chunk of the compensated ``flat`` into its slice of ``msg``; with error
@@ -210,12 +258,6 @@ class DenseExchange:
         summed in rank order (the same float sum on every rank)."""
         return self.compressor.decode_mean(bufs, layout, self.backend.size)
 
-    def _allgather(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        msg = self._buf("msg", (self.chunk_nbytes[0],), torch.uint8)
-        self._encode(flat, residual, msg)
-        gathered = self.backend.allgather_stacked(msg, name=f"grad.{self.kind}", kind=self.kind)
-        return self._reduce(gathered, self.layouts[0])
-
     def _sparse_allgather(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None,
                           step: int) -> torch.Tensor:
         """(index, value) messages of any size per rank: allgathered with their byte counts, each
@@ -227,7 +269,7 @@ class DenseExchange:
         msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
             residual[idx] -= sent
-        parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
+        parts = self.backend.allgather([msg], name=self.tag, kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
         touched = torch.cat([self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
                              for r, p in enumerate(parts)])
@@ -239,7 +281,7 @@ class DenseExchange:
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         msg = self._buf("msg", (sum(self.chunk_nbytes),), torch.uint8)
         self._encode(flat, residual, msg)
-        received, rsplits = self.backend.alltoall(msg, self.chunk_nbytes, name=f"grad.{self.kind}.scatter",
+        received, rsplits = self.backend.alltoall(msg, self.chunk_nbytes, name=f"{self.tag}.scatter",
                                                   kind=self.kind)
         r = self.backend.rank
         mine, layout = self.chunks[r], self.layouts[r]
@@ -247,7 +289,7 @@ class DenseExchange:
         reduced = torch.empty(self.chunk_nbytes[r], dtype=torch.uint8)
         self.compressor.encode_into(avg, layout, reduced, work=self._buf("work", (self.numel,), torch.float32)[
             :mine.hi - mine.lo])
-        gathered = self.backend.allgather([reduced], name=f"grad.{self.kind}.gather", kind=self.kind)[0]
+        gathered = self.backend.allgather([reduced], name=f"{self.tag}.gather", kind=self.kind)[0]
         out = torch.empty(self.numel, dtype=torch.float32)
         for p, c, lay in zip(gathered, self.chunks, self.layouts):
             self.compressor.decode_many(p.view(1, -1), lay, out[c.lo:c.hi].view(1, -1))
@@ -345,17 +387,29 @@ class SparseExchange:
     def exchange(self, ids: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Local unique sorted global ids int64 [n] and values [n, dim] => rows of the average
         gradient: ids [m] and values [m, dim] (ids may repeat: sum them per id)."""
+        return self.finish(self.start(ids, values))
+
+    def start(self, ids: torch.Tensor, values: torch.Tensor) -> Started:
+        """Compensate, encode and start the allgather (``finish`` waits and decodes); the
+        two-phase exchange runs whole here."""
         with _CodecClock(self.backend, self.kind):
             comp = self._compensate(ids, values) if self.memory else values
             if self.two_phase:
-                return self._two_phase(ids, comp)
+                out = self._two_phase(ids, comp)
+                return Started(None, lambda _: out)
             msg, transmitted = self.encode(ids, comp)
             if self.memory:
                 self._remember(ids, comp, transmitted)
-            parts = self.backend.allgather([msg], name=f"grad.{self.kind}", kind=self.kind)[0]
-            decoded = [self.decode(p) for p in parts]
-            return (torch.cat([d[0] for d in decoded]),
-                    torch.cat([d[1] for d in decoded]) / self.backend.size)
+            return Started(self.backend.allgather_start([msg], name=f"grad.{self.kind}", kind=self.kind),
+                           self._decode_parts)
+
+    def finish(self, started: Started) -> tuple[torch.Tensor, torch.Tensor]:
+        """``start``'s exchange done: ids [m] and values [m, dim] of the average gradient."""
+        return _finish(self.backend, self.kind, started)
+
+    def _decode_parts(self, gathered: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        decoded = [self.decode(p) for p in gathered[0]]
+        return torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded]) / self.backend.size
 
     def _two_phase(self, ids: torch.Tensor, comp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cuts = torch.searchsorted(ids, self.bounds).tolist()
@@ -375,6 +429,29 @@ class SparseExchange:
         parts = self.backend.allgather([reduced], name=f"grad.{self.kind}.gather", kind=self.kind)[0]
         decoded = [self.decode(p) for p in parts]
         return torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded])
+
+
+def _buckets(params: list[tuple[str, nn.Parameter]], bucket_bytes: int) -> list[list[tuple[str, nn.Parameter]]]:
+    """``params`` in order, cut into runs of whole tensors holding at least ``bucket_bytes`` of
+    FP32 each (the last may hold less; 0: one tensor per bucket)."""
+    groups: list[list[tuple[str, nn.Parameter]]] = [[]]
+    held = 0
+    for n, p in params:
+        if groups[-1] and held >= bucket_bytes:
+            groups.append([])
+            held = 0
+        groups[-1].append((n, p))
+        held += 4 * p.numel()
+    return [g for g in groups if g]
+
+
+class _Bucket:
+    """MLP parameters whose gradients travel together through one ``DenseExchange``."""
+
+    def __init__(self, params: list[tuple[str, nn.Parameter]], exchange: DenseExchange) -> None:
+        self.params, self.exchange = params, exchange
+        self.ready = 0  # gradients accumulated in this backward
+        self.started: Started | None = None
 
 
 class GradientSynchronizer:
@@ -416,9 +493,7 @@ class GradientSynchronizer:
         self.table_names = [name for name, _ in tables]
         self.table_rows = [n for _, n in tables]
         two_phase = config.use_two_phase(backend.size)
-        self.dense_exchange = DenseExchange(
-            backend, {n: p.shape for n, p in self.dense}, get_compressor(config.mlp), config.mlp_scale,
-            config.mlp_error_feedback, two_phase, kind="mlp")
+        mlp = get_compressor(config.mlp)
         self.sparse_exchange = SparseExchange(
             backend, self.table_names, self.table_rows, self.dim, get_compressor(config.emb), config.emb_scale,
             config.emb_error_feedback, two_phase, kind="emb")
@@ -434,22 +509,114 @@ class GradientSynchronizer:
             self.table_exchange = DenseExchange(backend, {n: (r, self.dim) for n, r in tables},
                                                 get_compressor(config.emb), "tensor", config.emb_error_feedback,
                                                 kind="emb")
+        # Overlap: only where every exchange is one collective started from encoded payloads.
+        self.overlap = (config.overlap and backend.size > 1 and not two_phase and not mlp.sparse
+                        and self.table_exchange is None)
+        # The MLP's buckets: one of everything without overlap (collective "grad.mlp"), else
+        # whole tensors in reverse registration order (backward makes the top MLP's first).
+        groups = _buckets(self.dense[::-1], config.bucket_bytes) if self.overlap else [self.dense]
+        self.buckets = [_Bucket(group, DenseExchange(
+            backend, {n: p.shape for n, p in group}, mlp, config.mlp_scale, config.mlp_error_feedback, two_phase,
+            kind="mlp", tag=f"grad.mlp.{i}" if self.overlap else None)) for i, group in enumerate(groups)]
+        self._in_flight: list[_Bucket] = []  # MLP buckets started this step, in start order
+        self._emb_started: Started | None = None
+        self._emb_ready = 0  # sparse parameters whose gradient this backward has accumulated
+        self._armed = False  # begin_step() was called: backward's hooks start the exchange
+        self._first_start: float | None = None
+        self._hook_seconds = 0.0
+        self.start_order: list[tuple[str, bool]] = []  # this step's (collective name, started in backward)
+        self.last_start_order: list[tuple[str, bool]] = []  # the last synchronized step's
+        if self.overlap:
+            for b in self.buckets:
+                for _, p in b.params:
+                    p.register_post_accumulate_grad_hook(lambda _p, b=b: self._dense_ready(b))
+            for _, p in self.sparse:
+                p.register_post_accumulate_grad_hook(lambda _p: self._emb_ready_hook())
 
     def error_feedback_nbytes(self) -> int:
         """Bytes held by residuals now (embedding residuals are table-sized)."""
-        exchanges = (self.dense_exchange, self.sparse_exchange, self.table_exchange)
+        exchanges = (*(b.exchange for b in self.buckets), self.sparse_exchange, self.table_exchange)
         return sum(e.memory.nbytes() for e in exchanges if e is not None and e.memory)
+
+    def begin_step(self) -> None:
+        """Call before ``backward()`` (with overlap): its hooks then start each bucket's exchange as
+        soon as the bucket's gradients are accumulated, and the embedding exchange once the
+        embedding gradient exists; ``synchronize()`` starts what backward did not and finishes.
+        Local ``p.grad`` stays untouched until ``synchronize()``.  Without overlap: nothing."""
+        self._armed = self.overlap
+
+    def _clock_start(self) -> float:
+        now = time.perf_counter()
+        if self._first_start is None:
+            self._first_start = now
+        return now
+
+    def _dense_ready(self, bucket: "_Bucket") -> None:
+        """A hook: one more of ``bucket``'s gradients is accumulated; start it once all are."""
+        if not self._armed:
+            return
+        bucket.ready += 1
+        if bucket.ready == len(bucket.params):
+            t0 = self._clock_start()
+            self._start_bucket(bucket, None, in_backward=True)
+            self._hook_seconds += time.perf_counter() - t0
+
+    def _emb_ready_hook(self) -> None:
+        """A hook on a sparse parameter: once every one has its gradient, start the embedding exchange."""
+        if not self._armed:
+            return
+        self._emb_ready += 1
+        if self._emb_ready == len(self.sparse):
+            t0 = self._clock_start()
+            self._start_sparse(in_backward=True)
+            self._hook_seconds += time.perf_counter() - t0
+
+    def _start_bucket(self, bucket: "_Bucket", step: int | None, in_backward: bool) -> None:
+        grads = {}
+        for n, p in bucket.params:
+            if p.grad is None:  # a parameter unused this step still takes part (as zeros)
+                p.grad = torch.zeros_like(p)
+            grads[n] = p.grad
+        bucket.started = bucket.exchange.start(grads, step)
+        self._in_flight.append(bucket)
+        self.start_order.append((bucket.exchange.tag, in_backward))
+
+    def _start_sparse(self, in_backward: bool) -> None:
+        ids, values = self.local_sparse_rows()
+        # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
+        self._emb_started = self.sparse_exchange.start(ids.cpu(), values.cpu())
+        self.start_order.append((f"grad.{self.sparse_exchange.kind}", in_backward))
 
     def synchronize(self, step: int | None = None) -> None:
         """Average every gradient in place.  ``step``: the global step (0 for the first), the
-        clock of a top-k warm-up (default: calls so far, which restart with the process)."""
+        clock of a top-k warm-up (default: calls so far, which restart with the process).
+
+        Starts the exchanges backward's hooks did not (all of them without overlap), waits for
+        each and decodes it in rank order, then writes ``p.grad``.  Records the step's
+        ``exchange_seconds`` (first start to last decode) and ``waited_seconds`` (hook encoding
+        plus this call) in ``backend.traffic``."""
         if self.backend.size == 1:
             return
-        self._dense(step)
+        t0 = self._clock_start()
+        for bucket in self.buckets:
+            if bucket.started is None:
+                self._start_bucket(bucket, step, in_backward=False)
         if self.table_exchange:
             self._dense_tables()
-        elif self.sparse:
-            self._sparse()
+        elif self.sparse and self._emb_started is None:
+            self._start_sparse(in_backward=False)
+        for bucket in self._in_flight:  # in start order: the earliest is the likeliest done
+            averaged = bucket.exchange.finish(bucket.started)
+            for n, p in bucket.params:
+                p.grad.copy_(averaged[n])
+            bucket.started, bucket.ready = None, 0
+        if self._emb_started is not None:
+            self.set_sparse_grads(*self.sparse_exchange.finish(self._emb_started))
+        end = time.perf_counter()
+        self.backend.traffic.record_exchange(end - self._first_start, self._hook_seconds + end - t0)
+        self._in_flight, self._emb_started, self._emb_ready, self._armed = [], None, 0, False
+        self._first_start, self._hook_seconds = None, 0.0
+        self.last_start_order, self.start_order = self.start_order, []
 
     def _dense_tables(self) -> None:
         """Dense embedding exchange: every table's full-size gradient averaged (rows no rank
@@ -459,16 +626,6 @@ class GradientSynchronizer:
         flat = torch.cat([averaged[n] for n in self.table_names])
         for (_, p), g in zip(self.sparse, torch.split(flat, [p.shape[0] for _, p in self.sparse])):
             p.grad = g.to_sparse(sparse_dim=1)
-
-    def _dense(self, step: int | None) -> None:
-        grads = {}
-        for n, p in self.dense:
-            if p.grad is None:  # a parameter unused this step still takes part (as zeros)
-                p.grad = torch.zeros_like(p)
-            grads[n] = p.grad
-        averaged = self.dense_exchange.exchange(grads, step)
-        for n, p in self.dense:
-            p.grad.copy_(averaged[n])
 
     def local_sparse_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's embedding gradient: global row ids int64 [nnz] (unique, sorted) and values [nnz, d]."""
@@ -486,12 +643,6 @@ class GradientSynchronizer:
         if not ids:
             return torch.empty(0, dtype=torch.int64), torch.empty(0, self.dim)
         return torch.cat(ids), torch.cat(values)
-
-    def _sparse(self) -> None:
-        ids, values = self.local_sparse_rows()
-        # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
-        ids, values = self.sparse_exchange.exchange(ids.cpu(), values.cpu())
-        self.set_sparse_grads(ids, values)
 
     def set_sparse_grads(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """Sum ``values`` [n, d] per global row id [n] and store them as the tables' gradients.

@@ -6,8 +6,15 @@ Definitions (per rank, per step):
   received  bytes of the collective's output that came from other ranks
             (allreduce: the whole reduced tensor; allgather: every other rank's part;
             alltoall: the chunks other ranks addressed to this rank)
-  seconds   wall time of the blocking call
+  seconds   time the calling thread spent on the call: enqueueing it plus blocking until it
+            was done (a collective started in backward and waited for later counts only the
+            part the step actually waited for)
   codec     seconds compressing and decompressing (reported apart as ``codec_seconds``)
+  exchange_seconds  the gradient exchange's span: from the start of its first collective
+            (in backward when it overlaps) to its last result decoded (``synchronize()`` done)
+  waited_seconds    the part of the step the exchange took on the training thread: encoding
+            inside backward's hooks plus the time in ``synchronize()`` (starting what backward
+            did not, blocked waiting, decoding); without overlap both equal synchronize's time
 """
 from __future__ import annotations
 
@@ -24,17 +31,26 @@ class TrafficMeter:
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     codec: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    exchange_seconds: float = 0.0
+    waited_seconds: float = 0.0
 
-    def record(self, kind: str, collective: str, sent: int, received: int, seconds: float) -> None:
+    def record(self, kind: str, collective: str, sent: int, received: int, seconds: float, calls: int = 1) -> None:
+        """Add to ``kind/collective``; a started collective is recorded twice: at its start
+        (sent, enqueue seconds, the call) and when waited for (received, blocked seconds, calls=0)."""
         key = f"{kind}/{collective}"
         self.sent[key] += int(sent)
         self.received[key] += int(received)
         self.seconds[key] += float(seconds)
-        self.calls[key] += 1
+        self.calls[key] += calls
 
     def record_codec(self, kind: str, seconds: float) -> None:
         """Seconds spent compressing / decompressing (compute, not waiting on the network)."""
         self.codec[kind] += float(seconds)
+
+    def record_exchange(self, exchange_seconds: float, waited_seconds: float) -> None:
+        """One gradient exchange's span and the part of it the step waited for (see the module doc)."""
+        self.exchange_seconds += float(exchange_seconds)
+        self.waited_seconds += float(waited_seconds)
 
     def take(self) -> dict[str, object]:
         """Totals and the per-(kind/collective) breakdown since the last call; then reset."""
@@ -43,6 +59,8 @@ class TrafficMeter:
             "comm_bytes_received": sum(self.received.values()),
             "comm_seconds": sum(self.seconds.values()),
             "codec_seconds": round(sum(self.codec.values()), 6),
+            "exchange_seconds": round(self.exchange_seconds, 6),
+            "waited_seconds": round(self.waited_seconds, 6),
             "comm_breakdown": {
                 k: {"sent": self.sent[k], "received": self.received[k],
                     "seconds": round(self.seconds[k], 6), "calls": self.calls[k]}
@@ -54,4 +72,5 @@ class TrafficMeter:
         self.seconds.clear()
         self.calls.clear()
         self.codec.clear()
+        self.exchange_seconds = self.waited_seconds = 0.0
         return out

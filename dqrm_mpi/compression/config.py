@@ -10,6 +10,7 @@ from .base import compressor_names, get_compressor
 ERROR_FEEDBACK = ("mlp", "emb", "both", "none")
 EMB_EXCHANGES = ("sparse", "dense")
 DENSE_EMB_MAX_BYTES = 1 << 30  # --emb-exchange dense: FP32 table gradients per rank and step
+BUCKET_BYTES = 1 << 20  # overlapped MLP exchange: FP32 gradient bytes per bucket
 COLLECTIVES = ("auto", "allgather", "two-phase")
 EMB_SCALES = (TABLE, ROW, TENSOR)
 MLP_SCALES = (CHANNEL, TENSOR)
@@ -35,6 +36,12 @@ class CompressionConfig:
       compressors (none, fp16) always use allreduce.
     emb_scale: one scale per table (DQRM), per row or per tensor.
     mlp_scale: one scale per output channel (row of a weight; biases one per tensor) or per tensor.
+    overlap: start each bucket's exchange in backward, as soon as its gradients are ready, and
+      the embedding exchange once the embedding gradient exists (bit-identical results).  Only
+      for the allgather / allreduce exchanges on 2+ ranks: two-phase, top-k/threshold MLP
+      compressors and emb_exchange dense exchange after backward whatever this says.
+    bucket_bytes: FP32 bytes of MLP gradients per overlapped bucket (whole tensors, filled in
+      reverse registration order until a bucket holds at least this much; 0: one per tensor).
     """
 
     emb: str = "none"
@@ -48,6 +55,8 @@ class CompressionConfig:
     two_phase_min_ranks: int = 8
     emb_exchange: str = "sparse"
     dense_emb_max_bytes: int = DENSE_EMB_MAX_BYTES
+    overlap: bool = True
+    bucket_bytes: int = BUCKET_BYTES
 
     def __post_init__(self) -> None:
         try:
@@ -73,6 +82,7 @@ class CompressionConfig:
             (self.mlp_scale in MLP_SCALES, f"mlp_scale must be one of {MLP_SCALES}, got {self.mlp_scale!r}"),
             (self.two_phase_min_ranks >= 2, f"two_phase_min_ranks must be >= 2, got {self.two_phase_min_ranks}"),
             (self.dense_emb_max_bytes >= 0, f"dense_emb_max_bytes must be >= 0, got {self.dense_emb_max_bytes}"),
+            (self.bucket_bytes >= 0, f"bucket_bytes must be >= 0, got {self.bucket_bytes}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -105,4 +115,4 @@ class CompressionConfig:
 
 
 __all__ = ["CompressionConfig", "compressor_names", "ERROR_FEEDBACK", "COLLECTIVES", "EMB_SCALES", "MLP_SCALES",
-           "EMB_EXCHANGES", "DENSE_EMB_MAX_BYTES"]
+           "EMB_EXCHANGES", "DENSE_EMB_MAX_BYTES", "BUCKET_BYTES"]

@@ -227,6 +227,7 @@ class _Training:
             self.qat.on_step(self.step)  # full-table scale pass only at multiples of --scale-period
         self.timer.lap("scale_pass")
         self.optimizer.zero_grad()
+        self.sync.begin_step()  # with --overlap, backward's hooks start the exchange bucket by bucket
         try:  # local computation only: an error here is this rank's, named with its batch
             loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
             loss.backward()

@@ -6,9 +6,11 @@ training loop, data wait included:
 
   data              waiting for the next batch (and moving it to the device)
   scale_pass        QAT's full-table embedding scale refresh (every --scale-period steps)
-  forward_backward  forward (with fake quantization) and backward
-  exchange          the gradient exchange: waiting on collectives and codec (their shares
-                    are the traffic meter's comm_seconds and codec_seconds)
+  forward_backward  forward (with fake quantization) and backward; with --overlap also the
+                    encoding and starting of the exchange's buckets inside backward's hooks
+  exchange          the finite check and the gradient exchange after backward: waiting on
+                    collectives and codec (their shares are the traffic meter's comm_seconds
+                    and codec_seconds; its waited_seconds adds the encoding done in backward)
   optimizer         the SGD step
   other             activation-scale averaging, the loss check, logging and its gathers
 

@@ -10,7 +10,10 @@ Rank 0 then writes, all with ``time`` (Unix seconds):
   {"event": "step", "step": last, "first_step", "steps", "epoch", "loss" (all ranks),
    "seconds" and "step_time" {part: seconds} (rank 0, per step, data wait included),
    "samples_per_second", "comm_bytes_sent", "comm_bytes_received", "comm_seconds",
-   "codec_seconds", "comm_breakdown" (rank 0, per step)}
+   "codec_seconds", "exchange_seconds", "waited_seconds", "comm_breakdown" (rank 0, per step)}
+  (exchange_seconds: the gradient exchange from its first collective started, inside backward
+   with --overlap, to its last result decoded; waited_seconds: the part of the step spent on
+   it on the training thread, encoding in backward's hooks plus synchronize(): see traffic.py)
   {"event": "comm", ...}                                 every rank's figures (overhead.py)
   {"event": "epoch", "epoch", "step", "steps", "complete", "loss" (all ranks), "seconds",
    "samples_per_second"}                                 when an epoch's training ends
@@ -56,7 +59,8 @@ class TrainingLog:
         self.started_at = time.time()
         self.steps = 0  # steps taken by this invocation
         self._loss = [0.0, 0]  # this rank's loss sum and steps in the open window
-        self._comm = {"comm_seconds": 0.0, "codec_seconds": 0.0}  # this rank, every step: summed
+        # this rank, every step: summed
+        self._comm = {"comm_seconds": 0.0, "codec_seconds": 0.0, "exchange_seconds": 0.0, "waited_seconds": 0.0}
         # rank 0 only
         self._epoch = {"loss": 0.0, "batches": 0, "steps": 0, "train_seconds": timer.train_seconds}
         self.epochs: list[dict[str, Any]] = []  # per-epoch training loss
@@ -140,6 +144,7 @@ class TrainingLog:
                      "step_time": {p: s / n for p, s in parts.items()},
                      "comm_bytes_sent": own["sent"], "comm_bytes_received": own["received"],
                      "comm_seconds": own["seconds"], "codec_seconds": own["codec_seconds"],
+                     "exchange_seconds": own["exchange_seconds"], "waited_seconds": own["waited_seconds"],
                      "comm_breakdown": own["by_collective"]})
         self.last_window = {"step": window.step, "steps": n, "loss": loss}
         if self.tensorboard:
@@ -170,6 +175,10 @@ class TrainingLog:
         per_step = {p: self.timer.total[p] / steps if steps else 0.0 for p in TRAIN_PARTS}
         per_step["comm_wait"] = self._comm["comm_seconds"] / steps if steps else 0.0  # parts of exchange
         per_step["codec"] = self._comm["codec_seconds"] / steps if steps else 0.0
+        # the exchange's span (first start, in backward with --overlap, to last decode) and the part
+        # the step spent on it (encoding in backward's hooks + synchronize()): see comm/traffic.py
+        per_step["exchange_span"] = self._comm["exchange_seconds"] / steps if steps else 0.0
+        per_step["exchange_waited"] = self._comm["waited_seconds"] / steps if steps else 0.0
         per_step["total"] = train / steps if steps else 0.0
         now = time.time()
         return {
