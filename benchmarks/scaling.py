@@ -26,8 +26,9 @@ Prediction: nodes 2-64 at 1/10/25/100 Gbit/s, global batch fixed (--global-batch
 samples/s and bytes per rank per step for FP32 sparse, INT8 and INT4 exchange (both
 collectives), and where two-phase starts to beat allgather.  The predicted links take the
 emulated 1 Gbit/s link's efficiency and per-call costs and --latency-us one way.  The switch
-of ``--collective auto`` (two_phase_min_ranks) is the threshold that loses least against
-always picking the faster collective, over 2-64 ranks, every link speed and scheme.
+of ``--collective auto`` (two_phase_min_ranks; quantized payloads only: FP32 rows stay
+allgathered) is the threshold that loses least against always picking the faster collective,
+over 2-64 ranks, every link speed and the INT8 and INT4 schemes.
 
     python benchmarks/scaling.py --out bench_out/scaling          # as root: everything (~10 min quiet)
     python benchmarks/scaling.py --parts bench_out/scaling/parts.json --no-check   # re-predict only
@@ -382,7 +383,8 @@ def predict(parts: dict, global_batch: int = 512, latency_us: float = 25.0) -> d
                       for coll in sm.COLLECTIVES}
                 faster[n] = sm.better_collective({k: v["total"] for k, v in ex.items()})
                 comp = sm.compute_seconds(b, auto["fixed_s"], auto["per_sample_s"])
-                step_times[(f"{scheme}@{gbit}gbit", n)] = {k: comp + v["total"] for k, v in ex.items()}
+                if c != "none":  # auto goes two-phase only for quantized payloads (CompressionConfig.use_two_phase)
+                    step_times[(f"{scheme}@{gbit}gbit", n)] = {k: comp + v["total"] for k, v in ex.items()}
                 if n not in NODES:
                     continue
                 for mode in ("fp32", "qat_int4"):

@@ -492,11 +492,12 @@ class GradientSynchronizer:
                              f"parameters {self.total_rows}")
         self.table_names = [name for name, _ in tables]
         self.table_rows = [n for _, n in tables]
-        two_phase = config.use_two_phase(backend.size)
+        mlp_two_phase = config.use_two_phase(backend.size, config.mlp)
+        emb_two_phase = config.use_two_phase(backend.size, config.emb)
         mlp = get_compressor(config.mlp)
         self.sparse_exchange = SparseExchange(
             backend, self.table_names, self.table_rows, self.dim, get_compressor(config.emb), config.emb_scale,
-            config.emb_error_feedback, two_phase, kind="emb")
+            config.emb_error_feedback, emb_two_phase, kind="emb")
         self.table_exchange = None  # --emb-exchange dense: whole tables through one allreduce
         if config.emb_exchange == "dense" and self.sparse and backend.size > 1:
             nbytes = 4 * self.total_rows * self.dim
@@ -510,13 +511,13 @@ class GradientSynchronizer:
                                                 get_compressor(config.emb), "tensor", config.emb_error_feedback,
                                                 kind="emb")
         # Overlap: only where every exchange is one collective started from encoded payloads.
-        self.overlap = (config.overlap and backend.size > 1 and not two_phase and not mlp.sparse
-                        and self.table_exchange is None)
+        self.overlap = (config.overlap and backend.size > 1 and not (mlp_two_phase or emb_two_phase)
+                        and not mlp.sparse and self.table_exchange is None)
         # The MLP's buckets: one of everything without overlap (collective "grad.mlp"), else
         # whole tensors in reverse registration order (backward makes the top MLP's first).
         groups = _buckets(self.dense[::-1], config.bucket_bytes) if self.overlap else [self.dense]
         self.buckets = [_Bucket(group, DenseExchange(
-            backend, {n: p.shape for n, p in group}, mlp, config.mlp_scale, config.mlp_error_feedback, two_phase,
+            backend, {n: p.shape for n, p in group}, mlp, config.mlp_scale, config.mlp_error_feedback, mlp_two_phase,
             kind="mlp", tag=f"grad.mlp.{i}" if self.overlap else None)) for i, group in enumerate(groups)]
         self._in_flight: list[_Bucket] = []  # MLP buckets started this step, in start order
         self._emb_started: Started | None = None

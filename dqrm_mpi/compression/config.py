@@ -32,8 +32,8 @@ class CompressionConfig:
       cost one FP32 copy of the MLP; embedding residuals one FP32 copy of every table.
     collective: for quantized payloads, ``allgather`` (receive grows with ranks), ``two-phase``
       (alltoall chunks, reduce, re-quantize, allgather: about 2x the payload per rank at any
-      size) or ``auto`` (allgather below ``two_phase_min_ranks`` ranks).  Linear MLP
-      compressors (none, fp16) always use allreduce.
+      size) or ``auto`` (two-phase for quantized payloads from ``two_phase_min_ranks`` ranks,
+      else allgather).  Linear MLP compressors (none, fp16) always use allreduce.
     emb_scale: one scale per table (DQRM), per row or per tensor.
     mlp_scale: one scale per output channel (row of a weight; biases one per tensor) or per tensor.
     overlap: start each bucket's exchange in backward, as soon as its gradients are ready, and
@@ -51,8 +51,8 @@ class CompressionConfig:
     emb_scale: str = TABLE
     mlp_scale: str = CHANNEL
     # benchmarks/scaling.py's model: the threshold losing least over 2-64 ranks, 1-100 Gbit/s and
-    # FP32/INT8/INT4, from benchmarks/scaling_parts.json (tests/unit/test_scaling_model.py pins it)
-    two_phase_min_ranks: int = 8
+    # INT8/INT4 (auto keeps FP32/FP16 rows allgathered), from benchmarks/scaling_parts.json (tests/unit/test_scaling_model.py pins it)
+    two_phase_min_ranks: int = 7
     emb_exchange: str = "sparse"
     dense_emb_max_bytes: int = DENSE_EMB_MAX_BYTES
     overlap: bool = True
@@ -96,9 +96,13 @@ class CompressionConfig:
     def mlp_error_feedback(self) -> bool:
         return self.error_feedback in ("mlp", "both") and not get_compressor(self.mlp).lossless
 
-    def use_two_phase(self, world_size: int) -> bool:
+    def use_two_phase(self, world_size: int, codec: str) -> bool:
+        """Whether the exchange of gradients compressed by ``codec`` (a compressor name) goes
+        two-phase at ``world_size`` ranks.  ``auto`` picks it only for quantized payloads
+        (int16/int8/int4) from ``two_phase_min_ranks`` ranks: for FP32 or FP16 rows the model
+        (benchmarks/scaling.py) never finds two-phase faster."""
         if self.collective == "auto":
-            return world_size >= self.two_phase_min_ranks
+            return world_size >= self.two_phase_min_ranks and not get_compressor(codec).linear
         return self.collective == "two-phase"
 
     def single_rank_notice(self) -> str | None:

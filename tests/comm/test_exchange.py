@@ -211,7 +211,7 @@ def test_synchronizer_averages_a_dlrm_and_keeps_embedding_gradients_sparse(cfg, 
     for n in results[0][0]:
         is_emb = n in emb
         codec = cfg.emb if is_emb else cfg.mlp
-        two_phase = cfg.use_two_phase(size) and codec.startswith("int")
+        two_phase = cfg.use_two_phase(size, codec) and codec.startswith("int")
         expected = sum(res[0][n] for res in results) / size
         peak = max(float(res[0][n].abs().max()) for res in results)
         got = results[0][1][n]
