@@ -28,7 +28,17 @@ def format_step_time(step_time: dict[str, float]) -> str:
     total = step_time["total"] or 1.0
     return (f"step time {step_time['total'] * 1e3:.2f} ms: "
             + ", ".join(f"{p} {step_time[p] * 1e3:.2f} ({100 * step_time[p] / total:.0f}%)" for p in TRAIN_PARTS)
-            + f"; exchange waited {step_time['comm_wait'] * 1e3:.2f} ms, codec {step_time['codec'] * 1e3:.2f} ms")
+            + _exchange_line(step_time))
+
+
+def _exchange_line(step_time: dict[str, float]) -> str:
+    """The exchange's span and the part the step waited for (overlap with backward), when logged."""
+    line = (f"; collectives blocked {step_time['comm_wait'] * 1e3:.2f} ms, codec {step_time['codec'] * 1e3:.2f} ms")
+    if step_time.get("exchange_span"):
+        span, waited = step_time["exchange_span"], step_time["exchange_waited"]
+        line += (f"; exchange {span * 1e3:.2f} ms from first start to last decode, the step waited "
+                 f"{waited * 1e3:.2f} ({100 * waited / span:.0f}%)")
+    return line
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -31,3 +31,13 @@ def test_laps_add_up_to_the_wall_time_and_windows_restart():
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="unknown step part 'backward'"):
         StepTimer().lap("backward")
+
+
+def test_step_time_line_names_the_overlap_when_logged():
+    from dqrm_mpi.train.report import format_step_time
+    parts = {p: 0.001 for p in TRAIN_PARTS}
+    base = {**parts, "total": 0.006, "comm_wait": 0.0005, "codec": 0.0002}
+    line = format_step_time(base)
+    assert "collectives blocked 0.50 ms, codec 0.20 ms" in line and "first start" not in line
+    line = format_step_time({**base, "exchange_span": 0.004, "exchange_waited": 0.001})
+    assert line.endswith("exchange 4.00 ms from first start to last decode, the step waited 1.00 (25%)")
