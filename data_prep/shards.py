@@ -162,7 +162,7 @@ def _unit_rows(work: WorkDir, segments: Unit, perm: np.ndarray | None, a: int, b
     rows = _Rows.empty(len(wanted), out.ids.dtype)
     _read_rows(work, segments, wanted, rows)
     for src, dst in zip(rows, out):
-        np.take(src, at, axis=0, out=dst)
+        np.take(src, at, axis=0, out=dst, mode="clip")  # mode "raise" would copy through a temporary
 
 
 def _read_rows(work: WorkDir, segments: Unit, rows: np.ndarray, out: _Rows) -> None:
