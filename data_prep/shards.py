@@ -69,7 +69,8 @@ class ShardJob:
 
 def shard_jobs(layouts: dict[str, list[Unit]], totals: dict[str, int], shard_rows: int, chunks: int) -> list[ShardJob]:
     """Per split, up to ``chunks`` jobs of consecutive shards: a shuffle bucket that
-    straddles two jobs is loaded twice, so fewer jobs means less repeated work."""
+    straddles two jobs is read by both (the one that needs less than half of it reads only
+    those rows), so fewer jobs means less repeated work."""
     jobs = []
     for split in SPLITS:
         n_shards = math.ceil(totals[split] / shard_rows)
