@@ -2,8 +2,9 @@
 
 Plain files are cut at newlines into equal pieces of at most about ``--piece-bytes``, as
 many as a multiple of the workers, and every piece's lines are counted (cheap byte
-counting); a gzip file is one piece, counted only when it holds test/val rows.  The number of shuffle buckets is about one per output train shard.
-The plan is saved in ``OUT/.prep/plan.json`` so that a resumed run uses the same one.
+counting); a gzip file is one piece, counted only when it holds test/val rows.  The number
+of shuffle buckets is about one per output train shard.  The plan is saved in
+``OUT/.prep/plan.json`` so that a resumed run uses the same one.
 """
 from __future__ import annotations
 
