@@ -56,7 +56,7 @@ def cli() -> None:
 @click.option("--keep-temp", is_flag=True, help="Keep OUT/.prep (spilled rows, vocabularies) after finishing.")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars on stderr.")
 @click.option("--piece-bytes", type=click.IntRange(1 << 10), default=32 << 20, hidden=True,
-              help="Bytes of plain input per parallel task (does not change the output).")
+              help="Most bytes of plain input per parallel task, about (does not change the output).")
 def criteo(raw, out, dataset, max_ind_range, freq_threshold, sub_sample_rate, seed, shard_rows, workers,
            bad_lines, label_dtype, overwrite, keep_temp, progress, piece_bytes):
     """Turn Criteo raw logs RAW into the sharded dataset OUT.

@@ -34,7 +34,7 @@ PREP_LOCK_FILE = ".dqrm-prep.lock"
 PREP_VERSION = 1
 # The layout of the files in OUT/.prep (recorded in its options.json, not in meta.json): an
 # unfinished run left by a dqrm-prep with another layout is not resumed.
-STATE_LAYOUT = 2
+STATE_LAYOUT = 3
 Status = Literal["done", "resume", "fresh"]
 
 

@@ -18,7 +18,7 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
+from dqrm_mpi.data.schema import NUM_SPARSE
 
 from .criteo_format import MAX_EXAMPLES, ParsedBlock, parse_block
 from .errors import InputError
@@ -28,7 +28,7 @@ from .options import PrepOptions
 from .plan import Plan
 from .sources import Piece, Source, iter_gzip_blocks, read_range
 from .vocab import CountAccumulator
-from .workdir import WorkDir, save_npy
+from .workdir import WorkDir, save_done, save_npy
 
 GZIP_BLOCK_BYTES = 32 << 20
 RUN_ROWS = 1 << 20
@@ -93,7 +93,7 @@ def parse_piece(work: WorkDir, opts: PrepOptions, sources: tuple[Source, ...], b
     summary.runs = spill.finish()
     if piece.lines >= 0 and summary.lines != piece.lines:
         raise InputError(f"{src.path}: read {summary.lines} lines, counted {piece.lines} (file changed?)")
-    write_atomic_text(done, json.dumps(asdict(summary)))
+    save_done(done, json.dumps(asdict(summary)))
     maybe_kill("pieces")
     return summary
 
@@ -152,17 +152,13 @@ class RunSpill:
     def finish(self) -> list[list[int]]:
         """Spill what is left and save the vocabulary record; the row count per group of each run."""
         self._flush()
-        arrays = {}
-        for j in range(NUM_SPARSE):
-            v, c = self.values[j].result()
-            arrays[f"v{j:02d}"] = v
-            if c is not None:
-                arrays[f"c{j:02d}"] = c
-        path = self.work.piece_vocab(self.piece)
-        try:
-            np.savez(path, **arrays)
-        except OSError as e:  # name the file (a full disk is reported with it)
-            raise OSError(e.errno, e.strerror, str(path)) from None
+        found = [acc.result() for acc in self.values]
+        offsets = np.zeros(NUM_SPARSE + 1, dtype=np.int64)
+        np.cumsum([len(v) for v, _ in found], out=offsets[1:])
+        save_npy(self.work.piece_vocab(self.piece, "values"), np.concatenate([v for v, _ in found]))
+        if self.threshold > 0:
+            save_npy(self.work.piece_vocab(self.piece, "counts"), np.concatenate([c for _, c in found]))
+        save_npy(self.work.piece_vocab(self.piece, "offsets"), offsets)
         return self.runs
 
     def _flush(self) -> None:

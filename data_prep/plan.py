@@ -1,9 +1,10 @@
 """Pass 1, plan: the pieces of work, the line counts the split needs, the shuffle buckets.
 
-Plain files are cut into pieces of about ``--piece-bytes`` at newlines and every piece's
-lines are counted (cheap byte counting); a gzip file is one piece, counted only when it
-holds test/val rows.  The number of shuffle buckets is about one per output train shard.
-The plan is saved in ``OUT/.prep/plan.json`` so that a resumed run uses the same one.
+Plain files are cut at newlines into equal pieces of at most about ``--piece-bytes``, as
+many as a multiple of the workers, and every piece's lines are counted (cheap byte
+counting); a gzip file is one piece, counted only when it holds test/val rows.  The number
+of shuffle buckets is about one per output train shard.  The plan is saved in
+``OUT/.prep/plan.json`` so that a resumed run uses the same one.
 """
 from __future__ import annotations
 
@@ -49,20 +50,24 @@ def load_or_make_plan(work: WorkDir, kind: str, sources: list[Source], opts: Pre
 
 
 def make_plan(kind: str, sources: list[Source], opts: PrepOptions, ex: Executor) -> Plan:
-    pieces = _cut(sources, opts.piece_bytes)
+    pieces = _cut(sources, opts.piece_bytes, slots=ex.workers * ex.size)
     pieces = _count_lines(pieces, sources, ex)
     sources, pieces = _number_lines(sources, pieces)
     sources = [with_splits(kind, s) for s in sources]
     return Plan(tuple(sources), tuple(pieces), _bucket_count(sources, opts))
 
 
-def _cut(sources: list[Source], piece_bytes: int) -> list[Piece]:
+def _cut(sources: list[Source], piece_bytes: int, slots: int) -> list[Piece]:
+    """Each plain file cut into pieces of at most about ``piece_bytes``, as many as a
+    multiple of ``slots`` (the workers of all ranks) and of equal size: no worker is left
+    waiting for the others' last pieces.  A gzip file is one piece."""
     pieces: list[Piece] = []
     for s in sources:
         if s.gz:
             pieces.append(Piece(len(pieces), s.index, 0, -1, first_line=0))
         else:
-            pieces.extend(cut_plain(s, piece_bytes, len(pieces)))
+            n = slots * math.ceil(s.size / (piece_bytes * slots))
+            pieces.extend(cut_plain(s, math.ceil(s.size / n), len(pieces)))
     return pieces
 
 

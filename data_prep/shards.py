@@ -69,7 +69,8 @@ class ShardJob:
 
 def shard_jobs(layouts: dict[str, list[Unit]], totals: dict[str, int], shard_rows: int, chunks: int) -> list[ShardJob]:
     """Per split, up to ``chunks`` jobs of consecutive shards: a shuffle bucket that
-    straddles two jobs is loaded twice, so fewer jobs means less repeated work."""
+    straddles two jobs is read by both (the one that needs less than half of it reads only
+    those rows), so fewer jobs means less repeated work."""
     jobs = []
     for split in SPLITS:
         n_shards = math.ceil(totals[split] / shard_rows)
@@ -97,7 +98,7 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
     sizes = np.array([sum(s.rows for s in segs) for segs in job.units], dtype=np.int64)
     cum = np.concatenate([[0], np.cumsum(sizes)])
     label_dtype = np.dtype(opts.label_dtype)
-    loaded: dict[int, _LoadedUnit] = {}  # the last unit read (consecutive shards share it)
+    perms: dict[int, np.ndarray | None] = {}  # the last unit's (consecutive shards share it)
     written = rows = 0
     for k in range(job.first, job.stop):
         lo, hi = k * R, min((k + 1) * R, job.total)
@@ -105,55 +106,81 @@ def write_shards(work: WorkDir, opts: PrepOptions, sparse_dtype: str, job: Shard
         path = work.out / job.split / shard_name(k)
         if path.is_file():
             continue
-        parts = []
+        shard = _Rows.empty(hi - lo, sparse_dtype)
         u = int(np.searchsorted(cum, lo, side="right") - 1)
         while u < len(job.units) and cum[u] < hi:
             if sizes[u]:
-                if u not in loaded:
-                    loaded = {u: _load_unit(work, opts.seed, job.split, u, job.units[u], sparse_dtype)}
-                a, b = max(lo, cum[u]) - cum[u], min(hi, cum[u + 1]) - cum[u]
-                parts.append(loaded[u].rows(int(a), int(b)))
+                if u not in perms:
+                    perms = {u: _permutation(opts.seed, job.split, u, int(sizes[u]))}
+                a, b = max(lo, cum[u]), min(hi, cum[u + 1])
+                _unit_rows(work, job.units[u], perms[u], int(a - cum[u]), int(b - cum[u]), shard.part(a - lo, b - lo))
             u += 1
-        label, dense, ids = (p[0] if len(parts) == 1 else np.concatenate(p) for p in zip(*parts))
-        write_shard(path, dense, ids, label.astype(label_dtype, copy=False), attrs={"split": job.split, "shard": k})
+        write_shard(path, shard.dense, shard.ids, shard.label.astype(label_dtype, copy=False),
+                    attrs={"split": job.split, "shard": k})
         written += 1
         maybe_kill("shards")
     return {"rows": rows, "written": written}
 
 
-class _LoadedUnit(NamedTuple):
-    """A unit's rows in input order (label [n], dense [n, 13], ids [n, 26]) and, for a
-    train bucket, its permutation: the unit's stream is the rows taken in ``perm`` order."""
+class _Rows(NamedTuple):
+    """Rows of a shard or of a unit: label uint8 [n], dense float32 [n, 13], ids [n, 26]."""
 
     label: np.ndarray
     dense: np.ndarray
     ids: np.ndarray
-    perm: np.ndarray | None
 
-    def rows(self, a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows [a, b) of the unit's stream (only these are gathered: a shard that needs
-        part of a bucket does not pay for permuting all of it)."""
-        if self.perm is None:
-            return self.label[a:b], self.dense[a:b], self.ids[a:b]
-        sel = self.perm[a:b]
-        return np.take(self.label, sel), np.take(self.dense, sel, axis=0), np.take(self.ids, sel, axis=0)
+    @classmethod
+    def empty(cls, n: int, sparse_dtype: str) -> _Rows:
+        return cls(np.empty(n, np.uint8), np.empty((n, NUM_DENSE), np.float32), np.empty((n, NUM_SPARSE), sparse_dtype))
+
+    def part(self, a: int, b: int) -> _Rows:
+        """Rows [a, b) (views)."""
+        return _Rows(self.label[a:b], self.dense[a:b], self.ids[a:b])
 
 
-def _load_unit(work: WorkDir, seed: int, split: str, u: int, segments: Unit, sparse_dtype: str) -> _LoadedUnit:
-    """Unit ``u`` (a train bucket gets its seeded permutation).  A row's ids are its run's
-    value map at its dictionary indices (``vmap[idx]``, see ``map_ids.py``)."""
-    n = sum(seg.rows for seg in segments)
-    label = np.empty(n, np.uint8)
-    dense = np.empty((n, NUM_DENSE), np.float32)
-    ids = np.empty((n, NUM_SPARSE), sparse_dtype)
-    at = 0
+def _permutation(seed: int, split: str, u: int, n: int) -> np.ndarray | None:
+    """The order of unit ``u``'s rows in its split's stream: a train bucket's seeded
+    permutation of its ``n`` rows; None (input order) for test and val."""
+    return np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n) if split == "train" else None
+
+
+def _unit_rows(work: WorkDir, segments: Unit, perm: np.ndarray | None, a: int, b: int, out: _Rows) -> None:
+    """Rows [a, b) of the unit's stream (its rows taken in ``perm`` order) into ``out``.
+    A shard that needs a small part of a bucket reads only those rows."""
+    if perm is None:
+        _read_rows(work, segments, np.arange(a, b), out)
+        return
+    sel = perm[a:b]
+    if 2 * len(sel) > len(perm):  # most of the bucket: read all of it (sequentially)
+        wanted, at = np.arange(len(perm)), sel
+    else:  # its rows in input order, and where each row of the stream is among them
+        mark = np.zeros(len(perm), dtype=bool)
+        mark[sel] = True
+        wanted = np.flatnonzero(mark)
+        rank = np.empty(len(perm), dtype=np.int64)
+        rank[wanted] = np.arange(len(wanted))
+        at = rank[sel]
+    rows = _Rows.empty(len(wanted), out.ids.dtype)
+    _read_rows(work, segments, wanted, rows)
+    for src, dst in zip(rows, out):
+        np.take(src, at, axis=0, out=dst, mode="clip")  # mode "raise" would copy through a temporary
+
+
+def _read_rows(work: WorkDir, segments: Unit, rows: np.ndarray, out: _Rows) -> None:
+    """The unit's rows at the sorted positions ``rows`` (its segments concatenated) into
+    ``out``.  A row's ids are its run's value map at its dictionary indices (``vmap[idx]``,
+    see ``map_ids.py``)."""
+    lo = 0  # the segment's first position in the unit
     for seg in segments:
-        rows = slice(seg.offset, seg.offset + seg.rows)
-        out = slice(at, at + seg.rows)
-        label[out] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[rows]
-        dense[out] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[rows]
-        vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
-        ids[out] = np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, rows]).T
-        at += seg.rows
-    perm = np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(n) if split == "train" else None
-    return _LoadedUnit(label, dense, ids, perm)
+        hi = lo + seg.rows
+        i, j = (int(x) for x in np.searchsorted(rows, [lo, hi]))
+        if j > i:
+            first = int(rows[i]) - lo + seg.offset
+            # Where the rows are in the run's files: a slice when they are consecutive (test,
+            # val and whole buckets), else the positions.
+            at = slice(first, first + j - i) if rows[j - 1] - rows[i] == j - i - 1 else rows[i:j] - (lo - seg.offset)
+            out.label[i:j] = np.load(work.run_file(seg.piece, seg.run, "label"), mmap_mode="r")[at]
+            out.dense[i:j] = np.load(work.run_file(seg.piece, seg.run, "dense"), mmap_mode="r")[at]
+            vmap = np.load(work.run_file(seg.piece, seg.run, "vmap"))
+            out.ids[i:j] = np.take(vmap, np.load(work.run_file(seg.piece, seg.run, "idx"), mmap_mode="r")[:, at]).T
+        lo = hi

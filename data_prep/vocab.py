@@ -17,11 +17,11 @@ from functools import partial
 
 import numpy as np
 
-from dqrm_mpi.data.schema import NUM_SPARSE, write_atomic_text
+from dqrm_mpi.data.schema import NUM_SPARSE
 
 from .executor import Executor
 from .options import PrepOptions
-from .workdir import WorkDir, save_npy
+from .workdir import WorkDir, save_done, save_npy
 
 
 def union_sorted(values: list[np.ndarray], counts: list[np.ndarray] | None = None
@@ -127,13 +127,14 @@ def merge_column(work: WorkDir, opts: PrepOptions, n_pieces: int, column: int) -
     threshold = opts.freq_threshold
     acc = CountAccumulator(threshold > 0)
     for i in range(n_pieces):
-        with np.load(work.piece_vocab(i)) as z:
-            acc.add(z[f"v{column:02d}"], z[f"c{column:02d}"] if threshold > 0 else None)
+        a, b = np.load(work.piece_vocab(i, "offsets"))[column:column + 2]
+        values = np.load(work.piece_vocab(i, "values"), mmap_mode="r")[a:b]
+        acc.add(values, np.load(work.piece_vocab(i, "counts"), mmap_mode="r")[a:b] if threshold > 0 else None)
     values, counts = acc.result()
     vocab, card = build_vocab(values, counts, threshold)
     save_npy(work.column_vocab(column), vocab)
     info = {"column": column, "cardinality": int(card), "distinct": int(len(values))}
-    write_atomic_text(done, json.dumps(info))
+    save_done(done, json.dumps(info))
     return info
 
 

@@ -12,7 +12,9 @@
         runRRRR.dictoff.npy        int64 [27]      where each column's values start in dict
         runRRRR.vmap.npy           [m]             the id of each dictionary value; replaces
                                                    dict/dictoff (ids pass); a row's ids are vmap[idx]
-        vocab.npz                  the piece's distinct values (and train counts) per column
+        vocab.values.npy           uint32          the piece's distinct values, column after column
+        vocab.offsets.npy          int64 [27]      where each column's values start
+        vocab.counts.npy           int64           their train counts (with a frequency threshold)
         done.json                  the piece's summary, written last
       vocab/vocab_JJ.npy           a column's sorted vocabulary
       vocab/vocab_JJ.json          the column's cardinality, written last
@@ -56,8 +58,9 @@ class WorkDir:
         """``name``: label, dense, idx, dict, dictoff or vmap."""
         return self.piece_dir(piece) / f"run{run:04d}.{name}.npy"
 
-    def piece_vocab(self, piece: int) -> Path:
-        return self.piece_dir(piece) / "vocab.npz"
+    def piece_vocab(self, piece: int, name: str) -> Path:
+        """``name``: values, offsets or counts."""
+        return self.piece_dir(piece) / f"vocab.{name}.npy"
 
     def piece_done(self, piece: int) -> Path:
         return self.piece_dir(piece) / "done.json"
@@ -88,4 +91,16 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 def save_npy_atomic(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     save_npy(tmp, arr)
+    os.replace(tmp, path)
+
+
+def save_done(path: Path, text: str) -> None:
+    """Write a task's ``done`` file through a temporary name, then rename.  Not fsynced (an
+    fsync costs milliseconds per file on a journaled disk): like the arrays the task wrote
+    before it, it survives a killed run, not a power cut."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+    except OSError as e:  # name the file (a full disk is reported with it)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     os.replace(tmp, path)

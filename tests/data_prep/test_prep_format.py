@@ -83,6 +83,22 @@ def test_count_lines():
     assert count_lines(b"") == 0
     assert count_lines(b"a\nb\n") == 2
     assert count_lines(b"a\nb") == 2
+    big = b"x\n" * (3 << 19) + b"tail"  # 3 MiB of lines: counted a MiB at a time
+    assert count_lines(big) == count_lines(memoryview(big)) == (3 << 19) + 1
+
+
+def test_count_piece_lines_over_ranges(tmp_path):
+    from data_prep.sources import count_piece_lines
+
+    data = b"".join(b"%d\t%s\n" % (i, b"y" * (i % 50)) for i in range(200_000)) + b"last line"
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    cuts = [0, 1, 1000, len(data) // 2, len(data) - 3, len(data)]  # pieces of any size, mid-line too
+    counts = [count_piece_lines(str(path), a, b, False) for a, b in zip(cuts[:-1], cuts[1:])]
+    # a piece ending mid-line counts that line: the pieces' sum counts each cut line twice
+    assert sum(counts) == 200_001 + sum(data[c - 1] != 10 for c in cuts[1:-1])
+    assert count_piece_lines(str(path), 0, len(data), False) == 200_001
+    assert count_piece_lines(str(path), 5, 5, False) == 0
 
 
 def test_bad_field_messages_name_line_and_field():

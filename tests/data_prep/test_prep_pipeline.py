@@ -187,6 +187,31 @@ def test_output_independent_of_workers_and_pieces(kaggle_file, tmp_path):
     assert_same_dataset(tmp_path / "a", tmp_path / "b")
 
 
+@pytest.mark.parametrize("shard_rows, workers", [(1000, 2), (150, 1)])
+def test_train_stream_is_the_seeded_buckets_each_permuted(kaggle_file, tmp_path, shard_rows, workers):
+    """The train rows come exactly in the documented order (``shards.py``): bucket 0's rows
+    (a seeded hash of the line) in their bucket's seeded permutation, then bucket 1's, ...;
+    shards cut buckets both in small parts (read row by row) and in large ones (read whole)."""
+    from data_prep.criteo_format import parse_block
+    from data_prep.parse import SALT_BUCKET, row_hash
+    from data_prep.shards import SALT_PERMUTE
+
+    seed = 4
+    prep(kaggle_file, tmp_path / "out", shard_rows=shard_rows, workers=workers, seed=seed, piece_bytes=100_000)
+    b = parse_block(KAGGLE.read_bytes(), "k", 0)
+    n_train = kaggle_split_sizes(len(b.label))[0]
+    buckets = math.ceil(n_train / shard_rows)
+    bucket = row_hash(0, np.arange(n_train), seed, SALT_BUCKET) % np.uint64(buckets)
+    order = np.concatenate([rows[np.random.default_rng([seed, SALT_PERMUTE, u]).permutation(len(rows))]
+                            for u in range(buckets) for rows in [np.flatnonzero(bucket == u)]])
+    train = load_all(tmp_path / "out")["train"]
+    np.testing.assert_array_equal(train["dense"], b.dense[order])
+    np.testing.assert_array_equal(train["label"], b.label[order])
+    cats = b.cats
+    ids = np.stack([np.searchsorted(np.unique(cats[:, j]), cats[:, j]) for j in range(26)], axis=1)
+    np.testing.assert_array_equal(train["sparse"], ids[order])
+
+
 def test_training_rows_are_shuffled_by_seed(kaggle_file, tmp_path):
     prep(kaggle_file, tmp_path / "s0", shard_rows=400, seed=0)
     prep(kaggle_file, tmp_path / "s1", shard_rows=400, seed=1)
