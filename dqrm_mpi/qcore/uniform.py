@@ -14,6 +14,8 @@ gradient passes unchanged where round(W/scale) is inside [qmin, qmax] and is zer
 it was clamped (PyTorch's "cachemask" backward).  One scale per tensor uses PyTorch's
 fused kernel (fast for the small [B, d] batch rows); one scale per row / output channel
 uses ``_FakeQuantAlongDim0``, an ``autograd.Function`` with the same arithmetic.
+``fake_quant_rows`` is the per-row case whose scales come from the tensor itself (MLP
+weights per channel): the scales and the fake quant in one node, an identity STE.
 """
 from __future__ import annotations
 
@@ -60,11 +62,15 @@ def tensor_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """One scale per row (dim 0) of a 2-D tensor [n, k] -> float32 [n]."""
-    w = w.detach()
+def row_scales(w: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One scale per row (dim 0) of a 2-D tensor [n, k] -> float32 [n], written to ``out``
+    (float32 [n]) when given."""
+    return _row_scales(w.detach(), bits, out)
+
+
+def _row_scales(w: torch.Tensor, bits: int, out: torch.Tensor | None) -> torch.Tensor:
     # amax and amin along rows, not aminmax(dim=1): several times faster on CPU, no |w| temporary.
-    return scale_from_max(torch.maximum(w.amax(dim=1), -w.amin(dim=1)), bits)
+    return scale_from_max_(torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_(), out=out).float(), bits)
 
 
 @torch.no_grad()
@@ -114,29 +120,33 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
                      f"got {tuple(scale.shape)}")
 
 
-class _FakeQuantOwnScale(torch.autograd.Function):
-    """x [n, ...] with scales [n] computed from x itself (max|x| per row): nothing can be
-    clamped, so the STE backward is the identity and no mask is kept (3 passes forward,
-    none backward: the cheap path for MLP weights and rowwise embedding rows)."""
+class _FakeQuantRows(torch.autograd.Function):
+    """x float32 [n, k] fake-quantized with one scale per row taken from x itself (``row_scales``):
+    nothing can be clamped, so the STE backward is the identity and no mask is kept.
+
+    One node and five passes over x forward (amax, amin, x * (1/scale), round, times scale),
+    none backward: the per-step path of MLP weights per channel and of rowwise embedding rows.
+    """
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax):
-        # |x * (1/scale)| <= qmax (1 + 3 float32 eps) < qmax + 1/2: the clamp would be a no-op
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return torch.mul(x, (1.0 / scale).reshape(shape)).round_().mul_(scale.reshape(shape))
+    def forward(ctx, x, bits, scale_out):
+        scale = _row_scales(x, bits, scale_out).unsqueeze(1)
+        # |x * (1/scale)| <= qmax (1 + 3 float32 eps) < qmax + 1/2: a clamp would be a no-op
+        return torch.mul(x, torch.reciprocal(scale)).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None, None
+        return grad, None, None
 
 
-def fake_quant_own_scale(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``fake_quant`` for a scale [n] (along dim 0) that ``row_scales(x)`` just computed:
-    the same values, an identity STE (round(x/scale) is always inside the range)."""
-    qmin, qmax = qrange(bits)
-    if scale.dim() != 1 or scale.shape[0] != x.shape[0]:
-        raise ValueError(f"scale must have shape [{x.shape[0]}], got {tuple(scale.shape)}")
-    return _FakeQuantOwnScale.apply(x, scale.detach().float(), qmin, qmax)
+def fake_quant_rows(x: torch.Tensor, bits: int, scale_out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant(x, row_scales(x, bits), bits)``: the same values and gradient (an identity STE,
+    as round(x/scale) is always in range), in one autograd node.  x float32 [n, k]; the scales
+    (float32 [n]) are also written to ``scale_out`` when given."""
+    check_bits(bits)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [n, k], got shape {tuple(x.shape)}")
+    return _FakeQuantRows.apply(x, bits, scale_out)
 
 
 def _int_dtype(bits: int) -> torch.dtype:

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model import EmbeddingTables
-from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
+from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_rows, qrange, row_scales, tensor_scale
 from .config import QuantConfig
 
 # Activation scales: exponential moving average of the batch max, this weight on the new batch.
@@ -118,8 +118,7 @@ class EmbeddingFakeQuant(_ModeChecked):
         if not self._enabled:
             return rows
         if self.is_rowwise:
-            flat = rows.reshape(-1, rows.shape[-1])
-            return fake_quant_own_scale(flat, row_scales(flat, self.num_bits), self.num_bits).view(rows.shape)
+            return fake_quant_rows(rows.reshape(-1, rows.shape[-1]), self.num_bits).view(rows.shape)
         if not self._scales_valid:
             raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
                                "forward pass (or refresh() them)")
@@ -130,8 +129,8 @@ class EmbeddingFakeQuant(_ModeChecked):
         # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
-        quantized = torch.round(detached * (1.0 / scales)).clamp_(self._qmin, self._qmax).mul_(scales)
-        return rows + (quantized - detached)
+        quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax).mul_(scales)
+        return rows + quantized.sub_(detached)
 
 
 class QuantEmbeddingTables(EmbeddingTables):
@@ -219,12 +218,11 @@ class QuantLinear(nn.Linear, _ModeChecked):
                 x = fake_quant(x, self.act_scale, self.a_bits)
         w = self.weight
         if self.w_bits:
-            scale = self.quantized_weight_scale()
-            with torch.no_grad():
-                self.weight_scale.copy_(scale)
-            if self.is_per_channel:
-                w = fake_quant_own_scale(w, scale, self.w_bits)  # cheap path: the scale comes from w
+            if self.is_per_channel:  # one autograd node, the scales written to weight_scale on the way
+                w = fake_quant_rows(w, self.w_bits, self.weight_scale)
             else:
+                scale = self.quantized_weight_scale()
+                self.weight_scale.copy_(scale)
                 w = fake_quant(w, scale, self.w_bits)
         return F.linear(x, w, self.bias)
 
