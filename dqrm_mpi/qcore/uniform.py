@@ -14,8 +14,8 @@ gradient passes unchanged where round(W/scale) is inside [qmin, qmax] and is zer
 it was clamped (PyTorch's "cachemask" backward).  One scale per tensor uses PyTorch's
 fused kernel (fast for the small [B, d] batch rows); one scale per row / output channel
 uses ``_FakeQuantAlongDim0``, an ``autograd.Function`` with the same arithmetic.
-``fake_quant_rows`` is the per-row case whose scales come from the tensor itself (MLP
-weights per channel): the scales and the fake quant in one node, an identity STE.
+``fake_quant_own_scale`` is the case where the scales come from the tensor itself (MLP
+weights): the scales and the fake quant in one node, an identity STE.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def scale_from_max(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
 
 def scale_from_max_(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
     """In place: float32 max|W| (any shape) becomes its scale (``scale_from_max`` without a copy)."""
-    return max_abs.div_(qrange(bits)[1]).clamp_min_(EPS)
+    return max_abs.div_(float(qrange(bits)[1])).clamp_min_(EPS)
 
 
 @torch.no_grad()
@@ -62,15 +62,11 @@ def tensor_scale(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def row_scales(w: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """One scale per row (dim 0) of a 2-D tensor [n, k] -> float32 [n], written to ``out``
-    (float32 [n]) when given."""
-    return _row_scales(w.detach(), bits, out)
-
-
-def _row_scales(w: torch.Tensor, bits: int, out: torch.Tensor | None) -> torch.Tensor:
+def row_scales(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """One scale per row (dim 0) of a 2-D tensor [n, k] -> float32 [n]."""
+    w = w.detach()
     # amax and amin along rows, not aminmax(dim=1): several times faster on CPU, no |w| temporary.
-    return scale_from_max_(torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_(), out=out).float(), bits)
+    return scale_from_max(torch.maximum(w.amax(dim=1), -w.amin(dim=1)), bits)
 
 
 @torch.no_grad()
@@ -120,33 +116,41 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
                      f"got {tuple(scale.shape)}")
 
 
-class _FakeQuantRows(torch.autograd.Function):
-    """x float32 [n, k] fake-quantized with one scale per row taken from x itself (``row_scales``):
+class _FakeQuantOwnScale(torch.autograd.Function):
+    """x float32 fake-quantized with the scales of x itself (``row_scales`` or ``tensor_scale``):
     nothing can be clamped, so the STE backward is the identity and no mask is kept.
 
-    One node and five passes over x forward (amax, amin, x * (1/scale), round, times scale),
-    none backward: the per-step path of MLP weights per channel and of rowwise embedding rows.
+    One node and five passes over x forward (amax, amin or aminmax, x * (1/scale), round, times
+    scale), none backward: the per-step path of MLP weights and of rowwise embedding rows.
     """
 
     @staticmethod
-    def forward(ctx, x, bits, scale_out):
-        scale = _row_scales(x, bits, scale_out).unsqueeze(1)
+    def forward(ctx, x, bits, per_row, scale_out):
+        if per_row:
+            absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=scale_out)
+            scale = scale_from_max_(absmax.float(), bits).unsqueeze(1)
+        else:
+            scale = tensor_scale(x, bits)
+            if scale_out is not None:
+                scale_out.copy_(scale)
         # |x * (1/scale)| <= qmax (1 + 3 float32 eps) < qmax + 1/2: a clamp would be a no-op
         return torch.mul(x, torch.reciprocal(scale)).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None, None
+        return grad, None, None, None
 
 
-def fake_quant_rows(x: torch.Tensor, bits: int, scale_out: torch.Tensor | None = None) -> torch.Tensor:
-    """``fake_quant(x, row_scales(x, bits), bits)``: the same values and gradient (an identity STE,
-    as round(x/scale) is always in range), in one autograd node.  x float32 [n, k]; the scales
-    (float32 [n]) are also written to ``scale_out`` when given."""
+def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """``fake_quant(x, row_scales(x, bits), bits)`` (per_row, x [n, k]) or ``fake_quant(x,
+    tensor_scale(x, bits), bits)``: the same values and gradient (an identity STE, as round(x/scale)
+    is always in range) in one autograd node.  The scales (float32 [n] or [1]) are also written to
+    ``scale_out`` when given."""
     check_bits(bits)
-    if x.dim() != 2:
-        raise ValueError(f"x must be 2-D [n, k], got shape {tuple(x.shape)}")
-    return _FakeQuantRows.apply(x, bits, scale_out)
+    if per_row and x.dim() != 2:
+        raise ValueError(f"x must be 2-D [n, k] for one scale per row, got shape {tuple(x.shape)}")
+    return _FakeQuantOwnScale.apply(x, bits, per_row, scale_out)
 
 
 def _int_dtype(bits: int) -> torch.dtype:

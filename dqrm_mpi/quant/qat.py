@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..model import EmbeddingTables
-from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_rows, qrange, row_scales, tensor_scale
+from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
 from .config import QuantConfig
 
 # Activation scales: exponential moving average of the batch max, this weight on the new batch.
@@ -118,7 +118,7 @@ class EmbeddingFakeQuant(_ModeChecked):
         if not self._enabled:
             return rows
         if self.is_rowwise:
-            return fake_quant_rows(rows.reshape(-1, rows.shape[-1]), self.num_bits).view(rows.shape)
+            return fake_quant_own_scale(rows.reshape(-1, rows.shape[-1]), self.num_bits, True).view(rows.shape)
         if not self._scales_valid:
             raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
                                "forward pass (or refresh() them)")
@@ -217,13 +217,8 @@ class QuantLinear(nn.Linear, _ModeChecked):
                     raise RuntimeError("activation scale never observed: train (or calibrate) before evaluating")
                 x = fake_quant(x, self.act_scale, self.a_bits)
         w = self.weight
-        if self.w_bits:
-            if self.is_per_channel:  # one autograd node, the scales written to weight_scale on the way
-                w = fake_quant_rows(w, self.w_bits, self.weight_scale)
-            else:
-                scale = self.quantized_weight_scale()
-                self.weight_scale.copy_(scale)
-                w = fake_quant(w, scale, self.w_bits)
+        if self.w_bits:  # one autograd node; the scales are written to weight_scale on the way
+            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale)
         return F.linear(x, w, self.bias)
 
 

@@ -131,28 +131,29 @@ def test_training_is_bit_identical_to_the_frozen_reference(config):
         assert torch.equal(new(dense, sparse), ref(dense, sparse))
 
 
+@pytest.mark.parametrize("mlp_scale", ["channel", "tensor"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_near_ties_and_clamped_rows_round_as_the_frozen_reference(bits):
+def test_near_ties_and_clamped_rows_round_as_the_frozen_reference(bits, mlp_scale):
     """Values at about (k + 1/2) * scale, where x * (1/scale) and x / scale can round apart, and
     embedding rows far beyond their table's scale (clamped)."""
-    config = QuantConfig(emb_bits=bits, mlp_bits=bits, mlp_scale="channel", scale_period=1000)
+    config = QuantConfig(emb_bits=bits, mlp_bits=bits, mlp_scale=mlp_scale, scale_period=1000)
     models = {name: _prepared(config, reference=name == "ref") for name in ("new", "ref")}
-    gen = torch.Generator().manual_seed(bits)
+    gen = torch.Generator().manual_seed(0)  # seed 0: the one tensor-mode scale has splitting ties too
     qmax = _ref_qmax(bits)
-    row_max = qmax * torch.rand(32, 1, generator=gen)  # column 0: each row's max, so its scale is
+    # column 0 holds each row's max |w| (one for all rows per tensor): the scale is row_max / qmax
+    row_max = qmax * torch.rand(32 if mlp_scale == "channel" else 1, 1, generator=gen).expand(32, 1)
     scale = row_max / qmax
-    halves = torch.arange(-qmax, qmax).float() + 0.5  # every half-way point of the grid
-    jitter = 1 + (torch.randint(-3, 4, (32, len(halves)), generator=gen).float() * torch.finfo(torch.float32).eps)
+    width = models["new"][0].top.layers[0].in_features  # the tiny top MLP's first layer: [32, width]
+    halves = (torch.arange(-qmax, qmax).float() + 0.5).repeat(width)[:width - 1]  # the grid's half-way points
+    jitter = 1 + (torch.randint(-4, 5, (32, width - 1), generator=gen).float() * torch.finfo(torch.float32).eps)
     ties = torch.cat([row_max, halves * jitter * scale], dim=1)
     for model, qat in models.values():
-        layer = model.top.layers[0]
         with torch.no_grad():
-            layer.weight[:, :ties.shape[1]] = ties  # the tiny top MLP: 32 outputs
-            layer.weight[:, ties.shape[1]:] = 0
+            model.top.layers[0].weight.copy_(ties)
         qat.on_step(0)
         with torch.no_grad():
             model.embeddings.table(2)[:5] *= 40  # far beyond table 2's scale
-    x = torch.rand(16, models["new"][0].top.layers[0].in_features)
+    x = torch.rand(16, width)
     sparse = torch.randint(0, 5, (16, len(CARDS)))
     new, ref = models["new"][0], models["ref"][0]
     assert torch.equal(new.top.layers[0](x), ref.top.layers[0](x))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dqrm_mpi.qcore import (EPS, MAX_BITS, MIN_BITS, check_bits, dequantize, fake_quant, fake_quant_rows,
+from dqrm_mpi.qcore import (EPS, MAX_BITS, MIN_BITS, check_bits, dequantize, fake_quant, fake_quant_own_scale,
                             group_scales, qrange, quantize, row_scales, scale_from_max, tensor_scale)
 from dqrm_mpi.quant.config import QuantConfig
 
@@ -105,15 +105,17 @@ def test_quant_config_reads_the_older_spellings_of_saved_dicts():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
-def test_rows_with_their_own_scales_equal_the_general_path(bits):
+@pytest.mark.parametrize("per_row", [True, False])
+def test_own_scale_path_equals_the_general_one(bits, per_row):
     w = (torch.randn(64, 37) * 0.3).requires_grad_(True)
     w.data[5] = 0.0  # an all-zero row: scale EPS, zeros out
-    scale = row_scales(w, bits)
-    written = torch.full((64,), -1.0)
-    assert torch.equal(fake_quant_rows(w, bits, written), fake_quant(w, scale, bits))
+    scale = row_scales(w, bits) if per_row else tensor_scale(w, bits)
+    written = torch.full(scale.shape, -1.0)
+    assert torch.equal(fake_quant_own_scale(w, bits, per_row, written), fake_quant(w, scale, bits))
     assert torch.equal(written, scale)
     upstream = torch.randn(64, 37)
-    fake_quant_rows(w, bits).backward(upstream)
+    fake_quant_own_scale(w, bits, per_row).backward(upstream)
     assert torch.equal(w.grad, upstream)  # nothing is clamped with a scale taken from w itself
-    with pytest.raises(ValueError, match="2-D"):
-        fake_quant_rows(torch.randn(2, 3, 4), bits)
+    if per_row:
+        with pytest.raises(ValueError, match="2-D"):
+            fake_quant_own_scale(torch.randn(2, 3, 4), bits, per_row)
