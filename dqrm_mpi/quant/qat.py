@@ -14,8 +14,9 @@ optimizers are those of the FP32 model):
   themselves (no table pass).
 - ``QuantLinear`` in place of every ``nn.Linear`` of the bottom and top MLPs (same
   ``weight``/``bias`` parameters, so parameter names and optimizers are unchanged):
-  weights fake-quantized per matrix or per output channel at every forward (cheap:
-  the MLPs are small); the bias stays FP32 (in integer inference it would be INT32 at
+  weights fake-quantized per matrix or per output channel at every forward, with scales
+  from the weights themselves (one autograd node per layer, an identity STE: nothing is
+  clamped); the bias stays FP32 (in integer inference it would be INT32 at
   scale s_w * s_x, a negligible share of the model); inputs optionally fake-quantized
   with a running scale (``act_bits``).
 
@@ -129,7 +130,8 @@ class EmbeddingFakeQuant(_ModeChecked):
         # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
-        quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax).mul_(scales)
+        quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax)
+        quantized.mul_(scales)
         return rows + quantized.sub_(detached)
 
 
