@@ -120,8 +120,9 @@ class _FakeQuantOwnScale(torch.autograd.Function):
     """x float32 fake-quantized with the scales of x itself (``row_scales`` or ``tensor_scale``):
     nothing can be clamped, so the STE backward is the identity and no mask is kept.
 
-    One node and five passes over x forward (amax, amin or aminmax, x * (1/scale), round, times
-    scale), none backward: the per-step path of MLP weights and of rowwise embedding rows.
+    One node and few passes over x forward (amax and amin per row, or aminmax; x * (1/scale);
+    round; times scale), none backward: the per-step path of MLP weights and of rowwise
+    embedding rows (PyTorch's fused fake-quant kernels are scalar on CPU, several times slower).
     """
 
     @staticmethod
