@@ -66,7 +66,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if qat is not None:
                 qat.on_step(step_of[name])
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()  # gradients become None
             loss_fn(model(dense, sparse), label).backward()
             opt.step()
             times[name].append(time.perf_counter() - t0)

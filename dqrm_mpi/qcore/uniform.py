@@ -14,6 +14,8 @@ gradient passes unchanged where round(W/scale) is inside [qmin, qmax] and is zer
 it was clamped (PyTorch's "cachemask" backward).  One scale per tensor uses PyTorch's
 fused kernel (fast for the small [B, d] batch rows); one scale per row / output channel
 uses ``_FakeQuantAlongDim0``, an ``autograd.Function`` with the same arithmetic.
+``fake_quant_own_scale`` is the case where the scales come from the tensor itself (MLP
+weights): the scales and the fake quant in one node, an identity STE.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def scale_from_max(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
 
 def scale_from_max_(max_abs: torch.Tensor, bits: int) -> torch.Tensor:
     """In place: float32 max|W| (any shape) becomes its scale (``scale_from_max`` without a copy)."""
-    return max_abs.div_(qrange(bits)[1]).clamp_min_(EPS)
+    return max_abs.div_(float(qrange(bits)[1])).clamp_min_(EPS)
 
 
 @torch.no_grad()
@@ -115,28 +117,41 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _FakeQuantOwnScale(torch.autograd.Function):
-    """x [n, ...] with scales [n] computed from x itself (max|x| per row): nothing can be
-    clamped, so the STE backward is the identity and no mask is kept (3 passes forward,
-    none backward: the cheap path for MLP weights and rowwise embedding rows)."""
+    """x float32 fake-quantized with the scales of x itself (``row_scales`` or ``tensor_scale``):
+    nothing can be clamped, so the STE backward is the identity and no mask is kept.
+
+    One node and few passes over x forward (amax and amin per row, or aminmax; x * (1/scale);
+    round; times scale), none backward: the per-step path of MLP weights and of rowwise
+    embedding rows (PyTorch's fused fake-quant kernels are scalar on CPU, several times slower).
+    """
 
     @staticmethod
-    def forward(ctx, x, scale, qmin, qmax):
-        # |x * (1/scale)| <= qmax (1 + 3 float32 eps) < qmax + 1/2: the clamp would be a no-op
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        return torch.mul(x, (1.0 / scale).reshape(shape)).round_().mul_(scale.reshape(shape))
+    def forward(ctx, x, bits, per_row, scale_out):
+        if per_row:
+            absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=scale_out)
+            scale = scale_from_max_(absmax.float(), bits).unsqueeze(1)
+        else:
+            scale = tensor_scale(x, bits)
+            if scale_out is not None:
+                scale_out.copy_(scale)
+        # |x * (1/scale)| <= qmax (1 + 3 float32 eps) < qmax + 1/2: a clamp would be a no-op
+        return torch.mul(x, torch.reciprocal(scale)).round_().mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None, None
 
 
-def fake_quant_own_scale(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """``fake_quant`` for a scale [n] (along dim 0) that ``row_scales(x)`` just computed:
-    the same values, an identity STE (round(x/scale) is always inside the range)."""
-    qmin, qmax = qrange(bits)
-    if scale.dim() != 1 or scale.shape[0] != x.shape[0]:
-        raise ValueError(f"scale must have shape [{x.shape[0]}], got {tuple(scale.shape)}")
-    return _FakeQuantOwnScale.apply(x, scale.detach().float(), qmin, qmax)
+def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+    """``fake_quant(x, row_scales(x, bits), bits)`` (per_row, x [n, k]) or ``fake_quant(x,
+    tensor_scale(x, bits), bits)``: the same values and gradient (an identity STE, as round(x/scale)
+    is always in range) in one autograd node.  The scales (float32 [n] or [1]) are also written to
+    ``scale_out`` when given."""
+    check_bits(bits)
+    if per_row and x.dim() != 2:
+        raise ValueError(f"x must be 2-D [n, k] for one scale per row, got shape {tuple(x.shape)}")
+    return _FakeQuantOwnScale.apply(x, bits, per_row, scale_out)
 
 
 def _int_dtype(bits: int) -> torch.dtype:

@@ -14,8 +14,9 @@ optimizers are those of the FP32 model):
   themselves (no table pass).
 - ``QuantLinear`` in place of every ``nn.Linear`` of the bottom and top MLPs (same
   ``weight``/``bias`` parameters, so parameter names and optimizers are unchanged):
-  weights fake-quantized per matrix or per output channel at every forward (cheap:
-  the MLPs are small); the bias stays FP32 (in integer inference it would be INT32 at
+  weights fake-quantized per matrix or per output channel at every forward, with scales
+  from the weights themselves (one autograd node per layer, an identity STE: nothing is
+  clamped); the bias stays FP32 (in integer inference it would be INT32 at
   scale s_w * s_x, a negligible share of the model); inputs optionally fake-quantized
   with a running scale (``act_bits``).
 
@@ -118,8 +119,7 @@ class EmbeddingFakeQuant(_ModeChecked):
         if not self._enabled:
             return rows
         if self.is_rowwise:
-            flat = rows.reshape(-1, rows.shape[-1])
-            return fake_quant_own_scale(flat, row_scales(flat, self.num_bits), self.num_bits).view(rows.shape)
+            return fake_quant_own_scale(rows.reshape(-1, rows.shape[-1]), self.num_bits, True).view(rows.shape)
         if not self._scales_valid:
             raise RuntimeError("embedding scales were never computed: call QATState.on_step(step) before the "
                                "forward pass (or refresh() them)")
@@ -130,8 +130,9 @@ class EmbeddingFakeQuant(_ModeChecked):
         # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
-        quantized = torch.round(detached * (1.0 / scales)).clamp_(self._qmin, self._qmax).mul_(scales)
-        return rows + (quantized - detached)
+        quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax)
+        quantized.mul_(scales)
+        return rows + quantized.sub_(detached)
 
 
 class QuantEmbeddingTables(EmbeddingTables):
@@ -218,14 +219,8 @@ class QuantLinear(nn.Linear, _ModeChecked):
                     raise RuntimeError("activation scale never observed: train (or calibrate) before evaluating")
                 x = fake_quant(x, self.act_scale, self.a_bits)
         w = self.weight
-        if self.w_bits:
-            scale = self.quantized_weight_scale()
-            with torch.no_grad():
-                self.weight_scale.copy_(scale)
-            if self.is_per_channel:
-                w = fake_quant_own_scale(w, scale, self.w_bits)  # cheap path: the scale comes from w
-            else:
-                w = fake_quant(w, scale, self.w_bits)
+        if self.w_bits:  # one autograd node; the scales are written to weight_scale on the way
+            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale)
         return F.linear(x, w, self.bias)
 
 

@@ -105,10 +105,17 @@ def test_quant_config_reads_the_older_spellings_of_saved_dicts():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8, 16])
-def test_own_scale_path_equals_the_general_one(bits):
+@pytest.mark.parametrize("per_row", [True, False])
+def test_own_scale_path_equals_the_general_one(bits, per_row):
     w = (torch.randn(64, 37) * 0.3).requires_grad_(True)
-    scale = row_scales(w, bits)
-    assert torch.equal(fake_quant_own_scale(w, scale, bits), fake_quant(w, scale, bits))
+    w.data[5] = 0.0  # an all-zero row: scale EPS, zeros out
+    scale = row_scales(w, bits) if per_row else tensor_scale(w, bits)
+    written = torch.full(scale.shape, -1.0)
+    assert torch.equal(fake_quant_own_scale(w, bits, per_row, written), fake_quant(w, scale, bits))
+    assert torch.equal(written, scale)
     upstream = torch.randn(64, 37)
-    fake_quant_own_scale(w, scale, bits).backward(upstream)
+    fake_quant_own_scale(w, bits, per_row).backward(upstream)
     assert torch.equal(w.grad, upstream)  # nothing is clamped with a scale taken from w itself
+    if per_row:
+        with pytest.raises(ValueError, match="2-D"):
+            fake_quant_own_scale(torch.randn(2, 3, 4), bits, per_row)
