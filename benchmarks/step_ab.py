@@ -62,7 +62,7 @@ def worker(batch_size: int, threads: int, cap: int) -> None:
             dense, sparse, label = batches[r["step"] % len(batches)]
             if r["qat"] is not None:
                 r["qat"].on_step(r["step"])
-            r["opt"].zero_grad(set_to_none=True)
+            r["opt"].zero_grad()  # gradients become None (torch.optim.SGD: set_to_none by default)
             loss = loss_fn(r["model"](dense, sparse), label)
             loss.backward()
             if bool(local_flags(loss, r["model"], dense).any()):
