@@ -107,8 +107,8 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(a.threads))
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--compare-to", str(checkout), "--batch-size", str(a.batch_size),
-             "--threads", str(a.threads), "--cap", str(a.cap), "--clock", a.clock], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env)
+             "--threads", str(a.threads), "--cap", str(a.cap), "--clock", a.clock],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         if procs[name].stdout.readline().strip() != "ready":
             sys.exit(f"the worker for {checkout} did not start")
     ms: dict[tuple[str, str], list[float]] = {(n, pr): [] for n in procs for pr in PRECISIONS}
