@@ -1,14 +1,16 @@
 """Training-step time of this checkout against another one, interleaved in short rounds:
 FP32 and INT4 QAT at Kaggle dimensions, one process per checkout, never both at once.
 
-    python benchmarks/step_ab.py --compare-to DIR [--batch-size 128] [--rounds 10] [--steps 20]
+    python benchmarks/step_ab.py --compare-to DIR [--batch-size 128] [--rounds 10] [--steps 20] [--clock thread]
 
 A step is what ``dqrm-train`` does on one rank (QAT's on_step, forward, backward, the
 finite check, the SGD step), on random batches; no data loading, no communication.
 INT4 QAT = embeddings INT4 per table (scales refreshed every 200 steps) + MLP INT4 per
 channel.  Each round runs --steps steps of every (checkout, precision) in turn (order
 reversed every other round), so machine drift hits all alike: on a shared machine quote
-the ratios.  Prints JSON: median ms/step per checkout and precision, and the medians of
+the ratios; with --threads 1, ``--clock thread`` times the steps in the worker's CPU time
+(time.thread_time), which time slices lost to other processes do not inflate.  Prints
+JSON: median ms/step per checkout and precision, and the medians of
 the per-round ratios (other/this step time, int4/fp32 per checkout).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ HERE = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int4")
 
 
-def worker(batch_size: int, threads: int, cap: int) -> None:
+def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
     """Builds both models from the dqrm_mpi on the path; answers 'precision steps' lines with seconds."""
     import torch
 
@@ -55,14 +57,16 @@ def worker(batch_size: int, threads: int, cap: int) -> None:
                if precision == "int4" else None)
         runs[precision] = {"model": model, "qat": qat, "opt": SGD(model.parameters(), lr=0.1), "step": 0}
 
+    now = time.thread_time if clock == "thread" else time.perf_counter
+
     def run(precision: str, steps: int) -> float:
         r = runs[precision]
-        t0 = time.perf_counter()
+        t0 = now()
         for _ in range(steps):
             dense, sparse, label = batches[r["step"] % len(batches)]
             if r["qat"] is not None:
                 r["qat"].on_step(r["step"])
-            r["opt"].zero_grad(set_to_none=True)
+            r["opt"].zero_grad()  # gradients become None (torch.optim.SGD: set_to_none by default)
             loss = loss_fn(r["model"](dense, sparse), label)
             loss.backward()
             if bool(local_flags(loss, r["model"], dense).any()):
@@ -70,7 +74,7 @@ def worker(batch_size: int, threads: int, cap: int) -> None:
             r["opt"].step()
             float(loss.detach())
             r["step"] += 1
-        return time.perf_counter() - t0
+        return now() - t0
 
     for precision in PRECISIONS:  # warm-up (and the first scale pass)
         run(precision, 5)
@@ -88,10 +92,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="steps per round, checkout and precision")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall: time.perf_counter; thread: the worker's CPU time (only with --threads 1)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        return worker(a.batch_size, a.threads, a.cap)
+        return worker(a.batch_size, a.threads, a.cap, a.clock)
+    if a.clock == "thread" and a.threads != 1:
+        p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
     if not (a.compare_to / "dqrm_mpi" / "__init__.py").is_file():
         p.error(f"--compare-to {a.compare_to}: not a checkout of dqrm_mpi (no dqrm_mpi/__init__.py)")
     procs = {}
@@ -99,8 +107,8 @@ def main() -> None:
         env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(a.threads))
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--compare-to", str(checkout), "--batch-size", str(a.batch_size),
-             "--threads", str(a.threads), "--cap", str(a.cap)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, env=env)
+             "--threads", str(a.threads), "--cap", str(a.cap), "--clock", a.clock],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         if procs[name].stdout.readline().strip() != "ready":
             sys.exit(f"the worker for {checkout} did not start")
     ms: dict[tuple[str, str], list[float]] = {(n, pr): [] for n in procs for pr in PRECISIONS}
@@ -119,7 +127,7 @@ def main() -> None:
 
     print(json.dumps({
         "benchmark": "step_ab", "batch_size": a.batch_size, "threads": a.threads, "rounds": a.rounds,
-        "steps_per_round": a.steps, "cardinality_cap": a.cap,
+        "steps_per_round": a.steps, "cardinality_cap": a.cap, "clock": a.clock,
         "checkouts": {"this": str(HERE), "other": str(a.compare_to.resolve())},
         "ms_per_step_median": {f"{n}.{pr}": round(statistics.median(v), 3) for (n, pr), v in ms.items()},
         "speedup_fp32": ratio(("other", "fp32"), ("this", "fp32")),

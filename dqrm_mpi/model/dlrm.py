@@ -8,6 +8,7 @@ the MLPs' linear layers: every variant runs the same ``DLRM.forward``.
 from __future__ import annotations
 
 import math
+import mmap
 from typing import Callable
 
 import torch
@@ -23,6 +24,23 @@ def _init_linear(layer: nn.Linear) -> None:
     with torch.no_grad():
         layer.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)))
         layer.bias.normal_(0.0, math.sqrt(1.0 / fan_out))
+
+
+def table_memory(rows: int, dim: int) -> torch.Tensor:
+    """Uninitialised float32 [rows, dim] on the CPU, in memory Linux may back with 2 MiB pages
+    (``madvise(MADV_HUGEPAGE)`` before the first write; transparent huge pages in "madvise"
+    or "always" mode).  A step reads and updates a few thousand random rows of the flat table:
+    with 4 KiB pages nearly each of them also misses the TLB.  Where the kernel or Python
+    offers no such advice (or below 2 MiB), ordinary memory."""
+    nbytes = rows * dim * 4
+    if nbytes < (2 << 20) or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(rows, dim)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        memory.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages: ordinary pages
+        pass
+    return torch.frombuffer(memory, dtype=torch.float32).view(rows, dim)  # the tensor keeps ``memory`` alive
 
 
 # (in_features, out_features) -> a linear layer (nn.Linear or a subclass).
@@ -90,7 +108,7 @@ class EmbeddingTables(nn.Module):
         """Reference initialisation: rows of table t uniform in +-sqrt(1 / n_t).  Each table
         first draws the N(0, 1) values ``nn.EmbeddingBag`` would (then overwritten), so the
         random stream, and every parameter initialised after the tables, is as before."""
-        weight = torch.empty(sum(cardinalities), dim)
+        weight = table_memory(sum(cardinalities), dim)
         tables = torch.split(weight, list(cardinalities))
         for table in tables:
             table.normal_()

@@ -1,9 +1,12 @@
 import math
+import mmap
+from pathlib import Path
 
 import pytest
 import torch
 
 from dqrm_mpi.model import DLRM, EmbeddingTables, PairwiseDotInteraction, model_config_from_preset
+from dqrm_mpi.model.dlrm import table_memory
 
 CARDS = [5, 7, 3] + [4] * 23
 
@@ -100,22 +103,23 @@ def _per_table_reference(cards, dim):
     return tables
 
 
-def test_flat_table_initialises_and_trains_as_per_table_embedding_bags_bit_for_bit():
+@pytest.mark.parametrize("cards", [CARDS, [40_000] + CARDS[1:]], ids=["small", "huge-page memory"])
+def test_flat_table_initialises_and_trains_as_per_table_embedding_bags_bit_for_bit(cards):
     torch.manual_seed(3)
-    flat = EmbeddingTables.initialised(tuple(CARDS), 4)
+    flat = EmbeddingTables.initialised(tuple(cards), 4)
     after_flat = torch.rand(3)  # the random stream goes on where the per-table layout left it
     torch.manual_seed(3)
-    ref = _per_table_reference(CARDS, 4)
+    ref = _per_table_reference(cards, 4)
     assert torch.equal(torch.rand(3), after_flat)
-    for t in range(len(CARDS)):
+    for t in range(len(cards)):
         assert torch.equal(flat.table(t), ref[t].weight), t
     opt_flat = torch.optim.SGD(flat.parameters(), lr=0.7)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.7)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(3):  # duplicate ids in every table (cardinalities 3..7, batch 12)
-        sparse = torch.stack([torch.randint(0, c, (12,), generator=gen) for c in CARDS], dim=1)
-        upstream = torch.randn(12, len(CARDS), 4, generator=gen)
-        out_ref = torch.stack([ref[t](sparse[:, t].unsqueeze(1)) for t in range(len(CARDS))], dim=1)
+    for _ in range(3):  # duplicate ids in every table but the first (cardinalities 3..7, batch 12)
+        sparse = torch.stack([torch.randint(0, c, (12,), generator=gen) for c in cards], dim=1)
+        upstream = torch.randn(12, len(cards), 4, generator=gen)
+        out_ref = torch.stack([ref[t](sparse[:, t].unsqueeze(1)) for t in range(len(cards))], dim=1)
         out_flat = flat(sparse)
         assert torch.equal(out_flat, out_ref)
         for opt, out in ((opt_flat, out_flat), (opt_ref, out_ref)):
@@ -123,8 +127,35 @@ def test_flat_table_initialises_and_trains_as_per_table_embedding_bags_bit_for_b
             (out * upstream).sum().backward()
             opt.step()
     assert flat.weight.grad.is_sparse
-    for t in range(len(CARDS)):
+    for t in range(len(cards)):
         assert torch.equal(flat.table(t), ref[t].weight), t
+
+
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process holding ``address`` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not Path("/proc/self/smaps").exists(),
+                    reason="needs Linux's madvise(MADV_HUGEPAGE) and /proc/self/smaps")
+def test_large_flat_tables_live_in_memory_advised_for_huge_pages():
+    weight = table_memory(65_536, 16)  # 4 MiB
+    assert weight.shape == (65_536, 16) and weight.dtype == torch.float32 and weight.is_contiguous()
+    assert "hg" in _vm_flags(weight.data_ptr())  # madvise(MADV_HUGEPAGE) on its mapping
+    rows = weight[10:12]
+    del weight  # the view keeps the mapping alive
+    rows.fill_(2.5)
+    assert rows.sum().item() == 80.0
+    assert table_memory(1000, 16).shape == (1000, 16)  # small tables: ordinary memory
 
 
 def test_state_dict_keeps_one_entry_per_table_and_loads_the_per_table_layout():
