@@ -1,12 +1,16 @@
-"""Every rank agrees that a step is finite before anything changes state.
+"""Every rank agrees that a step is finite before any parameter changes.
 
-After ``loss.backward()`` and before the gradient exchange, each rank checks its own loss,
-gradients and dense inputs; one allgather of those three flags ([3] float per rank, 12 bytes,
-not counted in the step's communication figures) lets every rank see which rank (if any) went
-non-finite.  A NaN gradient on one rank would poison the averaged gradient of all ranks, so
-the check comes before the exchange, where it still names the culprit.  On any flag every rank raises the same ``NonFiniteStepError`` (the culprits'
-details are gathered once, on that path only): no ``optimizer.step()``, no checkpoint, the
-last checkpoint written stays the last finite one.
+After ``loss.backward()`` and before the exchanged gradients are written, each rank checks its
+own loss, gradients and dense inputs; one allgather of those three flags ([3] float per rank,
+12 bytes, not counted in the step's communication figures) lets every rank see which rank (if
+any) went non-finite.  A NaN gradient on one rank would poison the averaged gradient of all
+ranks, so the check reads the local gradients, where it still names the culprit: with
+``--overlap`` the exchange's collectives are already in flight, but ``p.grad`` stays local
+until ``GradientSynchronizer.synchronize()``.  On any flag every rank raises the same
+``NonFiniteStepError`` (the culprits' details are gathered once, on that path only): no
+``optimizer.step()``, no checkpoint, the last checkpoint written stays the last finite one
+(error-feedback residuals, which the overlapped encode may already have updated, are not
+checkpointed: a resumed run starts them from zero).
 """
 from __future__ import annotations
 
