@@ -608,8 +608,8 @@ class GradientSynchronizer:
             self._start_sparse(in_backward=False)
         for bucket in self._in_flight:  # in start order: the earliest is the likeliest done
             averaged = bucket.exchange.finish(bucket.started)
-            for n, p in bucket.params:
-                p.grad.copy_(averaged[n])
+            for n, p in bucket.params:  # fresh tensors each step (zero_grad drops them): no copy
+                p.grad = averaged[n].to(p.dtype)
             bucket.started, bucket.ready = None, 0
         if self._emb_started is not None:
             self.set_sparse_grads(*self.sparse_exchange.finish(self._emb_started))
