@@ -58,7 +58,8 @@ def run(data: Path, out: Path, flag: str, a) -> None:
     train = [str(VENV_BIN / "dqrm-train"), "--data", str(data), "--out", str(out), "--preset", "kaggle",
              "--batch-size", str(128 * a.np), "--max-steps", str(a.steps), "--threads", "1", "--log-every", "1",
              "--eval-splits", "test", "--emb-compress", "int8", "--mlp-compress", "int8",
-             "--error-feedback", "mlp", "--collective", "allgather", "--progress", "none", flag]
+             "--error-feedback", "mlp", "--collective", "allgather", "--progress", "none", flag,
+             "--bucket-mb", str(a.bucket_mb)]
     run_checked(["bash", str(ROOT / "launch/netns_cluster.sh"), "session", str(a.np), a.rate, "0", "--", *train],
                 e, timeout=1800)
 
@@ -94,6 +95,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=20, help="first steps left out of the medians (warm-up)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved pairs of --overlap / --no-overlap runs")
     p.add_argument("--table-rows", type=int, default=100_000, help="cap on each table's rows")
+    p.add_argument("--bucket-mb", type=float, default=1.0, help="dqrm-train --bucket-mb (the MLP's overlap buckets)")
     p.add_argument("--prefix", default="dqrmov", help="netns_cluster's namespace prefix")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     a = p.parse_args()
@@ -119,7 +121,7 @@ def main() -> None:
     step_ratio = round(summary["overlap"]["step_ms"] / summary["no_overlap"]["step_ms"], 3)
     result = {"benchmark": "overlap", "machine": machine(), "ranks": a.np, "rate": a.rate, "steps": a.steps,
               "skipped_steps": a.skip, "batch_per_rank": 128, "preset": "kaggle", "table_rows_cap": a.table_rows,
-              "mlp": "int8 + error feedback", "emb": "sparse int8",
+              "mlp": "int8 + error feedback", "emb": "sparse int8", "bucket_mb": a.bucket_mb,
               "mpi_yield_when_idle": os.environ.get("OMPI_MCA_mpi_yield_when_idle", "1"), "median_of_runs": summary, "runs": runs,
               "step_ratio_overlap_vs_no_overlap": step_ratio,
               "identical_parameters": identical, "target_waited_over_exchange": 0.4,
