@@ -44,12 +44,13 @@ import functools
 import math
 import re
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..qcore import group_scales, pack_int4_into, qrange, unpack_int4_into
-from .base import ALLGATHER, Compressed, Compressor, as_bytes, from_bytes, get_compressor, register_parametric
+from ..qcore import pack_int4_into, qrange, scale_from_max_, unpack_int4_into
+from .base import ALLGATHER, Compressed, Compressor, get_compressor, register_parametric
 from .layout import Layout
 
 SELECTORS = {"topk": 1, "threshold": 2}
@@ -91,29 +92,29 @@ def warmup_ratio(target: float, warmup: int, step: int) -> float:
     return WARMUP_START * (target / WARMUP_START) ** (max(step, 0) / warmup)
 
 
-def select_topk(a: torch.Tensor, k: int, method: str = "sample",
+def select_topk(x: torch.Tensor, k: int, method: str = "sample",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices int64 [k] (ascending) of the k largest values of a float32 [n] (|gradient|).
+    """Indices int64 [k] (ascending) of the k largest |values| of a float32 [n] (a gradient, or
+    its magnitudes).
 
-    Ties at the k-th largest value are broken towards the lowest indices.  ``method``:
+    Ties at the k-th largest |value| are broken towards the lowest indices.  ``method``:
     exact or sample (the same set), chunk (per-chunk top-k, about k indices); see the module doc.
     """
-    return select_topk_segments(a, [a.numel()], [k], method, generator)
+    return select_topk_segments(x, [x.numel()], [k], method, generator)
 
 
-def select_topk_segments(a: torch.Tensor, sizes: list[int], ks: list[int], method: str = "sample",
+def select_topk_segments(x: torch.Tensor, sizes: list[int], ks: list[int], method: str = "sample",
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """``select_topk`` of each segment (consecutive runs of ``sizes`` values of a float32 [n],
-    keeping ks[t] of segment t): ascending indices into a.  ``chunk`` ignores the segments
+    keeping ks[t] of segment t): ascending indices into x.  ``chunk`` ignores the segments
     (chunks of 4,096 of the whole vector keep sum(ks) / n of their values)."""
     if method not in SELECT_METHODS:
         raise ValueError(f"select must be one of {SELECT_METHODS}, got {method!r}")
     ks = [max(0, min(k, n)) for k, n in zip(ks, sizes)]
-    if method == "chunk":
-        return _chunk_topk(a, sum(ks))
-    if method == "exact":
-        return _exact_topk(a, sizes, ks)
-    return _sampled_topk(a, sizes, ks, generator)
+    if method == "sample":
+        return _sampled_topk(x, sizes, ks, generator)
+    a = x.abs()
+    return _chunk_topk(a, sum(ks)) if method == "chunk" else _exact_topk(a, sizes, ks)
 
 
 def _exact_topk(a: torch.Tensor, sizes: list[int], ks: list[int]) -> torch.Tensor:
@@ -148,72 +149,71 @@ def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
-def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """DGC-style: a threshold per segment from a random sample, aiming at about 2k candidates
-    (segments keeping too few values to sample use their exact k-th value, small ones take
-    all their values as candidates; ``exact`` when no segment is worth sampling), then the
-    exact top-k of each segment among its candidates: one pass over a for the candidates, the
-    rest on about 2k values.  A segment whose estimate leaves fewer than k candidates takes
-    all its values instead, so the result equals ``exact``.  The work after the sample is done
-    in NumPy on the CPU (k-th values by ``np.partition``: a few us a segment, where torch.topk
-    costs tens)."""
-    if a.device.type != "cpu":
-        return _sampled_topk(a.cpu(), sizes, ks, generator).to(a.device)
-    t = len(sizes)
-    los = [0]
-    for n in sizes[:-1]:
-        los.append(los[-1] + n)
-    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, torch.topk is the
-    # cheaper way to its k-th value) and holds at least twice the sample that puts ~32 values
+@dataclass(frozen=True)
+class _SamplePlan:
+    """How ``_sampled_topk`` thresholds each segment of a vector (sizes and ks fixed)."""
+
+    los: tuple[int, ...]                      # first value of every segment
+    sampled: tuple[tuple[int, int, int], ...]  # (segment, sample size, rank from the top of the estimate)
+    exact: tuple[int, ...]                    # segments thresholded at their exact k-th |value|
+    thresholds: tuple[float, ...]             # the others: 0 (every value a candidate), inf (k = 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_plan(sizes: tuple[int, ...], ks: tuple[int, ...]) -> _SamplePlan:
+    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, its exact k-th
+    # value is the cheaper threshold) and holds at least twice the sample that puts ~32 values
     # above its estimate (the count above it then falls short of k about once in 400 segments)
-    need = [max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1 for n, k in zip(sizes, ks)]
-    sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
-    if not sampled:
-        return _exact_topk(a, sizes, ks)
-    an = a.detach().numpy()
-    thresholds = [0.0] * t
-    sample = max(need[i] for i in sampled)
-    above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
-    pos = (torch.rand(len(sampled), sample, generator=generator)
-           * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
-    pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
-    pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
-    estimates = np.partition(an[pos.numpy()], sample - above, axis=1)[:, sample - above].tolist()
-    for i, e in zip(sampled, estimates):
-        thresholds[i] = e
-    for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
-        if k == 0:
-            thresholds[i] = math.inf
-        elif i not in sampled and k < n and n > CHUNK:  # not worth sampling: the exact k-th value
-            thresholds[i] = float(_kth_largest(an[lo:lo + n], k))
-    mask = torch.empty(a.numel(), dtype=torch.bool)
-    for _ in range(2):  # a second pass only when an estimate overshot
-        _at_least(a, los, sizes, thresholds, mask)
-        cand = np.flatnonzero(mask.numpy())
-        bounds = np.searchsorted(cand, [*los, a.numel()]).tolist()
-        short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
-        if not short:
-            break
-        for i in short:
-            thresholds[i] = 0.0
-    # the k-th largest candidate of each segment, then the values above it and, of those equal
-    # to it, the lowest indices
-    values = an[cand]
-    counts = np.diff(bounds)
-    kth = np.array([_kth_largest(values[b0:b1], k) if 0 < k < b1 - b0 else (-np.inf if k else np.inf)
-                    for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)], dtype=np.float32)
-    kth_c = np.repeat(kth, counts)
-    keep = values >= kth_c  # every segment has at least k candidates >= its kth: exactly k unless ties
-    if int(np.count_nonzero(keep)) != sum(ks):
-        seg = np.repeat(np.arange(t), counts)
-        above_c = values > kth_c
-        at_c = values == kth_c
-        n_above = np.bincount(seg, weights=above_c, minlength=t).astype(np.int64)
-        at_rank = np.cumsum(at_c)
-        at_before = np.concatenate([[0], at_rank])[bounds[:-1]]
-        keep = above_c | (at_c & (at_rank - at_before[seg] <= (np.array(ks) - n_above)[seg]))
-    return torch.from_numpy(cand[keep])
+    los = tuple(int(v) for v in np.cumsum([0, *sizes[:-1]])) if sizes else ()
+    sampled, exact = [], []
+    for i, (n, k) in enumerate(zip(sizes, ks)):
+        need = max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1
+        if n >= 2 * need:
+            sampled.append((i, need, min(need, math.ceil(2 * need * k / n))))
+        elif 0 < k < n and n > CHUNK:  # not worth sampling: the exact k-th value
+            exact.append(i)
+    return _SamplePlan(los, tuple(sampled), tuple(exact), tuple(math.inf if k == 0 else 0.0 for k in ks))
+
+
+def _sampled_topk(x: torch.Tensor, sizes: list[int], ks: list[int],
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """DGC-style, on the |values| of x (no |x| copy is made): a threshold per segment from a
+    random sample, aiming at about 2k candidates (segments keeping too few values to sample
+    use their exact k-th value, small ones take all their values as candidates; ``exact`` when
+    no segment is worth sampling), then the exact top-k of each segment among its candidates:
+    one pass over x for the candidates, the rest on about 2k values.  A segment whose estimate
+    leaves fewer than k candidates takes all its values instead, so the result equals
+    ``exact``.  NumPy on the CPU (k-th values by ``np.partition``: a few us a segment, where
+    torch.topk costs tens)."""
+    if x.device.type != "cpu":
+        return _sampled_topk(x.cpu(), sizes, ks, generator).to(x.device)
+    plan = _sample_plan(tuple(sizes), tuple(ks))
+    if not plan.sampled:
+        return _exact_topk(x.abs(), sizes, ks)
+    xn = x.detach().numpy()
+    thresholds = list(plan.thresholds)
+    uniform = torch.rand(sum(s for _, s, _ in plan.sampled), generator=generator).numpy()
+    at = 0
+    for i, s, r in plan.sampled:
+        n = sizes[i]
+        pos = (uniform[at:at + s] * np.float32(n)).astype(np.int64)
+        np.minimum(pos, n - 1, out=pos)  # float32 rounding up
+        pos += plan.los[i]
+        thresholds[i] = float(_kth_largest(np.abs(xn[pos]), r))
+        at += s
+    for i in plan.exact:
+        lo = plan.los[i]
+        thresholds[i] = float(_kth_largest(np.abs(xn[lo:lo + sizes[i]]), ks[i]))
+    mask = np.empty(max(sizes), dtype=np.bool_)
+    spare = np.empty(max(sizes), dtype=np.bool_)
+    parts = []
+    for lo, n, k, threshold in zip(plan.los, sizes, ks, thresholds):
+        seg = xn[lo:lo + n]
+        cand = _magnitude_at_least(seg, threshold, mask[:n], spare[:n])
+        if cand.size < k:  # the estimate overshot: every value is a candidate
+            cand = _magnitude_at_least(seg, 0.0, mask[:n], spare[:n])
+        parts.append(_largest_candidates(seg, cand, k) + lo)
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def _kth_largest(v: np.ndarray, k: int) -> np.float32:
@@ -221,16 +221,30 @@ def _kth_largest(v: np.ndarray, k: int) -> np.float32:
     return np.partition(v, v.size - k)[v.size - k]
 
 
-def _at_least(a: torch.Tensor, los: list[int], sizes: list[int], thresholds: list[float], mask: torch.Tensor) -> None:
-    """mask[i] = a[i] >= the threshold of i's segment (bool [n]); numpy on the CPU (several times
-    faster than torch.ge there; the thresholds are float32 values, so both compare alike)."""
-    if a.device.type == "cpu":
-        an, mn = a.numpy(), mask.numpy()
-        for lo, n, thr in zip(los, sizes, thresholds):
-            np.greater_equal(an[lo:lo + n], np.float32(thr), out=mn[lo:lo + n])
-        return
-    for lo, n, thr in zip(los, sizes, thresholds):
-        torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
+def _magnitude_at_least(v: np.ndarray, threshold: float, mask: np.ndarray, spare: np.ndarray) -> np.ndarray:
+    """Indices int64 [m] (ascending) of the values of float32 v with |v| >= threshold (not NaN),
+    through the bool scratch ``mask`` and ``spare`` [len(v)]: two comparisons with the float32
+    threshold instead of a |v| copy."""
+    t = np.float32(threshold)
+    np.greater_equal(v, t, out=mask)
+    np.less_equal(v, -t, out=spare)
+    return np.flatnonzero(np.logical_or(mask, spare, out=mask))
+
+
+def _largest_candidates(v: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
+    """The k of ``cand`` (ascending indices into v) with the largest |v|, ties at the k-th
+    going to the lowest indices; every candidate when there are at most k."""
+    if k == 0:
+        return cand[:0]
+    if cand.size <= k:
+        return cand
+    a = np.abs(v[cand])
+    kth = _kth_largest(a, k)
+    keep = a >= kth
+    if int(np.count_nonzero(keep)) != k:  # ties at the k-th value
+        np.greater(a, kth, out=keep)
+        keep[np.flatnonzero(a == kth)[:k - int(np.count_nonzero(keep))]] = True
+    return cand[keep]
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -297,56 +311,66 @@ class SparseCompressor(Compressor):
         idx = self._indices(x, layout, step)
         k = idx.numel()
         msg = torch.empty(self.message_nbytes(k, layout.num_groups), dtype=torch.uint8)
-        msg[:HEADER].copy_(self._header(layout.numel, k, step))
-        msg[HEADER:HEADER + 4 * k].copy_(as_bytes(idx.to(torch.int32)))
-        sent = self._encode_values(x[idx], _segment_of(idx, layout), layout.num_groups, msg[HEADER + 4 * k:])
-        return msg, idx, sent
+        buf, ii = msg.numpy(), idx.cpu().numpy()
+        _HEADER.pack_into(buf, 0, SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name),
+                          self.warmup, self.ratio_at(step), layout.numel, k)
+        buf[HEADER:HEADER + 4 * k].view(np.int32)[:] = ii
+        sent = self._encode_values(x.detach().cpu().numpy()[ii], _group_runs(ii, layout), buf[HEADER + 4 * k:])
+        return msg, idx, torch.from_numpy(sent).to(x.device)
 
     def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank",
                    step: int = 0) -> torch.Tensor:
         """Add the values of ``msg`` (encoded at global ``step``) into out float32 [n]; returns
         their indices int64 [k].  ValueError for a payload that another compressor (selector,
         parameter in force, warm-up, codec) or another vector size built."""
-        k = self._check_header(msg, layout, source, step)
-        idx = from_bytes(msg[HEADER:HEADER + 4 * k], torch.int32).to(torch.int64)
-        out.index_add_(0, idx, self._decode_values(msg[HEADER + 4 * k:], _segment_of(idx, layout),
-                                                   layout.num_groups, k))
+        buf = msg.cpu().numpy()
+        k = self._check_header(buf, layout, source, step)
+        ii = buf[HEADER:HEADER + 4 * k].view(np.int32).astype(np.int64)
+        values = self._decode_values(buf[HEADER + 4 * k:], _group_runs(ii, layout), k)
+        idx = torch.from_numpy(ii).to(out.device)
+        out.index_add_(0, idx, torch.from_numpy(values).to(out.device))  # unique indices: one add each
         return idx
 
-    def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
-        """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
-        then one FP32 scale per tensor for the integer codecs); returns what receivers decode."""
+    def _encode_values(self, v: np.ndarray, runs: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
+        """Kept values float32 [k], in tensor order (``_group_runs``) -> their bytes in ``out``
+        uint8 (data, then one FP32 scale per tensor for the integer codecs); returns what the
+        receivers decode, float32 [k]."""
         codec = self.value_codec
         if codec.name == "none":
-            out.copy_(as_bytes(v))
+            out[:] = v.view(np.uint8)
             return v
         if codec.name == "fp16":
-            half = v.to(torch.float16)
-            out.copy_(as_bytes(half))
-            return half.to(torch.float32)
+            half = torch.from_numpy(v).to(torch.float16)
+            out[:] = half.numpy().view(np.uint8)
+            return half.to(torch.float32).numpy()
+        first, counts = runs
         qmin, qmax = qrange(codec.bits)
-        scales = group_scales(v, seg, groups, codec.bits)  # qcore's rule: max|v| of the tensor / qmax
-        per_value = scales[seg]
-        q = torch.div(v, per_value).round_().clamp_(qmin, qmax)
-        nd = codec.data_nbytes(v.numel())
+        absmax = np.zeros(counts.size, dtype=np.float32)  # qcore's rule: max|v| of the tensor / qmax
+        if v.size:
+            absmax[counts > 0] = np.maximum.reduceat(np.abs(v), first[counts > 0])
+        scales = scale_from_max_(torch.from_numpy(absmax), codec.bits).numpy()
+        per_value = np.repeat(scales, counts)
+        q = np.divide(v, per_value)
+        np.clip(np.rint(q, out=q), qmin, qmax, out=q)  # rint: half to even, as torch.round
+        nd = codec.data_nbytes(v.size)
         if codec.bits == 4:
-            pack_int4_into(q, out[:nd])
+            pack_int4_into(torch.from_numpy(q), torch.from_numpy(out[:nd]))
         else:
-            out[:nd].copy_(as_bytes(q.to(torch.int8 if codec.bits == 8 else torch.int16)))
-        out[nd:].copy_(as_bytes(scales))
-        return q.mul_(per_value)
+            out[:nd].view(np.int8 if codec.bits == 8 else np.int16)[:] = q
+        out[nd:] = scales.view(np.uint8)
+        return np.multiply(q, per_value, out=q)
 
-    def _decode_values(self, buf: torch.Tensor, seg: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    def _decode_values(self, buf: np.ndarray, runs: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
+        """The bytes ``_encode_values`` wrote for k values -> float32 [k]."""
         codec = self.value_codec
         if codec.name in ("none", "fp16"):
-            return from_bytes(buf, codec.wire_dtype).to(torch.float32)
+            return buf.view(np.float32 if codec.name == "none" else np.float16).astype(np.float32)
         nd = codec.data_nbytes(k)
-        scales = from_bytes(buf[nd:nd + 4 * groups], torch.float32)
         if codec.bits == 4:
-            q = unpack_int4_into(buf[:nd].view(1, -1), torch.empty(1, k)).view(-1)
+            q = unpack_int4_into(torch.from_numpy(buf[:nd]).view(1, -1), torch.empty(1, k)).numpy().reshape(-1)
         else:
-            q = from_bytes(buf[:nd], torch.int8 if codec.bits == 8 else torch.int16).to(torch.float32)
-        return q.mul_(scales[seg])
+            q = buf[:nd].view(np.int8 if codec.bits == 8 else np.int16).astype(np.float32)
+        return np.multiply(q, np.repeat(buf[nd:nd + 4 * runs[1].size].view(np.float32), runs[1]), out=q)
 
     # -- Compressor interface ----------------------------------------------------------
     def compress(self, x, groups=None, num_groups=1):
@@ -374,12 +398,11 @@ class SparseCompressor(Compressor):
 
     # -- internals -----------------------------------------------------------------------
     def _indices(self, x: torch.Tensor, layout: Layout, step: int) -> torch.Tensor:
-        a = torch.abs(x, out=self._scratch("abs", x))
         if self.selector == "threshold":
-            return _nonzero(a >= self.param)
+            return _nonzero(torch.abs(x, out=self._scratch("abs", x)) >= self.param)
         sizes = [n for _, n in _segments(layout)]
         ratio = self.ratio_at(step)
-        return select_topk_segments(a, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
+        return select_topk_segments(x, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
 
     def _scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like`` reused across steps (one compressor per exchange): no
@@ -389,29 +412,32 @@ class SparseCompressor(Compressor):
             b = self._buffers[key] = torch.empty_like(like)
         return b
 
-    def _describe(self, selector: str, param: float, codec: str, warmup: int) -> str:
+    @staticmethod
+    def _describe(selector: str, param: float, codec: str, warmup: int) -> str:
         return f"{selector}:{param:g}+{codec}" + (f" (ratio in force of a {warmup}-step warm-up)" if warmup else "")
 
-    def _header(self, numel: int, k: int, step: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(_HEADER.pack(SELECTORS[self.selector], VALUE_CODECS.index(
-            self.value_codec.name), self.warmup, self.ratio_at(step), numel, k)), dtype=torch.uint8)
-
-    def _check_header(self, msg: torch.Tensor, layout: Layout, source: str, step: int) -> int:
-        if msg.numel() < HEADER:
-            raise ValueError(f"{self.name}: {source} sent a {msg.numel()}-byte payload, shorter than its header")
-        sel, cod, warmup, param, their_numel, k = _HEADER.unpack(msg[:HEADER].numpy().tobytes())
-        selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
-        codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
-        theirs = self._describe(selector, param, codec, warmup)
-        mine = (self.selector, self.ratio_at(step), self.value_codec.name, self.warmup)
-        if (selector, param, codec, warmup) != mine:
-            raise ValueError(f"{source} sent a {theirs} payload, this rank runs {self._describe(*mine)} at step "
+    def _check_header(self, buf: np.ndarray, layout: Layout, source: str, step: int) -> int:
+        if buf.size < HEADER:
+            raise ValueError(f"{self.name}: {source} sent a {buf.size}-byte payload, shorter than its header")
+        sel, cod, warmup, param, their_numel, k = _HEADER.unpack_from(buf, 0)
+        ratio = self.ratio_at(step)
+        if (sel, cod, warmup, param) != (SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name),
+                                         self.warmup, ratio):
+            raise ValueError(f"{source} sent a {_describe_header(sel, cod, param, warmup)} payload, this rank runs "
+                             f"{self._describe(self.selector, ratio, self.value_codec.name, self.warmup)} at step "
                              f"{step}: every rank must use the same --mlp-compress (and step)")
-        if their_numel != layout.numel or msg.numel() != self.message_nbytes(k, layout.num_groups):
-            raise ValueError(f"{source} sent a {theirs} payload of {their_numel} values and {msg.numel()} bytes, "
-                             f"this rank expects {layout.numel} values in {layout.num_groups} tensors: the "
-                             "ranks' models differ")
+        if their_numel != layout.numel or buf.size != self.message_nbytes(k, layout.num_groups):
+            raise ValueError(f"{source} sent a {_describe_header(sel, cod, param, warmup)} payload of {their_numel} "
+                             f"values and {buf.size} bytes, this rank expects {layout.numel} values in "
+                             f"{layout.num_groups} tensors: the ranks' models differ")
         return k
+
+
+def _describe_header(sel: int, cod: int, param: float, warmup: int) -> str:
+    """A payload header's compressor as on the command line (``SparseCompressor._describe``)."""
+    selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
+    codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
+    return SparseCompressor._describe(selector, param, codec, warmup)
 
 
 @functools.lru_cache(maxsize=64)
@@ -421,14 +447,18 @@ def _segments(layout: Layout) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=64)
-def _segment_ends(layout: Layout) -> torch.Tensor:
-    """int64 [groups]: the end of every scale group; not to be modified."""
-    return torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
+def _segment_bounds(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, ends) int64 [groups] of the scale groups; not to be modified."""
+    return (np.array([lo for lo, _ in _segments(layout)], dtype=np.int64),
+            np.array([lo + n for lo, n in _segments(layout)], dtype=np.int64))
 
 
-def _segment_of(idx: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The scale group (tensor) of each ascending flat index: int64 [k]."""
-    return torch.searchsorted(_segment_ends(layout), idx, right=True)
+def _group_runs(idx: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
+    """Ascending flat indices int [k] -> (position in idx of each scale group's first index,
+    how many of them it holds), int64 [groups] each."""
+    starts, ends = _segment_bounds(layout)
+    first = np.searchsorted(idx, starts)
+    return first, np.searchsorted(idx, ends) - first
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:
