@@ -151,69 +151,65 @@ def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _SamplePlan:
-    """How ``_sampled_topk`` thresholds each segment of a vector (sizes and ks fixed)."""
+    """Which segments ``_sampled_topk`` samples (sizes and ks fixed): ``size`` random positions
+    in each, the threshold its sample's ``rank``-th largest |value|."""
 
-    los: tuple[int, ...]                      # first value of every segment
-    sampled: tuple[tuple[int, int, int], ...]  # (segment, sample size, rank from the top of the estimate)
-    exact: tuple[int, ...]                    # segments thresholded at their exact k-th |value|
-    thresholds: tuple[float, ...]             # the others: 0 (every value a candidate), inf (k = 0)
+    los: tuple[int, ...]      # first value of every segment
+    sampled: tuple[int, ...]  # the sampled segments
+    size: int
+    rank: int
+    numel: np.ndarray         # float32 [sampled, 1]: their sizes (a uniform [0, 1) draw times this)
+    last: np.ndarray          # int64 [sampled, 1]: their last position (float32 rounding up)
+    lo: np.ndarray            # int64 [sampled, 1]: their first value
 
 
 @functools.lru_cache(maxsize=64)
 def _sample_plan(sizes: tuple[int, ...], ks: tuple[int, ...]) -> _SamplePlan:
-    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, its exact k-th
-    # value is the cheaper threshold) and holds at least twice the sample that puts ~32 values
+    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, its exact top-k
+    # costs little more than a sample) and holds at least twice the sample that puts ~32 values
     # above its estimate (the count above it then falls short of k about once in 400 segments)
     los = tuple(int(v) for v in np.cumsum([0, *sizes[:-1]])) if sizes else ()
-    sampled, exact = [], []
-    for i, (n, k) in enumerate(zip(sizes, ks)):
-        need = max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1
-        if n >= 2 * need:
-            sampled.append((i, need, min(need, math.ceil(2 * need * k / n))))
-        elif 0 < k < n and n > CHUNK:  # not worth sampling: the exact k-th value
-            exact.append(i)
-    return _SamplePlan(los, tuple(sampled), tuple(exact), tuple(math.inf if k == 0 else 0.0 for k in ks))
+    need = [max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1 for n, k in zip(sizes, ks)]
+    sampled = tuple(i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s)
+    size = max((need[i] for i in sampled), default=0)
+    rank = min(size, math.ceil(2 * size * max((ks[i] / sizes[i] for i in sampled), default=0)))
+    column = lambda values, dtype: np.array(values, dtype=dtype).reshape(-1, 1)  # noqa: E731
+    return _SamplePlan(los, sampled, size, rank, column([sizes[i] for i in sampled], np.float32),
+                       column([sizes[i] - 1 for i in sampled], np.int64), column([los[i] for i in sampled], np.int64))
 
 
 def _sampled_topk(x: torch.Tensor, sizes: list[int], ks: list[int],
                   generator: torch.Generator | None) -> torch.Tensor:
-    """DGC-style, on the |values| of x (no |x| copy is made): a threshold per segment from a
-    random sample, aiming at about 2k candidates (segments keeping too few values to sample
-    use their exact k-th value, small ones take all their values as candidates; ``exact`` when
-    no segment is worth sampling), then the exact top-k of each segment among its candidates:
-    one pass over x for the candidates, the rest on about 2k values.  A segment whose estimate
-    leaves fewer than k candidates takes all its values instead, so the result equals
-    ``exact``.  NumPy on the CPU (k-th values by ``np.partition``: a few us a segment, where
-    torch.topk costs tens)."""
+    """DGC-style, on the |values| of x (no |x| copy of the vector is made): for each segment
+    keeping many values, a threshold estimated from a random sample, aiming at about 2k
+    candidates, one pass over the segment for them, and the exact top-k among them; a segment
+    whose estimate leaves fewer than k candidates, and every other segment, takes the exact
+    top-k of all its values.  So the result equals ``exact``.  NumPy on the CPU (k-th values by
+    ``np.partition``: a few us a segment, where torch.topk costs tens)."""
     if x.device.type != "cpu":
         return _sampled_topk(x.cpu(), sizes, ks, generator).to(x.device)
     plan = _sample_plan(tuple(sizes), tuple(ks))
-    if not plan.sampled:
-        return _exact_topk(x.abs(), sizes, ks)
     xn = x.detach().numpy()
-    thresholds = list(plan.thresholds)
-    uniform = torch.rand(sum(s for _, s, _ in plan.sampled), generator=generator).numpy()
-    at = 0
-    for i, s, r in plan.sampled:
-        n = sizes[i]
-        pos = (uniform[at:at + s] * np.float32(n)).astype(np.int64)
-        np.minimum(pos, n - 1, out=pos)  # float32 rounding up
-        pos += plan.los[i]
-        thresholds[i] = float(_kth_largest(np.abs(xn[pos]), r))
-        at += s
-    for i in plan.exact:
-        lo = plan.los[i]
-        thresholds[i] = float(_kth_largest(np.abs(xn[lo:lo + sizes[i]]), ks[i]))
-    mask = np.empty(max(sizes), dtype=np.bool_)
-    spare = np.empty(max(sizes), dtype=np.bool_)
+    thresholds = {}
+    if plan.sampled:
+        pos = (torch.rand(len(plan.sampled), plan.size, generator=generator).numpy() * plan.numel).astype(np.int64)
+        np.minimum(pos, plan.last, out=pos)
+        pos += plan.lo
+        at = plan.size - plan.rank
+        thresholds = dict(zip(plan.sampled, np.partition(np.abs(xn[pos]), at, axis=1)[:, at]))
+    mask = np.empty(-(-max((sizes[i] for i in plan.sampled), default=0) // 8) * 8, dtype=np.bool_)
+    spare = np.empty_like(mask)
     parts = []
-    for lo, n, k, threshold in zip(plan.los, sizes, ks, thresholds):
+    for i, (lo, n, k) in enumerate(zip(plan.los, sizes, ks)):
         seg = xn[lo:lo + n]
-        cand = _magnitude_at_least(seg, threshold, mask[:n], spare[:n])
-        if cand.size < k:  # the estimate overshot: every value is a candidate
-            cand = _magnitude_at_least(seg, 0.0, mask[:n], spare[:n])
-        parts.append(_largest_candidates(seg, cand, k) + lo)
-    return torch.from_numpy(np.concatenate(parts))
+        if i in thresholds:
+            cand = _magnitude_at_least(seg, thresholds[i], mask[:-(-n // 8) * 8], spare)
+            if cand.size >= k:
+                parts.append(cand[_largest(np.abs(seg[cand]), k)] + lo)
+                continue
+            # else the estimate overshot: the segment's exact top-k
+        parts.append(_largest(np.abs(seg), k) + lo)
+    return torch.from_numpy(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
 
 
 def _kth_largest(v: np.ndarray, k: int) -> np.float32:
@@ -221,30 +217,47 @@ def _kth_largest(v: np.ndarray, k: int) -> np.float32:
     return np.partition(v, v.size - k)[v.size - k]
 
 
-def _magnitude_at_least(v: np.ndarray, threshold: float, mask: np.ndarray, spare: np.ndarray) -> np.ndarray:
-    """Indices int64 [m] (ascending) of the values of float32 v with |v| >= threshold (not NaN),
-    through the bool scratch ``mask`` and ``spare`` [len(v)]: two comparisons with the float32
-    threshold instead of a |v| copy."""
-    t = np.float32(threshold)
-    np.greater_equal(v, t, out=mask)
-    np.less_equal(v, -t, out=spare)
-    return np.flatnonzero(np.logical_or(mask, spare, out=mask))
+def _magnitude_at_least(v: np.ndarray, threshold: np.float32, mask: np.ndarray, spare: np.ndarray) -> np.ndarray:
+    """Indices int64 [m] (ascending) of the values of float32 v [n] with |v| >= threshold (not
+    NaN), through the bool scratch ``mask`` [n rounded up to a multiple of 8] and ``spare``
+    [at least n]: two comparisons with the float32 threshold instead of a |v| copy."""
+    n = v.size
+    np.greater_equal(v, threshold, out=mask[:n])
+    np.less_equal(v, -threshold, out=spare[:n])
+    np.logical_or(mask[:n], spare[:n], out=mask[:n])
+    mask[n:] = False
+    return _sparse_flatnonzero(mask, spare[:mask.size // 8])
 
 
-def _largest_candidates(v: np.ndarray, cand: np.ndarray, k: int) -> np.ndarray:
-    """The k of ``cand`` (ascending indices into v) with the largest |v|, ties at the k-th
-    going to the lowest indices; every candidate when there are at most k."""
+def _sparse_flatnonzero(mask: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a bool mask [8 m] that is mostly False (``words``: bool scratch [m]).
+    NumPy's flatnonzero branches on every True below 10 % density (about 20 ns each); the
+    8-byte words holding a True, then the bytes of those words, are dense enough for its
+    branch-free loop."""
+    w = mask.view(np.uint64)
+    nz = np.flatnonzero(np.not_equal(w, 0, out=words))
+    f = np.flatnonzero(w[nz].view(np.bool_))
+    return (nz[f >> 3] << 3) | (f & 7)
+
+
+def _largest(a: np.ndarray, k: int) -> np.ndarray:
+    """Positions int64 (ascending) of the k largest values of float32 a [m] (magnitudes), ties
+    at the k-th going to the lowest positions; NaN is never kept (so fewer than k when fewer
+    other values)."""
     if k == 0:
-        return cand[:0]
-    if cand.size <= k:
-        return cand
-    a = np.abs(v[cand])
+        return np.empty(0, dtype=np.int64)
+    if k >= a.size:
+        return np.flatnonzero(a >= 0)
     kth = _kth_largest(a, k)
     keep = a >= kth
-    if int(np.count_nonzero(keep)) != k:  # ties at the k-th value
-        np.greater(a, kth, out=keep)
-        keep[np.flatnonzero(a == kth)[:k - int(np.count_nonzero(keep))]] = True
-    return cand[keep]
+    if int(np.count_nonzero(keep)) == k:
+        return np.flatnonzero(keep)
+    if np.isnan(a).any():  # np.partition ranks NaN above every value: rank the others only
+        valid = np.flatnonzero(a >= 0)
+        return valid[_largest(a[valid], k)]
+    np.greater(a, kth, out=keep)  # ties at the k-th value: the first of those equal to it
+    keep[np.flatnonzero(a == kth)[:k - int(np.count_nonzero(keep))]] = True
+    return np.flatnonzero(keep)
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -280,6 +293,7 @@ class SparseCompressor(Compressor):
         self.select = select
         self._generator = torch.Generator().manual_seed(seed)  # the sampling (not the result)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._last_groups: _Groups | None = None
 
     def __repr__(self) -> str:
         return f"SparseCompressor({self.name!r}, select={self.select!r})"
@@ -295,7 +309,7 @@ class SparseCompressor(Compressor):
         if self.selector != "topk" or self.select == "chunk":
             return None
         ratio = self.param if step is None else self.ratio_at(step)
-        return sum(min(n, math.ceil(ratio * n)) for _, n in _segments(layout))
+        return sum(min(n, math.ceil(ratio * n)) for n in self._groups(layout).sizes)
 
     def message_nbytes(self, k: int, num_groups: int) -> int:
         return HEADER + 4 * k + self.value_codec.nbytes(k, num_groups)
@@ -315,7 +329,7 @@ class SparseCompressor(Compressor):
         _HEADER.pack_into(buf, 0, SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name),
                           self.warmup, self.ratio_at(step), layout.numel, k)
         buf[HEADER:HEADER + 4 * k].view(np.int32)[:] = ii
-        sent = self._encode_values(x.detach().cpu().numpy()[ii], _group_runs(ii, layout), buf[HEADER + 4 * k:])
+        sent = self._encode_values(x.detach().cpu().numpy()[ii], self._groups(layout).runs(ii), buf[HEADER + 4 * k:])
         return msg, idx, torch.from_numpy(sent).to(x.device)
 
     def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank",
@@ -326,13 +340,13 @@ class SparseCompressor(Compressor):
         buf = msg.cpu().numpy()
         k = self._check_header(buf, layout, source, step)
         ii = buf[HEADER:HEADER + 4 * k].view(np.int32).astype(np.int64)
-        values = self._decode_values(buf[HEADER + 4 * k:], _group_runs(ii, layout), k)
+        values = self._decode_values(buf[HEADER + 4 * k:], self._groups(layout).runs(ii), k)
         idx = torch.from_numpy(ii).to(out.device)
         out.index_add_(0, idx, torch.from_numpy(values).to(out.device))  # unique indices: one add each
         return idx
 
     def _encode_values(self, v: np.ndarray, runs: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
-        """Kept values float32 [k], in tensor order (``_group_runs``) -> their bytes in ``out``
+        """Kept values float32 [k], in tensor order (``_Groups.runs``) -> their bytes in ``out``
         uint8 (data, then one FP32 scale per tensor for the integer codecs); returns what the
         receivers decode, float32 [k]."""
         codec = self.value_codec
@@ -400,9 +414,16 @@ class SparseCompressor(Compressor):
     def _indices(self, x: torch.Tensor, layout: Layout, step: int) -> torch.Tensor:
         if self.selector == "threshold":
             return _nonzero(torch.abs(x, out=self._scratch("abs", x)) >= self.param)
-        sizes = [n for _, n in _segments(layout)]
+        sizes = self._groups(layout).sizes
         ratio = self.ratio_at(step)
         return select_topk_segments(x, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
+
+    def _groups(self, layout: Layout) -> _Groups:
+        """The groups of ``layout``, kept while the same layout comes back (hashing a Layout costs
+        more than the codec's other bookkeeping)."""
+        if self._last_groups is None or self._last_groups.layout is not layout:
+            self._last_groups = _Groups(layout)
+        return self._last_groups
 
     def _scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like`` reused across steps (one compressor per exchange): no
@@ -440,25 +461,21 @@ def _describe_header(sel: int, cod: int, param: float, warmup: int) -> str:
     return SparseCompressor._describe(selector, param, codec, warmup)
 
 
-@functools.lru_cache(maxsize=64)
-def _segments(layout: Layout) -> list[tuple[int, int]]:
-    """(start, size) of every scale group (each a tensor of the flat vector); not to be modified."""
-    return [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+class _Groups:
+    """The scale groups (the tensors: runs of the flat vector) of a ``Layout``."""
 
+    def __init__(self, layout: Layout) -> None:
+        runs = [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+        self.layout = layout
+        self.sizes = [n for _, n in runs]
+        self.starts = np.array([lo for lo, _ in runs], dtype=np.int64)
+        self.ends = np.array([lo + n for lo, n in runs], dtype=np.int64)
 
-@functools.lru_cache(maxsize=64)
-def _segment_bounds(layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends) int64 [groups] of the scale groups; not to be modified."""
-    return (np.array([lo for lo, _ in _segments(layout)], dtype=np.int64),
-            np.array([lo + n for lo, n in _segments(layout)], dtype=np.int64))
-
-
-def _group_runs(idx: np.ndarray, layout: Layout) -> tuple[np.ndarray, np.ndarray]:
-    """Ascending flat indices int [k] -> (position in idx of each scale group's first index,
-    how many of them it holds), int64 [groups] each."""
-    starts, ends = _segment_bounds(layout)
-    first = np.searchsorted(idx, starts)
-    return first, np.searchsorted(idx, ends) - first
+    def runs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ascending flat indices int [k] -> (position in idx of each group's first index, how
+        many of them it holds), int64 [groups] each."""
+        first = np.searchsorted(idx, self.starts)
+        return first, np.searchsorted(idx, self.ends) - first
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:
