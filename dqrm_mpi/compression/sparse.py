@@ -9,7 +9,8 @@ ratio at global step s < STEPS is ``0.25 * (RATIO / 0.25) ** (s / STEPS)`` (expo
 
 VALUES (default ``none``: FP32) is the codec of the kept values: ``fp16``, ``int16``, ``int8``
 or ``int4``, quantized with one scale per gradient tensor (``qcore.group_scales``: max|v| of
-the tensor's kept values / qmax; INT4 packed by ``qcore``).  What is not sent (and the kept
+the tensor's kept values / qmax; INT4 packed by ``qcore``; the arithmetic in NumPy, the
+same float32 operations bit for bit).  What is not sent (and the kept
 values' rounding) stays in the error-feedback residual of the exchange.  Payloads are never
 summed: they declare allgather, and every rank adds every rank's kept values into a dense
 sum, in rank order.
@@ -27,12 +28,12 @@ built with another selector, parameter (ratio in force), warm-up, codec or vecto
 
 Top-k selection (``select``), one call for all tensors of the flat vector:
   exact   ``torch.topk`` per tensor.
-  sample  (default) a threshold per tensor estimated from a random sample, as Deep Gradient
-          Compression does, aiming at about 2k candidates (tensors keeping fewer than 512
-          values take torch.topk's k-th value instead); one pass over the vector keeps the
-          candidates, and the exact top-k of each tensor is taken among them.  A tensor whose
-          estimate leaves fewer than k candidates is redone with all its values, so the set
-          equals ``exact``.
+  sample  (default) for each tensor keeping at least 512 values, a threshold estimated from a
+          random sample, as Deep Gradient Compression does, aiming at about 2k candidates;
+          one pass over the tensor keeps them (|x| >= threshold, no |x| copy), and its exact
+          top-k is taken among them (``np.partition``).  A tensor whose estimate leaves fewer
+          than k candidates, and every other tensor, takes the exact top-k of all its values,
+          so the set equals ``exact`` (on vectors without NaN: ``sample`` never keeps one).
   chunk   per-chunk top-k of the whole flat vector (tensor boundaries ignored): each run of
           4,096 values keeps its ceil(k * 4096 / n) largest; about k in all, not the k largest.
 Ties at a tensor's k-th largest |value| go to the lowest indices (exact and sample), so the

@@ -246,3 +246,56 @@ def test_a_payload_of_another_step_or_warmup_is_refused():
     with pytest.raises(ValueError, match=r"this rank runs topk:0.01\+int8 \(ratio in force of a 10-step warm-up\)"):
         get_compressor("topk:0.01+int8@warmup=10").decode_add(late, layout, out, step=50)
     assert torch.equal(out, torch.zeros(sum(SIZES)))
+
+
+def _torch_reference_message(c, x: torch.Tensor, sizes: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The payload as the torch codec built it before the NumPy one (exact top-k, qcore's
+    group_scales, torch rounding): (message uint8, the values the receivers decode float32 [k])."""
+    import struct
+
+    from dqrm_mpi.compression.sparse import select_topk_segments
+    from dqrm_mpi.qcore import group_scales, pack_int4_into, qrange
+
+    ratio = c.ratio_at(step)
+    idx = select_topk_segments(x.abs(), sizes, [math.ceil(ratio * n) for n in sizes], "exact")
+    seg = torch.searchsorted(torch.tensor(sizes).cumsum(0), idx, right=True)
+    v, codec = x[idx], c.value_codec
+    header = torch.frombuffer(bytearray(struct.pack("<BBxxIdqq", 1, ["none", "fp16", "int16", "int8", "int4"].index(
+        codec.name), c.warmup, ratio, x.numel(), idx.numel())), dtype=torch.uint8)
+    if codec.name == "none":
+        return torch.cat([header, idx.to(torch.int32).view(torch.uint8), v.view(torch.uint8)]), v
+    if codec.name == "fp16":
+        return torch.cat([header, idx.to(torch.int32).view(torch.uint8), v.half().view(torch.uint8)]), v.half().float()
+    qmin, qmax = qrange(codec.bits)
+    scales = group_scales(v, seg, len(sizes), codec.bits)
+    q = torch.div(v, scales[seg]).round_().clamp_(qmin, qmax)
+    data = torch.empty(codec.data_nbytes(v.numel()), dtype=torch.uint8)
+    if codec.bits == 4:
+        pack_int4_into(q, data)
+    else:
+        data = q.to(torch.int8 if codec.bits == 8 else torch.int16).view(torch.uint8)
+    return torch.cat([header, idx.to(torch.int32).view(torch.uint8), data, scales.view(torch.uint8)]), q * scales[seg]
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01+int8", "topk:0.05+int4", "topk:0.02+int16", "topk:0.02+fp16",
+                                  "topk:0.01", "topk:0.01+int8@warmup=3"])
+def test_payload_and_decoded_sum_equal_the_torch_reference_through_error_feedback(spec):
+    """Sampled tensors (k >= 512), exactly-thresholded and small ones, ties, over steps of error
+    feedback: the same bytes, the same decoded sum (three ranks' payloads) and residual."""
+    sizes = [6656, 512, 70_000, 16, 1, 16_384, 1024]
+    c, layout = get_compressor(spec), Layout.from_sizes(sizes)
+    residual = torch.zeros(sum(sizes))
+    for step in range(4):
+        residual += _x(300 + step, sum(sizes)) * 1e-3
+        if step == 2:  # ties at the k-th |value| of the sampled tensor
+            k = math.ceil(c.ratio_at(step) * 70_000)
+            residual[7168:7468] = torch.topk(residual[7168:77_168].abs(), k).values[-1]
+        expected_msg, expected_sent = _torch_reference_message(c, residual, sizes, step)
+        msg, idx, sent = c.encode(residual, layout, step)
+        assert torch.equal(msg, expected_msg) and torch.equal(sent, expected_sent)
+        out, reference = torch.zeros(sum(sizes)), torch.zeros(sum(sizes))
+        for _ in range(3):
+            c.decode_add(msg, layout, out, step=step)
+            reference.index_add_(0, idx, expected_sent)
+        assert torch.equal(out, reference)
+        residual.index_add_(0, idx, sent, alpha=-1)
