@@ -251,8 +251,9 @@ def _largest(a: np.ndarray, k: int) -> np.ndarray:
         return np.flatnonzero(a >= 0)
     kth = _kth_largest(a, k)
     keep = a >= kth
-    if int(np.count_nonzero(keep)) == k:
-        return np.flatnonzero(keep)
+    pos = np.flatnonzero(keep)
+    if pos.size == k:
+        return pos
     if np.isnan(a).any():  # np.partition ranks NaN above every value: rank the others only
         valid = np.flatnonzero(a >= 0)
         return valid[_largest(a[valid], k)]
