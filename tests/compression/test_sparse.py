@@ -3,13 +3,16 @@ the payload, error feedback and refusing a payload another compressor built."""
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
 
 from dqrm_mpi.compression import CompressionConfig, ResidualMemory, get_compressor
 from dqrm_mpi.compression.layout import Layout
-from dqrm_mpi.compression.sparse import HEADER, WARMUP_START, parse_spec, select_topk, warmup_ratio
+from dqrm_mpi.compression.sparse import (HEADER, WARMUP_START, parse_spec, select_topk, select_topk_segments,
+                                         warmup_ratio)
+from dqrm_mpi.qcore import group_scales, pack_int4_into, qrange
 
 SIZES = [600, 37, 5000, 1]  # the tensors of one flat vector
 
@@ -61,16 +64,15 @@ def test_ties_at_the_kth_value_go_to_the_lowest_indices(method):
 
 def test_sample_selection_equals_exact_on_gradient_like_vectors():
     for seed in range(5):
-        a = _x(seed, 150_000).abs()
+        x = _x(seed, 150_000)  # signed: both rank |x|
         for k in (15, 150, 1500, 15_000):
-            assert torch.equal(select_topk(a, k, "sample", torch.Generator().manual_seed(seed)),
-                               select_topk(a, k, "exact"))
+            exact = select_topk(x.abs(), k, "exact")
+            assert torch.equal(select_topk(x, k, "sample", torch.Generator().manual_seed(seed)), exact)
+            assert torch.equal(select_topk(x, k, "exact"), exact)
 
 
 def test_sampled_selection_of_mixed_tensors_equals_exact():
-    """Sampled, torch.topk-thresholded (k < 512) and all-candidate (small) tensors in one call."""
-    from dqrm_mpi.compression.sparse import select_topk_segments
-
+    """Sampled tensors and tensors taking their exact top-k (k < 512, small) in one call."""
     sizes = [200_000, 6000, 50, 70_000, 1]
     a = _x(9, sum(sizes)).abs()
     a[200_000:206_000] = torch.round(a[200_000:206_000] * 4) / 4  # many ties in one tensor
@@ -251,11 +253,6 @@ def test_a_payload_of_another_step_or_warmup_is_refused():
 def _torch_reference_message(c, x: torch.Tensor, sizes: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The payload as the torch codec built it before the NumPy one (exact top-k, qcore's
     group_scales, torch rounding): (message uint8, the values the receivers decode float32 [k])."""
-    import struct
-
-    from dqrm_mpi.compression.sparse import select_topk_segments
-    from dqrm_mpi.qcore import group_scales, pack_int4_into, qrange
-
     ratio = c.ratio_at(step)
     idx = select_topk_segments(x.abs(), sizes, [math.ceil(ratio * n) for n in sizes], "exact")
     seg = torch.searchsorted(torch.tensor(sizes).cumsum(0), idx, right=True)
