@@ -268,14 +268,14 @@ class DenseExchange:
         flat = self._flat(grads, residual, out=residual)
         msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
-            residual[idx] -= sent
+            residual.index_add_(0, idx, sent, alpha=-1)  # residual[idx] -= sent (unique idx), without a gather
         parts = self.backend.allgather([msg], name=self.tag, kind=self.kind)[0]
         out = torch.zeros(self.numel, dtype=torch.float32)
         touched = torch.cat([self.compressor.decode_add(p, layout, out, source=f"rank {r}", step=step)
                              for r, p in enumerate(parts)])
         if touched.numel() > self.numel // 8:  # a pass over the vector is cheaper than a scatter
             return out.div_(self.backend.size)
-        out[touched] = out[touched].div_(self.backend.size)  # the rest stays 0
+        out.index_copy_(0, touched, out.index_select(0, touched).div_(self.backend.size))  # the rest stays 0
         return out
 
     def _two_phase(self, flat: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:

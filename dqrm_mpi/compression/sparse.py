@@ -9,7 +9,8 @@ ratio at global step s < STEPS is ``0.25 * (RATIO / 0.25) ** (s / STEPS)`` (expo
 
 VALUES (default ``none``: FP32) is the codec of the kept values: ``fp16``, ``int16``, ``int8``
 or ``int4``, quantized with one scale per gradient tensor (``qcore.group_scales``: max|v| of
-the tensor's kept values / qmax; INT4 packed by ``qcore``).  What is not sent (and the kept
+the tensor's kept values / qmax; INT4 packed by ``qcore``; the arithmetic in NumPy, the
+same float32 operations bit for bit).  What is not sent (and the kept
 values' rounding) stays in the error-feedback residual of the exchange.  Payloads are never
 summed: they declare allgather, and every rank adds every rank's kept values into a dense
 sum, in rank order.
@@ -27,12 +28,12 @@ built with another selector, parameter (ratio in force), warm-up, codec or vecto
 
 Top-k selection (``select``), one call for all tensors of the flat vector:
   exact   ``torch.topk`` per tensor.
-  sample  (default) a threshold per tensor estimated from a random sample, as Deep Gradient
-          Compression does, aiming at about 2k candidates (tensors keeping fewer than 512
-          values take torch.topk's k-th value instead); one pass over the vector keeps the
-          candidates, and the exact top-k of each tensor is taken among them.  A tensor whose
-          estimate leaves fewer than k candidates is redone with all its values, so the set
-          equals ``exact``.
+  sample  (default) for each tensor keeping at least 512 values, a threshold estimated from a
+          random sample, as Deep Gradient Compression does, aiming at about 2k candidates;
+          one pass over the tensor keeps them (|x| >= threshold, no |x| copy), and its exact
+          top-k is taken among them (``np.partition``).  A tensor whose estimate leaves fewer
+          than k candidates, and every other tensor, takes the exact top-k of all its values,
+          so the set equals ``exact`` (on vectors without NaN: ``sample`` never keeps one).
   chunk   per-chunk top-k of the whole flat vector (tensor boundaries ignored): each run of
           4,096 values keeps its ceil(k * 4096 / n) largest; about k in all, not the k largest.
 Ties at a tensor's k-th largest |value| go to the lowest indices (exact and sample), so the
@@ -44,12 +45,13 @@ import functools
 import math
 import re
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..qcore import group_scales, pack_int4_into, qrange, unpack_int4_into
-from .base import ALLGATHER, Compressed, Compressor, as_bytes, from_bytes, get_compressor, register_parametric
+from ..qcore import pack_int4_into, qrange, scale_from_max_, unpack_int4_into
+from .base import ALLGATHER, Compressed, Compressor, get_compressor, register_parametric
 from .layout import Layout
 
 SELECTORS = {"topk": 1, "threshold": 2}
@@ -91,29 +93,29 @@ def warmup_ratio(target: float, warmup: int, step: int) -> float:
     return WARMUP_START * (target / WARMUP_START) ** (max(step, 0) / warmup)
 
 
-def select_topk(a: torch.Tensor, k: int, method: str = "sample",
+def select_topk(x: torch.Tensor, k: int, method: str = "sample",
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices int64 [k] (ascending) of the k largest values of a float32 [n] (|gradient|).
+    """Indices int64 [k] (ascending) of the k largest |values| of a float32 [n] (a gradient, or
+    its magnitudes).
 
-    Ties at the k-th largest value are broken towards the lowest indices.  ``method``:
+    Ties at the k-th largest |value| are broken towards the lowest indices.  ``method``:
     exact or sample (the same set), chunk (per-chunk top-k, about k indices); see the module doc.
     """
-    return select_topk_segments(a, [a.numel()], [k], method, generator)
+    return select_topk_segments(x, [x.numel()], [k], method, generator)
 
 
-def select_topk_segments(a: torch.Tensor, sizes: list[int], ks: list[int], method: str = "sample",
+def select_topk_segments(x: torch.Tensor, sizes: list[int], ks: list[int], method: str = "sample",
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """``select_topk`` of each segment (consecutive runs of ``sizes`` values of a float32 [n],
-    keeping ks[t] of segment t): ascending indices into a.  ``chunk`` ignores the segments
+    keeping ks[t] of segment t): ascending indices into x.  ``chunk`` ignores the segments
     (chunks of 4,096 of the whole vector keep sum(ks) / n of their values)."""
     if method not in SELECT_METHODS:
         raise ValueError(f"select must be one of {SELECT_METHODS}, got {method!r}")
     ks = [max(0, min(k, n)) for k, n in zip(ks, sizes)]
-    if method == "chunk":
-        return _chunk_topk(a, sum(ks))
-    if method == "exact":
-        return _exact_topk(a, sizes, ks)
-    return _sampled_topk(a, sizes, ks, generator)
+    if method == "sample":
+        return _sampled_topk(x, sizes, ks, generator)
+    a = x.abs()
+    return _chunk_topk(a, sum(ks)) if method == "chunk" else _exact_topk(a, sizes, ks)
 
 
 def _exact_topk(a: torch.Tensor, sizes: list[int], ks: list[int]) -> torch.Tensor:
@@ -148,72 +150,67 @@ def _topk_ties_low(a: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([above, at]).sort().values
 
 
-def _sampled_topk(a: torch.Tensor, sizes: list[int], ks: list[int],
-                  generator: torch.Generator | None) -> torch.Tensor:
-    """DGC-style: a threshold per segment from a random sample, aiming at about 2k candidates
-    (segments keeping too few values to sample use their exact k-th value, small ones take
-    all their values as candidates; ``exact`` when no segment is worth sampling), then the
-    exact top-k of each segment among its candidates: one pass over a for the candidates, the
-    rest on about 2k values.  A segment whose estimate leaves fewer than k candidates takes
-    all its values instead, so the result equals ``exact``.  The work after the sample is done
-    in NumPy on the CPU (k-th values by ``np.partition``: a few us a segment, where torch.topk
-    costs tens)."""
-    if a.device.type != "cpu":
-        return _sampled_topk(a.cpu(), sizes, ks, generator).to(a.device)
-    t = len(sizes)
-    los = [0]
-    for n in sizes[:-1]:
-        los.append(los[-1] + n)
-    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, torch.topk is the
-    # cheaper way to its k-th value) and holds at least twice the sample that puts ~32 values
+@dataclass(frozen=True)
+class _SamplePlan:
+    """Which segments ``_sampled_topk`` samples (sizes and ks fixed): ``size`` random positions
+    in each, the threshold its sample's ``rank``-th largest |value|."""
+
+    los: tuple[int, ...]      # first value of every segment
+    sampled: tuple[int, ...]  # the sampled segments
+    size: int
+    rank: int
+    numel: np.ndarray         # float32 [sampled, 1]: their sizes (a uniform [0, 1) draw times this)
+    last: np.ndarray          # int64 [sampled, 1]: their last position (float32 rounding up)
+    lo: np.ndarray            # int64 [sampled, 1]: their first value
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_plan(sizes: tuple[int, ...], ks: tuple[int, ...]) -> _SamplePlan:
+    # a segment is sampled when it keeps at least MIN_SAMPLED_K values (below, its exact top-k
+    # costs little more than a sample) and holds at least twice the sample that puts ~32 values
     # above its estimate (the count above it then falls short of k about once in 400 segments)
+    los = tuple(int(v) for v in np.cumsum([0, *sizes[:-1]])) if sizes else ()
     need = [max(1024, math.ceil(16 * n / k)) if MIN_SAMPLED_K <= k < n else n + 1 for n, k in zip(sizes, ks)]
-    sampled = [i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s]
-    if not sampled:
-        return _exact_topk(a, sizes, ks)
-    an = a.detach().numpy()
-    thresholds = [0.0] * t
-    sample = max(need[i] for i in sampled)
-    above = min(sample, math.ceil(2 * sample * max(ks[i] / sizes[i] for i in sampled)))
-    pos = (torch.rand(len(sampled), sample, generator=generator)
-           * torch.tensor([sizes[i] for i in sampled], dtype=torch.float32).unsqueeze(1)).long()
-    pos.clamp_(max=torch.tensor([sizes[i] - 1 for i in sampled]).unsqueeze(1))  # float32 rounding up
-    pos += torch.tensor([los[i] for i in sampled]).unsqueeze(1)
-    estimates = np.partition(an[pos.numpy()], sample - above, axis=1)[:, sample - above].tolist()
-    for i, e in zip(sampled, estimates):
-        thresholds[i] = e
-    for i, (lo, n, k) in enumerate(zip(los, sizes, ks)):
-        if k == 0:
-            thresholds[i] = math.inf
-        elif i not in sampled and k < n and n > CHUNK:  # not worth sampling: the exact k-th value
-            thresholds[i] = float(_kth_largest(an[lo:lo + n], k))
-    mask = torch.empty(a.numel(), dtype=torch.bool)
-    for _ in range(2):  # a second pass only when an estimate overshot
-        _at_least(a, los, sizes, thresholds, mask)
-        cand = np.flatnonzero(mask.numpy())
-        bounds = np.searchsorted(cand, [*los, a.numel()]).tolist()
-        short = [i for i in range(t) if bounds[i + 1] - bounds[i] < ks[i]]
-        if not short:
-            break
-        for i in short:
-            thresholds[i] = 0.0
-    # the k-th largest candidate of each segment, then the values above it and, of those equal
-    # to it, the lowest indices
-    values = an[cand]
-    counts = np.diff(bounds)
-    kth = np.array([_kth_largest(values[b0:b1], k) if 0 < k < b1 - b0 else (-np.inf if k else np.inf)
-                    for b0, b1, k in zip(bounds[:-1], bounds[1:], ks)], dtype=np.float32)
-    kth_c = np.repeat(kth, counts)
-    keep = values >= kth_c  # every segment has at least k candidates >= its kth: exactly k unless ties
-    if int(np.count_nonzero(keep)) != sum(ks):
-        seg = np.repeat(np.arange(t), counts)
-        above_c = values > kth_c
-        at_c = values == kth_c
-        n_above = np.bincount(seg, weights=above_c, minlength=t).astype(np.int64)
-        at_rank = np.cumsum(at_c)
-        at_before = np.concatenate([[0], at_rank])[bounds[:-1]]
-        keep = above_c | (at_c & (at_rank - at_before[seg] <= (np.array(ks) - n_above)[seg]))
-    return torch.from_numpy(cand[keep])
+    sampled = tuple(i for i, (n, s) in enumerate(zip(sizes, need)) if n >= 2 * s)
+    size = max((need[i] for i in sampled), default=0)
+    rank = min(size, math.ceil(2 * size * max((ks[i] / sizes[i] for i in sampled), default=0)))
+    column = lambda values, dtype: np.array(values, dtype=dtype).reshape(-1, 1)  # noqa: E731
+    return _SamplePlan(los, sampled, size, rank, column([sizes[i] for i in sampled], np.float32),
+                       column([sizes[i] - 1 for i in sampled], np.int64), column([los[i] for i in sampled], np.int64))
+
+
+def _sampled_topk(x: torch.Tensor, sizes: list[int], ks: list[int],
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """DGC-style, on the |values| of x (no |x| copy of the vector is made): for each segment
+    keeping many values, a threshold estimated from a random sample, aiming at about 2k
+    candidates, one pass over the segment for them, and the exact top-k among them; a segment
+    whose estimate leaves fewer than k candidates, and every other segment, takes the exact
+    top-k of all its values.  So the result equals ``exact``.  NumPy on the CPU (k-th values by
+    ``np.partition``: a few us a segment, where torch.topk costs tens)."""
+    if x.device.type != "cpu":
+        return _sampled_topk(x.cpu(), sizes, ks, generator).to(x.device)
+    plan = _sample_plan(tuple(sizes), tuple(ks))
+    xn = x.detach().numpy()
+    thresholds = {}
+    if plan.sampled:
+        pos = (torch.rand(len(plan.sampled), plan.size, generator=generator).numpy() * plan.numel).astype(np.int64)
+        np.minimum(pos, plan.last, out=pos)
+        pos += plan.lo
+        at = plan.size - plan.rank
+        thresholds = dict(zip(plan.sampled, np.partition(np.abs(xn[pos]), at, axis=1)[:, at]))
+    mask = np.empty(-(-max((sizes[i] for i in plan.sampled), default=0) // 8) * 8, dtype=np.bool_)
+    spare = np.empty_like(mask)
+    parts = []
+    for i, (lo, n, k) in enumerate(zip(plan.los, sizes, ks)):
+        seg = xn[lo:lo + n]
+        if i in thresholds:
+            cand = _magnitude_at_least(seg, thresholds[i], mask[:-(-n // 8) * 8], spare)
+            if cand.size >= k:
+                parts.append(cand[_largest(np.abs(seg[cand]), k)] + lo)
+                continue
+            # else the estimate overshot: the segment's exact top-k
+        parts.append(_largest(np.abs(seg), k) + lo)
+    return torch.from_numpy(np.concatenate(parts) if parts else np.empty(0, dtype=np.int64))
 
 
 def _kth_largest(v: np.ndarray, k: int) -> np.float32:
@@ -221,16 +218,48 @@ def _kth_largest(v: np.ndarray, k: int) -> np.float32:
     return np.partition(v, v.size - k)[v.size - k]
 
 
-def _at_least(a: torch.Tensor, los: list[int], sizes: list[int], thresholds: list[float], mask: torch.Tensor) -> None:
-    """mask[i] = a[i] >= the threshold of i's segment (bool [n]); numpy on the CPU (several times
-    faster than torch.ge there; the thresholds are float32 values, so both compare alike)."""
-    if a.device.type == "cpu":
-        an, mn = a.numpy(), mask.numpy()
-        for lo, n, thr in zip(los, sizes, thresholds):
-            np.greater_equal(an[lo:lo + n], np.float32(thr), out=mn[lo:lo + n])
-        return
-    for lo, n, thr in zip(los, sizes, thresholds):
-        torch.ge(a[lo:lo + n], thr, out=mask[lo:lo + n])
+def _magnitude_at_least(v: np.ndarray, threshold: np.float32, mask: np.ndarray, spare: np.ndarray) -> np.ndarray:
+    """Indices int64 [m] (ascending) of the values of float32 v [n] with |v| >= threshold (not
+    NaN), through the bool scratch ``mask`` [n rounded up to a multiple of 8] and ``spare``
+    [at least n]: two comparisons with the float32 threshold instead of a |v| copy."""
+    n = v.size
+    np.greater_equal(v, threshold, out=mask[:n])
+    np.less_equal(v, -threshold, out=spare[:n])
+    np.logical_or(mask[:n], spare[:n], out=mask[:n])
+    mask[n:] = False
+    return _sparse_flatnonzero(mask, spare[:mask.size // 8])
+
+
+def _sparse_flatnonzero(mask: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """np.flatnonzero of a bool mask [8 m] that is mostly False (``words``: bool scratch [m]).
+    NumPy's flatnonzero branches on every True below 10 % density (about 20 ns each); the
+    8-byte words holding a True, then the bytes of those words, are dense enough for its
+    branch-free loop."""
+    w = mask.view(np.uint64)
+    nz = np.flatnonzero(np.not_equal(w, 0, out=words))
+    f = np.flatnonzero(w[nz].view(np.bool_))
+    return (nz[f >> 3] << 3) | (f & 7)
+
+
+def _largest(a: np.ndarray, k: int) -> np.ndarray:
+    """Positions int64 (ascending) of the k largest values of float32 a [m] (magnitudes), ties
+    at the k-th going to the lowest positions; NaN is never kept (so fewer than k when fewer
+    other values)."""
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    if k >= a.size:
+        return np.flatnonzero(a >= 0)
+    kth = _kth_largest(a, k)
+    keep = a >= kth
+    pos = np.flatnonzero(keep)
+    if pos.size == k:
+        return pos
+    if np.isnan(a).any():  # np.partition ranks NaN above every value: rank the others only
+        valid = np.flatnonzero(a >= 0)
+        return valid[_largest(a[valid], k)]
+    np.greater(a, kth, out=keep)  # ties at the k-th value: the first of those equal to it
+    keep[np.flatnonzero(a == kth)[:k - int(np.count_nonzero(keep))]] = True
+    return np.flatnonzero(keep)
 
 
 def _chunk_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -266,6 +295,7 @@ class SparseCompressor(Compressor):
         self.select = select
         self._generator = torch.Generator().manual_seed(seed)  # the sampling (not the result)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._last_groups: _Groups | None = None
 
     def __repr__(self) -> str:
         return f"SparseCompressor({self.name!r}, select={self.select!r})"
@@ -281,7 +311,7 @@ class SparseCompressor(Compressor):
         if self.selector != "topk" or self.select == "chunk":
             return None
         ratio = self.param if step is None else self.ratio_at(step)
-        return sum(min(n, math.ceil(ratio * n)) for _, n in _segments(layout))
+        return sum(min(n, math.ceil(ratio * n)) for n in self._groups(layout).sizes)
 
     def message_nbytes(self, k: int, num_groups: int) -> int:
         return HEADER + 4 * k + self.value_codec.nbytes(k, num_groups)
@@ -297,56 +327,66 @@ class SparseCompressor(Compressor):
         idx = self._indices(x, layout, step)
         k = idx.numel()
         msg = torch.empty(self.message_nbytes(k, layout.num_groups), dtype=torch.uint8)
-        msg[:HEADER].copy_(self._header(layout.numel, k, step))
-        msg[HEADER:HEADER + 4 * k].copy_(as_bytes(idx.to(torch.int32)))
-        sent = self._encode_values(x[idx], _segment_of(idx, layout), layout.num_groups, msg[HEADER + 4 * k:])
-        return msg, idx, sent
+        buf, ii = msg.numpy(), idx.cpu().numpy()
+        _HEADER.pack_into(buf, 0, SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name),
+                          self.warmup, self.ratio_at(step), layout.numel, k)
+        buf[HEADER:HEADER + 4 * k].view(np.int32)[:] = ii
+        sent = self._encode_values(x.detach().cpu().numpy()[ii], self._groups(layout).runs(ii), buf[HEADER + 4 * k:])
+        return msg, idx, torch.from_numpy(sent).to(x.device)
 
     def decode_add(self, msg: torch.Tensor, layout: Layout, out: torch.Tensor, source: str = "a rank",
                    step: int = 0) -> torch.Tensor:
         """Add the values of ``msg`` (encoded at global ``step``) into out float32 [n]; returns
         their indices int64 [k].  ValueError for a payload that another compressor (selector,
         parameter in force, warm-up, codec) or another vector size built."""
-        k = self._check_header(msg, layout, source, step)
-        idx = from_bytes(msg[HEADER:HEADER + 4 * k], torch.int32).to(torch.int64)
-        out.index_add_(0, idx, self._decode_values(msg[HEADER + 4 * k:], _segment_of(idx, layout),
-                                                   layout.num_groups, k))
+        buf = msg.cpu().numpy()
+        k = self._check_header(buf, layout, source, step)
+        ii = buf[HEADER:HEADER + 4 * k].view(np.int32).astype(np.int64)
+        values = self._decode_values(buf[HEADER + 4 * k:], self._groups(layout).runs(ii), k)
+        idx = torch.from_numpy(ii).to(out.device)
+        out.index_add_(0, idx, torch.from_numpy(values).to(out.device))  # unique indices: one add each
         return idx
 
-    def _encode_values(self, v: torch.Tensor, seg: torch.Tensor, groups: int, out: torch.Tensor) -> torch.Tensor:
-        """Kept values float32 [k] of tensors ``seg`` int64 [k] -> their bytes in ``out`` (data,
-        then one FP32 scale per tensor for the integer codecs); returns what receivers decode."""
+    def _encode_values(self, v: np.ndarray, runs: tuple[np.ndarray, np.ndarray], out: np.ndarray) -> np.ndarray:
+        """Kept values float32 [k], in tensor order (``_Groups.runs``) -> their bytes in ``out``
+        uint8 (data, then one FP32 scale per tensor for the integer codecs); returns what the
+        receivers decode, float32 [k]."""
         codec = self.value_codec
         if codec.name == "none":
-            out.copy_(as_bytes(v))
+            out[:] = v.view(np.uint8)
             return v
         if codec.name == "fp16":
-            half = v.to(torch.float16)
-            out.copy_(as_bytes(half))
-            return half.to(torch.float32)
+            half = torch.from_numpy(v).to(torch.float16)
+            out[:] = half.numpy().view(np.uint8)
+            return half.to(torch.float32).numpy()
+        first, counts = runs
         qmin, qmax = qrange(codec.bits)
-        scales = group_scales(v, seg, groups, codec.bits)  # qcore's rule: max|v| of the tensor / qmax
-        per_value = scales[seg]
-        q = torch.div(v, per_value).round_().clamp_(qmin, qmax)
-        nd = codec.data_nbytes(v.numel())
+        absmax = np.zeros(counts.size, dtype=np.float32)  # qcore's rule: max|v| of the tensor / qmax
+        if v.size:
+            absmax[counts > 0] = np.maximum.reduceat(np.abs(v), first[counts > 0])
+        scales = scale_from_max_(torch.from_numpy(absmax), codec.bits).numpy()
+        per_value = np.repeat(scales, counts)
+        q = np.divide(v, per_value)
+        np.clip(np.rint(q, out=q), qmin, qmax, out=q)  # rint: half to even, as torch.round
+        nd = codec.data_nbytes(v.size)
         if codec.bits == 4:
-            pack_int4_into(q, out[:nd])
+            pack_int4_into(torch.from_numpy(q), torch.from_numpy(out[:nd]))
         else:
-            out[:nd].copy_(as_bytes(q.to(torch.int8 if codec.bits == 8 else torch.int16)))
-        out[nd:].copy_(as_bytes(scales))
-        return q.mul_(per_value)
+            out[:nd].view(np.int8 if codec.bits == 8 else np.int16)[:] = q
+        out[nd:] = scales.view(np.uint8)
+        return np.multiply(q, per_value, out=q)
 
-    def _decode_values(self, buf: torch.Tensor, seg: torch.Tensor, groups: int, k: int) -> torch.Tensor:
+    def _decode_values(self, buf: np.ndarray, runs: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
+        """The bytes ``_encode_values`` wrote for k values -> float32 [k]."""
         codec = self.value_codec
         if codec.name in ("none", "fp16"):
-            return from_bytes(buf, codec.wire_dtype).to(torch.float32)
+            return buf.view(np.float32 if codec.name == "none" else np.float16).astype(np.float32)
         nd = codec.data_nbytes(k)
-        scales = from_bytes(buf[nd:nd + 4 * groups], torch.float32)
         if codec.bits == 4:
-            q = unpack_int4_into(buf[:nd].view(1, -1), torch.empty(1, k)).view(-1)
+            q = unpack_int4_into(torch.from_numpy(buf[:nd]).view(1, -1), torch.empty(1, k)).numpy().reshape(-1)
         else:
-            q = from_bytes(buf[:nd], torch.int8 if codec.bits == 8 else torch.int16).to(torch.float32)
-        return q.mul_(scales[seg])
+            q = buf[:nd].view(np.int8 if codec.bits == 8 else np.int16).astype(np.float32)
+        return np.multiply(q, np.repeat(buf[nd:nd + 4 * runs[1].size].view(np.float32), runs[1]), out=q)
 
     # -- Compressor interface ----------------------------------------------------------
     def compress(self, x, groups=None, num_groups=1):
@@ -374,12 +414,18 @@ class SparseCompressor(Compressor):
 
     # -- internals -----------------------------------------------------------------------
     def _indices(self, x: torch.Tensor, layout: Layout, step: int) -> torch.Tensor:
-        a = torch.abs(x, out=self._scratch("abs", x))
         if self.selector == "threshold":
-            return _nonzero(a >= self.param)
-        sizes = [n for _, n in _segments(layout)]
+            return _nonzero(torch.abs(x, out=self._scratch("abs", x)) >= self.param)
+        sizes = self._groups(layout).sizes
         ratio = self.ratio_at(step)
-        return select_topk_segments(a, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
+        return select_topk_segments(x, sizes, [math.ceil(ratio * n) for n in sizes], self.select, self._generator)
+
+    def _groups(self, layout: Layout) -> _Groups:
+        """The groups of ``layout``, kept while the same layout comes back (hashing a Layout costs
+        more than the codec's other bookkeeping)."""
+        if self._last_groups is None or self._last_groups.layout is not layout:
+            self._last_groups = _Groups(layout)
+        return self._last_groups
 
     def _scratch(self, key: str, like: torch.Tensor) -> torch.Tensor:
         """A buffer shaped like ``like`` reused across steps (one compressor per exchange): no
@@ -389,46 +435,49 @@ class SparseCompressor(Compressor):
             b = self._buffers[key] = torch.empty_like(like)
         return b
 
-    def _describe(self, selector: str, param: float, codec: str, warmup: int) -> str:
+    @staticmethod
+    def _describe(selector: str, param: float, codec: str, warmup: int) -> str:
         return f"{selector}:{param:g}+{codec}" + (f" (ratio in force of a {warmup}-step warm-up)" if warmup else "")
 
-    def _header(self, numel: int, k: int, step: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(_HEADER.pack(SELECTORS[self.selector], VALUE_CODECS.index(
-            self.value_codec.name), self.warmup, self.ratio_at(step), numel, k)), dtype=torch.uint8)
-
-    def _check_header(self, msg: torch.Tensor, layout: Layout, source: str, step: int) -> int:
-        if msg.numel() < HEADER:
-            raise ValueError(f"{self.name}: {source} sent a {msg.numel()}-byte payload, shorter than its header")
-        sel, cod, warmup, param, their_numel, k = _HEADER.unpack(msg[:HEADER].numpy().tobytes())
-        selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
-        codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
-        theirs = self._describe(selector, param, codec, warmup)
-        mine = (self.selector, self.ratio_at(step), self.value_codec.name, self.warmup)
-        if (selector, param, codec, warmup) != mine:
-            raise ValueError(f"{source} sent a {theirs} payload, this rank runs {self._describe(*mine)} at step "
+    def _check_header(self, buf: np.ndarray, layout: Layout, source: str, step: int) -> int:
+        if buf.size < HEADER:
+            raise ValueError(f"{self.name}: {source} sent a {buf.size}-byte payload, shorter than its header")
+        sel, cod, warmup, param, their_numel, k = _HEADER.unpack_from(buf, 0)
+        ratio = self.ratio_at(step)
+        if (sel, cod, warmup, param) != (SELECTORS[self.selector], VALUE_CODECS.index(self.value_codec.name),
+                                         self.warmup, ratio):
+            raise ValueError(f"{source} sent a {_describe_header(sel, cod, param, warmup)} payload, this rank runs "
+                             f"{self._describe(self.selector, ratio, self.value_codec.name, self.warmup)} at step "
                              f"{step}: every rank must use the same --mlp-compress (and step)")
-        if their_numel != layout.numel or msg.numel() != self.message_nbytes(k, layout.num_groups):
-            raise ValueError(f"{source} sent a {theirs} payload of {their_numel} values and {msg.numel()} bytes, "
-                             f"this rank expects {layout.numel} values in {layout.num_groups} tensors: the "
-                             "ranks' models differ")
+        if their_numel != layout.numel or buf.size != self.message_nbytes(k, layout.num_groups):
+            raise ValueError(f"{source} sent a {_describe_header(sel, cod, param, warmup)} payload of {their_numel} "
+                             f"values and {buf.size} bytes, this rank expects {layout.numel} values in "
+                             f"{layout.num_groups} tensors: the ranks' models differ")
         return k
 
 
-@functools.lru_cache(maxsize=64)
-def _segments(layout: Layout) -> list[tuple[int, int]]:
-    """(start, size) of every scale group (each a tensor of the flat vector); not to be modified."""
-    return [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+def _describe_header(sel: int, cod: int, param: float, warmup: int) -> str:
+    """A payload header's compressor as on the command line (``SparseCompressor._describe``)."""
+    selector = {v: s for s, v in SELECTORS.items()}.get(sel, f"selector {sel}")
+    codec = VALUE_CODECS[cod] if cod < len(VALUE_CODECS) else f"codec {cod}"
+    return SparseCompressor._describe(selector, param, codec, warmup)
 
 
-@functools.lru_cache(maxsize=64)
-def _segment_ends(layout: Layout) -> torch.Tensor:
-    """int64 [groups]: the end of every scale group; not to be modified."""
-    return torch.tensor([lo + n for lo, n in _segments(layout)], dtype=torch.int64)
+class _Groups:
+    """The scale groups (the tensors: runs of the flat vector) of a ``Layout``."""
 
+    def __init__(self, layout: Layout) -> None:
+        runs = [(b.lo + i * b.cols, b.cols) for b in layout.blocks for i in range(b.rows)]
+        self.layout = layout
+        self.sizes = [n for _, n in runs]
+        self.starts = np.array([lo for lo, _ in runs], dtype=np.int64)
+        self.ends = np.array([lo + n for lo, n in runs], dtype=np.int64)
 
-def _segment_of(idx: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """The scale group (tensor) of each ascending flat index: int64 [k]."""
-    return torch.searchsorted(_segment_ends(layout), idx, right=True)
+    def runs(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ascending flat indices int [k] -> (position in idx of each group's first index, how
+        many of them it holds), int64 [groups] each."""
+        first = np.searchsorted(idx, self.starts)
+        return first, np.searchsorted(idx, self.ends) - first
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:

@@ -3,13 +3,16 @@ the payload, error feedback and refusing a payload another compressor built."""
 from __future__ import annotations
 
 import math
+import struct
 
 import pytest
 import torch
 
 from dqrm_mpi.compression import CompressionConfig, ResidualMemory, get_compressor
 from dqrm_mpi.compression.layout import Layout
-from dqrm_mpi.compression.sparse import HEADER, WARMUP_START, parse_spec, select_topk, warmup_ratio
+from dqrm_mpi.compression.sparse import (HEADER, WARMUP_START, parse_spec, select_topk, select_topk_segments,
+                                         warmup_ratio)
+from dqrm_mpi.qcore import group_scales, pack_int4_into, qrange
 
 SIZES = [600, 37, 5000, 1]  # the tensors of one flat vector
 
@@ -61,16 +64,15 @@ def test_ties_at_the_kth_value_go_to_the_lowest_indices(method):
 
 def test_sample_selection_equals_exact_on_gradient_like_vectors():
     for seed in range(5):
-        a = _x(seed, 150_000).abs()
+        x = _x(seed, 150_000)  # signed: both rank |x|
         for k in (15, 150, 1500, 15_000):
-            assert torch.equal(select_topk(a, k, "sample", torch.Generator().manual_seed(seed)),
-                               select_topk(a, k, "exact"))
+            exact = select_topk(x.abs(), k, "exact")
+            assert torch.equal(select_topk(x, k, "sample", torch.Generator().manual_seed(seed)), exact)
+            assert torch.equal(select_topk(x, k, "exact"), exact)
 
 
 def test_sampled_selection_of_mixed_tensors_equals_exact():
-    """Sampled, torch.topk-thresholded (k < 512) and all-candidate (small) tensors in one call."""
-    from dqrm_mpi.compression.sparse import select_topk_segments
-
+    """Sampled tensors and tensors taking their exact top-k (k < 512, small) in one call."""
     sizes = [200_000, 6000, 50, 70_000, 1]
     a = _x(9, sum(sizes)).abs()
     a[200_000:206_000] = torch.round(a[200_000:206_000] * 4) / 4  # many ties in one tensor
@@ -246,3 +248,51 @@ def test_a_payload_of_another_step_or_warmup_is_refused():
     with pytest.raises(ValueError, match=r"this rank runs topk:0.01\+int8 \(ratio in force of a 10-step warm-up\)"):
         get_compressor("topk:0.01+int8@warmup=10").decode_add(late, layout, out, step=50)
     assert torch.equal(out, torch.zeros(sum(SIZES)))
+
+
+def _torch_reference_message(c, x: torch.Tensor, sizes: list[int], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The payload as the torch codec built it before the NumPy one (exact top-k, qcore's
+    group_scales, torch rounding): (message uint8, the values the receivers decode float32 [k])."""
+    ratio = c.ratio_at(step)
+    idx = select_topk_segments(x.abs(), sizes, [math.ceil(ratio * n) for n in sizes], "exact")
+    seg = torch.searchsorted(torch.tensor(sizes).cumsum(0), idx, right=True)
+    v, codec = x[idx], c.value_codec
+    header = torch.frombuffer(bytearray(struct.pack("<BBxxIdqq", 1, ["none", "fp16", "int16", "int8", "int4"].index(
+        codec.name), c.warmup, ratio, x.numel(), idx.numel())), dtype=torch.uint8)
+    if codec.name == "none":
+        return torch.cat([header, idx.to(torch.int32).view(torch.uint8), v.view(torch.uint8)]), v
+    if codec.name == "fp16":
+        return torch.cat([header, idx.to(torch.int32).view(torch.uint8), v.half().view(torch.uint8)]), v.half().float()
+    qmin, qmax = qrange(codec.bits)
+    scales = group_scales(v, seg, len(sizes), codec.bits)
+    q = torch.div(v, scales[seg]).round_().clamp_(qmin, qmax)
+    data = torch.empty(codec.data_nbytes(v.numel()), dtype=torch.uint8)
+    if codec.bits == 4:
+        pack_int4_into(q, data)
+    else:
+        data = q.to(torch.int8 if codec.bits == 8 else torch.int16).view(torch.uint8)
+    return torch.cat([header, idx.to(torch.int32).view(torch.uint8), data, scales.view(torch.uint8)]), q * scales[seg]
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01+int8", "topk:0.05+int4", "topk:0.02+int16", "topk:0.02+fp16",
+                                  "topk:0.01", "topk:0.01+int8@warmup=3"])
+def test_payload_and_decoded_sum_equal_the_torch_reference_through_error_feedback(spec):
+    """Sampled tensors (k >= 512), exactly-thresholded and small ones, ties, over steps of error
+    feedback: the same bytes, the same decoded sum (three ranks' payloads) and residual."""
+    sizes = [6656, 512, 70_000, 16, 1, 16_384, 1024]
+    c, layout = get_compressor(spec), Layout.from_sizes(sizes)
+    residual = torch.zeros(sum(sizes))
+    for step in range(4):
+        residual += _x(300 + step, sum(sizes)) * 1e-3
+        if step == 2:  # ties at the k-th |value| of the sampled tensor
+            k = math.ceil(c.ratio_at(step) * 70_000)
+            residual[7168:7468] = torch.topk(residual[7168:77_168].abs(), k).values[-1]
+        expected_msg, expected_sent = _torch_reference_message(c, residual, sizes, step)
+        msg, idx, sent = c.encode(residual, layout, step)
+        assert torch.equal(msg, expected_msg) and torch.equal(sent, expected_sent)
+        out, reference = torch.zeros(sum(sizes)), torch.zeros(sum(sizes))
+        for _ in range(3):
+            c.decode_add(msg, layout, out, step=step)
+            reference.index_add_(0, idx, expected_sent)
+        assert torch.equal(out, reference)
+        residual.index_add_(0, idx, sent, alpha=-1)
