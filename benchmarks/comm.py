@@ -156,6 +156,19 @@ class _LocalBackend:
     def allreduce_average(self, tensors, name, kind):
         return self._collective(kind, "allreduce", tensors, lambda: [t.clone() for t in tensors])
 
+    # the exchanges' start / wait form: the collective is done at start, wait hands the result back
+    def allgather_stacked_start(self, t, name, kind):
+        return self.allgather_stacked(t, name, kind)
+
+    def allgather_start(self, tensors, name, kind):
+        return self.allgather(tensors, name, kind)
+
+    def allreduce_start(self, tensors, name, kind):
+        return self.allreduce_average(tensors, name, kind)
+
+    def wait(self, inflight):
+        return inflight
+
 
 def codec(world: int, steps: int, configs: list[str], batch: int) -> dict:
     """Codec seconds per step (compress + decompress + error feedback, no network) at Kaggle

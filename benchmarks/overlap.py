@@ -11,11 +11,15 @@ out), medians per step of:
 
   step_ms        the step's wall time (data wait included)
   exchange_ms    the gradient exchange's span: first collective started (inside backward with
-                 --overlap) to last result decoded
+                 --overlap, else the end of backward) to last result decoded
   waited_ms      the part of the step spent on it on the training thread: encoding inside
-                 backward's hooks plus synchronize() (starting the rest, blocked waiting,
-                 decoding); without overlap both are synchronize()'s time
+                 backward's hooks plus everything from the end of backward to the last decode
+                 (the finite-flags agreement, whose collective queues behind the buckets in
+                 flight, starting the rest, blocked waiting, decoding); without overlap both
+                 are the time from the end of backward to the last decode
   backward_ms    forward + backward (with --overlap: including the hooks' encoding)
+  exchange_lap_ms  the step timer's "exchange" part (agreement + synchronize())
+  other_ms       the rest of the step (data, optimizer, logging)
 
 and waited / exchange (issue 10's target: <= 0.4 with --overlap).  ``identical_parameters``:
 every run's final checkpoint equals the first --no-overlap run's, tensor for tensor.
@@ -74,6 +78,8 @@ def figures(out: Path, skip: int) -> dict:
     res = {"steps": len(steps), "step_ms": med(lambda r: r["seconds"]),
            "exchange_ms": med(lambda r: r["exchange_seconds"]), "waited_ms": med(lambda r: r["waited_seconds"]),
            "backward_ms": med(lambda r: r["step_time"]["forward_backward"]),
+           "exchange_lap_ms": med(lambda r: r["step_time"]["exchange"]),
+           "other_ms": med(lambda r: r["seconds"] - r["step_time"]["forward_backward"] - r["step_time"]["exchange"]),
            "comm_wait_ms": med(lambda r: r["comm_seconds"]), "codec_ms": med(lambda r: r["codec_seconds"])}
     res["waited_over_exchange"] = round(res["waited_ms"] / res["exchange_ms"], 3) if res["exchange_ms"] else None
     return res

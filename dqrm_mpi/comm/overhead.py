@@ -15,9 +15,10 @@ Per rank and step: bytes sent / received and seconds waiting on collectives, in 
 gradient kind (``emb``, ``mlp``) and by kind/collective (``emb/allgather``, ``mlp/alltoall``...,
 with their ``calls``), plus ``codec_seconds`` (compressing and decompressing) and the
 gradient exchange's ``exchange_seconds`` (its span: first collective started, in backward
-when it overlaps, to last result decoded) and ``waited_seconds`` (the part of the step it
-took on the training thread: encoding in backward's hooks plus ``synchronize()``); see
-``traffic.py``.  waited / exchange is the share of the exchange that overlap did not hide.
+when it overlaps, else the end of backward, to last result decoded) and ``waited_seconds``
+(the part of the step it took on the training thread: encoding in backward's hooks plus
+everything from the end of backward to the last decode, the finite-flags agreement
+included); see ``traffic.py``.  waited / exchange is the share of the exchange that overlap did not hide.
 """
 from __future__ import annotations
 
@@ -183,9 +184,10 @@ class CommOverheadLog:
                 "definitions": "bytes and seconds per step and rank; sent: tensors this rank handed to "
                                "Horovod; received: output bytes from other ranks; seconds: waiting on "
                                "collectives (enqueue + blocked); codec_seconds: compress + decompress; "
-                               "exchange_seconds: first collective started to last result decoded; "
-                               "waited_seconds: the step's time on the exchange (encoding in backward + "
-                               "synchronize()); mean exact, p50/p95 within 0.5 %"}
+                               "exchange_seconds: first collective started (else the end of backward) to last "
+                               "result decoded; waited_seconds: the step's time on the exchange (encoding "
+                               "in backward + end of backward to last decode, the finite check's agreement "
+                               "included); mean exact, p50/p95 within 0.5 %"}
 
     def summary_fields(self) -> dict[str, Any]:
         """summary.json's communication fields: this rank's bytes and seconds per step

@@ -524,6 +524,7 @@ class GradientSynchronizer:
         self._emb_ready = 0  # sparse parameters whose gradient this backward has accumulated
         self._armed = False  # begin_step() was called: backward's hooks start the exchange
         self._first_start: float | None = None
+        self._backward_end: float | None = None  # backward_done() this step
         self._hook_seconds = 0.0
         self.start_order: list[tuple[str, bool]] = []  # this step's (collective name, started in backward)
         self.last_start_order: list[tuple[str, bool]] = []  # the last synchronized step's
@@ -545,6 +546,13 @@ class GradientSynchronizer:
         embedding gradient exists; ``synchronize()`` starts what backward did not and finishes.
         Local ``p.grad`` stays untouched until ``synchronize()``.  Without overlap: nothing."""
         self._armed = self.overlap
+
+    def backward_done(self) -> None:
+        """Call right after ``backward()``: from here on the step waits for the exchange.  What
+        runs between this and ``synchronize()`` (the finite-flags agreement: its collective
+        queues behind the exchange's in flight) counts as waited, and as part of the exchange."""
+        if self.backend.size > 1:
+            self._backward_end = self._clock_start()
 
     def _clock_start(self) -> float:
         now = time.perf_counter()
@@ -594,11 +602,12 @@ class GradientSynchronizer:
 
         Starts the exchanges backward's hooks did not (all of them without overlap), waits for
         each and decodes it in rank order, then writes ``p.grad``.  Records the step's
-        ``exchange_seconds`` (first start to last decode) and ``waited_seconds`` (hook encoding
-        plus this call) in ``backend.traffic``."""
+        ``exchange_seconds`` (first start in backward, else ``backward_done()``, else this call,
+        to last decode) and ``waited_seconds`` (hook encoding plus the time from
+        ``backward_done()``, else from this call, to the last decode) in ``backend.traffic``."""
         if self.backend.size == 1:
             return
-        t0 = self._clock_start()
+        t0 = self._clock_start() if self._backward_end is None else self._backward_end
         for bucket in self.buckets:
             if bucket.started is None:
                 self._start_bucket(bucket, step, in_backward=False)
@@ -616,7 +625,7 @@ class GradientSynchronizer:
         end = time.perf_counter()
         self.backend.traffic.record_exchange(end - self._first_start, self._hook_seconds + end - t0)
         self._in_flight, self._emb_started, self._emb_ready, self._armed = [], None, 0, False
-        self._first_start, self._hook_seconds = None, 0.0
+        self._first_start, self._backward_end, self._hook_seconds = None, None, 0.0
         self.last_start_order, self.start_order = self.start_order, []
 
     def _dense_tables(self) -> None:

@@ -10,11 +10,14 @@ Definitions (per rank, per step):
             was done (a collective started in backward and waited for later counts only the
             part the step actually waited for)
   codec     seconds compressing and decompressing (reported apart as ``codec_seconds``)
-  exchange_seconds  the gradient exchange's span: from the start of its first collective
-            (in backward when it overlaps) to its last result decoded (``synchronize()`` done)
+  exchange_seconds  the gradient exchange's span: from the start of its first collective (in
+            backward when it overlaps, else the end of backward) to its last result decoded
+            (``synchronize()`` done)
   waited_seconds    the part of the step the exchange took on the training thread: encoding
-            inside backward's hooks plus the time in ``synchronize()`` (starting what backward
-            did not, blocked waiting, decoding); without overlap both equal synchronize's time
+            inside backward's hooks plus everything from the end of backward to the last
+            decode: the finite-flags agreement (its collective queues behind the exchange's in
+            flight), starting what backward did not, blocked waiting, decoding; without overlap
+            both are the time from the end of backward to the last decode
 """
 from __future__ import annotations
 

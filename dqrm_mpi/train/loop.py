@@ -231,6 +231,7 @@ class _Training:
         try:  # local computation only: an error here is this rank's, named with its batch
             loss = self.loss_fn(self.model(batch.dense, batch.sparse), batch.label)
             loss.backward()
+            self.sync.backward_done()  # the step waits for the exchange from here (agreement included)
         except (RuntimeError, IndexError, ValueError) as e:
             raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
                               f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e

@@ -10,7 +10,7 @@ training loop, data wait included:
                     encoding and starting of the exchange's buckets inside backward's hooks
   exchange          the finite check and the gradient exchange after backward: waiting on
                     collectives and codec (their shares are the traffic meter's comm_seconds
-                    and codec_seconds; its waited_seconds adds the encoding done in backward)
+                    and codec_seconds; its waited_seconds is this part plus the encoding done in backward)
   optimizer         the SGD step
   other             activation-scale averaging, the loss check, logging and its gathers
 

@@ -12,8 +12,9 @@ Rank 0 then writes, all with ``time`` (Unix seconds):
    "samples_per_second", "comm_bytes_sent", "comm_bytes_received", "comm_seconds",
    "codec_seconds", "exchange_seconds", "waited_seconds", "comm_breakdown" (rank 0, per step)}
   (exchange_seconds: the gradient exchange from its first collective started, inside backward
-   with --overlap, to its last result decoded; waited_seconds: the part of the step spent on
-   it on the training thread, encoding in backward's hooks plus synchronize(): see traffic.py)
+   with --overlap, else the end of backward, to its last result decoded; waited_seconds: the
+   part of the step spent on it on the training thread, encoding in backward's hooks plus the
+   end of backward to the last decode: see traffic.py)
   {"event": "comm", ...}                                 every rank's figures (overhead.py)
   {"event": "epoch", "epoch", "step", "steps", "complete", "loss" (all ranks), "seconds",
    "samples_per_second"}                                 when an epoch's training ends
