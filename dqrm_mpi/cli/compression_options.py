@@ -69,7 +69,8 @@ _OPTIONS = [
                       "gradient exists; the step then waits only for what is still in flight.  Same "
                       "numbers bit for bit.  Applies to the allgather/allreduce exchanges on 2+ ranks; "
                       "two-phase (--collective), top-k/threshold --mlp-compress, --emb-exchange dense and "
-                      "1-rank runs always exchange after backward."),
+                      "1-rank runs always exchange after backward.  It pays where Horovod's background thread has "
+                      "a core to move the bytes while backward computes (README: Gradient compression)."),
     click.option("--bucket-mb", type=click.FloatRange(min=0), default=BUCKET_BYTES / 2**20, show_default=True,
                  help="--overlap: MiB of FP32 MLP gradients per bucket (whole tensors; 0: one per tensor). "
                       "Smaller buckets start earlier, each costs one more collective."),
