@@ -1,7 +1,8 @@
 """Step-time model of data-parallel DQRM training: pure formulas over measured parts.
 
 One training step of one rank = compute(local batch) + gradient exchange (the exchange
-starts after backward, so nothing overlaps).  The exchange is what ``comm/sync.py`` does:
+after backward, as ``--no-overlap`` runs it and as ``--overlap`` does on hosts without a core
+to spare for Horovod's thread).  The exchange is what ``comm/sync.py`` does:
 
 - MLP gradients (V values, G per-channel scale groups):
   FP32 (``none``): one ring allreduce of 4V bytes (each rank's link carries 2(N-1)/N of it).
@@ -12,7 +13,8 @@ starts after backward, so nothing overlaps).  The exchange is what ``comm/sync.p
   chunks ((N-1) p/N).
 - Embedding gradients (U unique rows per rank, dim d, T tables, 4-byte ids): one message
   m(U) = 8 + 4U + ceil(U d bits / 8) + [4T scales when quantized].
-  allgather: two Horovod calls (the byte counts, then the messages); (N-1) m(U) per link.
+  allgather: two Horovod calls started together (the byte counts and the messages: one
+  call's fixed cost and latency); (N-1) m(U) per link.
   two-phase: the id space split into N ranges; an alltoall of one message per range, the
   owner merges the rows of its range (R = U_global / N unique rows, U_global the distinct
   rows of the whole global batch) and re-encodes them, an allgather of m(R).
@@ -87,12 +89,15 @@ class Transfer:
     link_bytes: bytes leaving the rank over its link (the algorithm's, see the module doc).
     sent_bytes: bytes the rank hands to the collective (what the per-step log counts as sent).
     steps: latency steps of the algorithm.
+    alongside: started together with the plan's next call (backend.allgather's byte counts,
+      started with the payload): no fixed cost or latency of its own.
     """
 
     collective: str
     link_bytes: float
     sent_bytes: float
     steps: int
+    alongside: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,7 +152,7 @@ def mlp_plan(codec: str, n: int, dims: Dims, two_phase: bool) -> Plan:
         return Plan((Transfer("allgather", (n - 1) * p, p, n - 1),), CodecWork(v, n * v, n))
     chunk = p / n
     return Plan((Transfer("alltoall", (n - 1) * chunk, (n - 1) * chunk, n - 1),
-                 Transfer("allgather", 0.0, 8, n - 1),  # the chunks' byte counts
+                 Transfer("allgather", 0.0, 8, n - 1, alongside=True),  # the chunks' byte counts
                  Transfer("allgather", (n - 1) * chunk, chunk, n - 1)),
                 CodecWork(v + v / n, 2 * v, 2 * n))
 
@@ -156,7 +161,7 @@ def emb_plan(codec: str, n: int, rows_local: float, rows_global: float, dims: Di
     """The sparse embedding exchange of one rank among ``n``: ``rows_local`` unique rows in
     its batch, ``rows_global`` unique rows in the global batch."""
     d = dims.emb_dim
-    counts = Transfer("allgather", 0.0, 8, n - 1)  # backend.allgather's per-rank byte counts
+    counts = Transfer("allgather", 0.0, 8, n - 1, alongside=True)  # backend.allgather's per-rank byte counts
     if not two_phase:
         m = emb_message_bytes(rows_local, dims, codec)
         return Plan((counts, Transfer("allgather", (n - 1) * m, m, n - 1)),
@@ -171,6 +176,8 @@ def emb_plan(codec: str, n: int, rows_local: float, rows_global: float, dims: Di
 
 # -- seconds --------------------------------------------------------------------------------
 def transfer_seconds(t: Transfer, link: Link, calls: CallCost) -> float:
+    if t.alongside:
+        return t.link_bytes / link.bytes_per_s
     return getattr(calls, t.collective) + t.link_bytes / link.bytes_per_s + t.steps * link.latency_s
 
 
