@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import torch
 
-from ..qcore import EPS, group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
+from ..qcore import group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
 from ..qcore.pack import unpack_int4_int8
 from .base import ALLGATHER, Compressed, Compressor, register
 from .layout import Layout
@@ -65,14 +65,13 @@ def quantize_units_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Ten
     about 256 KiB that stay in the core's cache, where whole-vector passes would each move the
     vector (and its copies) through memory; units much smaller than that cost more in per-call
     overhead than they save."""
-    qmax = qrange(bits)[1]
     scratch = torch.empty(max(UNIT, max(b.cols for b in layout.blocks)), dtype=torch.float32, device=x.device)
     scale_from_max_(scales.zero_(), bits)  # the scale of an empty group
     for lo, hi, rows, cols, g in units(layout):
         xs, a, m = x[lo:hi].view(rows, cols), scratch[:hi - lo].view(rows, cols), scales[g:g + rows]
         torch.abs(xs, out=a)
         torch.amax(a, dim=1, out=m)
-        m.div_(qmax).clamp_min_(EPS)  # scale_from_max_ without its checks
+        scale_from_max_(m, bits)
         mc = m.unsqueeze(1)
         torch.div(xs, mc, out=a)
         a.round_()
