@@ -190,7 +190,7 @@ class DenseExchange:
             if self.sparse:
                 out = self._sparse_allgather(grads, residual, step)
                 return Started(None, lambda _: self._unflat(out, device))
-            flat = self._flat(grads, residual, out=residual)  # with error feedback: the residual itself
+            flat = self._flat(grads, residual)  # with error feedback: the residual itself
             if self.two_phase:
                 out = self._two_phase(flat, residual)
                 return Started(None, lambda _: self._unflat(out, device))
@@ -206,19 +206,16 @@ class DenseExchange:
     def _unflat(self, out: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         return {n: t.view(self.shapes[n]).to(device) for n, t in zip(self.names, torch.split(out, self.numels))}
 
-    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-        """The gradients (plus ``residual``: error-feedback compensation, in the same pass) as one
-        float32 [numel] vector on the CPU, in ``names`` order: ``out`` (which may be ``residual``
-        itself), else a buffer reused across steps."""
-        flat = self._buf("flat", (self.numel,), torch.float32) if out is None else out
+    def _flat(self, grads: dict[str, torch.Tensor], residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The gradients as one float32 [numel] vector on the CPU, in ``names`` order: with error
+        feedback added into ``residual`` itself (it becomes the compensated gradient, no copy),
+        else in a buffer reused across steps."""
         local = [grads[n].detach().reshape(-1).to(device="cpu", dtype=torch.float32) for n in self.names]
         if residual is None:
-            torch.cat(local, out=flat)
-        else:
-            for g, r, f in zip(local, torch.split(residual, self.numels), torch.split(flat, self.numels)):
-                torch.add(g, r, out=f)
-        return flat
+            return torch.cat(local, out=self._buf("flat", (self.numel,), torch.float32))
+        for g, r in zip(local, torch.split(residual, self.numels)):
+            r.add_(g)
+        return residual
 
     def _residual(self) -> torch.Tensor | None:
         """The flat FP32 residual (zeros at first); memory.residuals holds per-name views of it."""
@@ -265,7 +262,7 @@ class DenseExchange:
         feedback the residual itself becomes the compensated gradient (residual + gradient, in
         place), then loses what was sent: no copy of the flat vector."""
         layout = self.layouts[0]
-        flat = self._flat(grads, residual, out=residual)
+        flat = self._flat(grads, residual)
         msg, idx, sent = self.compressor.encode(flat, layout, step)
         if residual is not None:  # what was not sent (and the kept values' rounding) waits for the next step
             residual.index_add_(0, idx, sent, alpha=-1)  # residual[idx] -= sent (unique idx), without a gather
@@ -566,9 +563,7 @@ class GradientSynchronizer:
             return
         bucket.ready += 1
         if bucket.ready == len(bucket.params):
-            t0 = self._clock_start()
-            self._start_bucket(bucket, None, in_backward=True)
-            self._hook_seconds += time.perf_counter() - t0
+            self._start_in_backward(lambda: self._start_bucket(bucket, None, in_backward=True))
 
     def _emb_ready_hook(self) -> None:
         """A hook on a sparse parameter: once every one has its gradient, start the embedding exchange."""
@@ -576,9 +571,13 @@ class GradientSynchronizer:
             return
         self._emb_ready += 1
         if self._emb_ready == len(self.sparse):
-            t0 = self._clock_start()
-            self._start_sparse(in_backward=True)
-            self._hook_seconds += time.perf_counter() - t0
+            self._start_in_backward(lambda: self._start_sparse(in_backward=True))
+
+    def _start_in_backward(self, start: Callable[[], None]) -> None:
+        """Run a hook's ``start()``; its time is the step's (``waited_seconds``), inside the span."""
+        t0 = self._clock_start()
+        start()
+        self._hook_seconds += time.perf_counter() - t0
 
     def _start_bucket(self, bucket: "_Bucket", step: int | None, in_backward: bool) -> None:
         grads = {}
