@@ -37,5 +37,6 @@ ENV PATH=/opt/dqrm/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     OMPI_ALLOW_RUN_AS_ROOT=1 \
     OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-RUN horovodrun --check-build && dqrm-train --help >/dev/null
+RUN horovodrun --check-build && dqrm-train --help >/dev/null \
+    && python -c "import dqrm_mpi.kernels as k, sys; sys.exit(0 if k.BUILT else k.WHY_NOT)"
 CMD ["horovodrun", "--check-build"]
