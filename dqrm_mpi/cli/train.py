@@ -5,7 +5,7 @@ import click
 
 from ..data.schema import SchemaError
 from ..model.config import NUM_DENSE, PRESETS
-from ..train.config import DEVICES, RESUME_MODES, TrainConfig
+from ..train.config import DEVICES, FLOAT32_MAX, RESUME_MODES, TrainConfig
 from .compression_options import compression_options, pop_compression_config
 from .log_options import log_options, pop_log_config
 from .options import LayerWidths, in_flags, version_option
@@ -29,7 +29,8 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--epochs", type=click.IntRange(min=1), default=1, help="Passes over the training split.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128,
               help="GLOBAL batch, split evenly across ranks (must be divisible by the number of ranks).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.1, help="Plain SGD learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, max=FLOAT32_MAX, min_open=True), default=0.1,
+              help="Plain SGD learning rate (a float32: > 0 and at most 3.4e38).")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0,
               help="Evaluate on test and val every N steps (0: only at the end of each epoch).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=16384, help="Rows per evaluation batch per rank.")

@@ -11,6 +11,8 @@ from ..quant.config import QuantConfig
 from ..compression.config import CompressionConfig
 from .log_config import LogConfig
 
+FLOAT32_MAX = 3.4028234663852886e38  # the parameters are float32: a larger step size cannot be applied
+
 DEVICES = ("auto", "cpu", "cuda")
 # --resume: no (a fresh --out), yes (continue from out/checkpoint.pt, which must exist),
 # auto (continue when out/checkpoint.pt exists, else start afresh: what a requeued job passes).
@@ -66,7 +68,7 @@ class TrainConfig:
             (self.preset in PRESETS, f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 < self.lr <= FLOAT32_MAX, f"lr must be > 0 and a float32 (<= {FLOAT32_MAX:.4g}), got {self.lr}"),
             (self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),

@@ -14,6 +14,7 @@ def invoke(*args):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "Invalid value for '--batch-size'"),
     (["--lr", "-1"], "Invalid value for '--lr'"),
+    (["--lr", "1e300"], "Invalid value for '--lr'"),  # beyond float32: the first update would overflow
     (["--preset", "huge"], "'huge' is not one of"),
     (["--bottom-mlp", "512-x"], "not a dash-separated list of integers"),
     (["--device", "tpu"], "Invalid value for '--device'"),
