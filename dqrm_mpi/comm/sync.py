@@ -312,6 +312,7 @@ class SparseExchange:
         if granularity not in ("table", "row", "tensor"):
             raise ValueError(f"granularity must be table, row or tensor, got {granularity!r}")
         self.backend, self.compressor, self.kind = backend, compressor, kind
+        self.tag = f"grad.{kind}"  # the collectives' names
         self.names, self.rows, self.dim, self.granularity = list(names), list(rows), dim, granularity
         self.offsets = torch.tensor([0, *torch.tensor(rows, dtype=torch.int64).cumsum(0).tolist()],
                                     dtype=torch.int64)
@@ -397,7 +398,7 @@ class SparseExchange:
             msg, transmitted = self.encode(ids, comp)
             if self.memory:
                 self._remember(ids, comp, transmitted)
-            return Started(self.backend.allgather_start([msg], name=f"grad.{self.kind}", kind=self.kind),
+            return Started(self.backend.allgather_start([msg], name=self.tag, kind=self.kind),
                            self._decode_parts)
 
     def finish(self, started: Started) -> tuple[torch.Tensor, torch.Tensor]:
@@ -414,7 +415,7 @@ class SparseExchange:
         if self.memory:
             self._remember(ids, comp, torch.cat(transmitted))
         received, rsplits = self.backend.alltoall(torch.cat(msgs), [m.numel() for m in msgs],
-                                                  name=f"grad.{self.kind}.scatter", kind=self.kind)
+                                                  name=f"{self.tag}.scatter", kind=self.kind)
         decoded = [self.decode(p) for p in torch.split(received, rsplits)]
         mine_ids = torch.cat([d[0] for d in decoded])
         mine_vals = torch.cat([d[1] for d in decoded]) / self.backend.size
@@ -423,7 +424,7 @@ class SparseExchange:
                                              check_invariants=False).coalesce()
             mine_ids, mine_vals = merged.indices()[0], merged.values()
         reduced, _ = self.encode(mine_ids, mine_vals)
-        parts = self.backend.allgather([reduced], name=f"grad.{self.kind}.gather", kind=self.kind)[0]
+        parts = self.backend.allgather([reduced], name=f"{self.tag}.gather", kind=self.kind)[0]
         decoded = [self.decode(p) for p in parts]
         return torch.cat([d[0] for d in decoded]), torch.cat([d[1] for d in decoded])
 
@@ -593,7 +594,7 @@ class GradientSynchronizer:
         ids, values = self.local_sparse_rows()
         # the exchange encodes and decodes in host memory; set_sparse_grads moves the result
         self._emb_started = self.sparse_exchange.start(ids.cpu(), values.cpu())
-        self.start_order.append((f"grad.{self.sparse_exchange.kind}", in_backward))
+        self.start_order.append((self.sparse_exchange.tag, in_backward))
 
     def synchronize(self, step: int | None = None) -> None:
         """Average every gradient in place.  ``step``: the global step (0 for the first), the
