@@ -15,6 +15,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
@@ -96,49 +97,35 @@ void pack_nibbles(const int8_t* q, int64_t pos, int64_t len, uint8_t* out) {
   if (j + 2 * pairs < len) o[pairs] = static_cast<uint8_t>((q[len - 1] + 8) & 0x0F);
 }
 
-// out [cols] (= or +=) the integers at element positions [pos, pos + cols) of a payload times s.
+// INT4 nibbles at positions [pos, pos + len) of data -> int8 values q [len] (nibble - 8).
 DQRM_CLONES
-void dequantize_row(const uint8_t* data, int bits, int64_t pos, int64_t cols, float s, float* out, bool add) {
-  if (bits == 8) {
-    const int8_t* q = reinterpret_cast<const int8_t*>(data) + pos;
-    if (add) {
-      for (int64_t j = 0; j < cols; ++j) {
-        float v = static_cast<float>(q[j]) * s;
-        out[j] = out[j] + v;
-      }
-    } else {
-      for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(q[j]) * s;
-    }
-    return;
-  }
+void unpack_nibbles(const uint8_t* data, int64_t pos, int64_t len, int8_t* q) {
   int64_t j = 0;
-  auto value = [&](int64_t k, int64_t at) {
-    uint8_t b = data[at >> 1];
-    int32_t q = (at & 1 ? b >> 4 : b & 0x0F) - 8;
-    float v = static_cast<float>(q) * s;
-    out[k] = add ? out[k] + v : v;
-  };
-  if (cols > 0 && (pos & 1)) {
-    value(0, pos);
+  if (len > 0 && (pos & 1)) {
+    q[0] = static_cast<int8_t>((data[pos >> 1] >> 4) - 8);
     j = 1;
   }
   const uint8_t* d = data + ((pos + j) >> 1);
-  int64_t pairs = (cols - j) / 2;
-  float* o = out + j;
+  const int64_t pairs = (len - j) / 2;
+  int8_t* o = q + j;
+  for (int64_t p = 0; p < pairs; ++p) {
+    o[2 * p] = static_cast<int8_t>((d[p] & 0x0F) - 8);
+    o[2 * p + 1] = static_cast<int8_t>((d[p] >> 4) - 8);
+  }
+  if (j + 2 * pairs < len) q[len - 1] = static_cast<int8_t>((d[pairs] & 0x0F) - 8);
+}
+
+// out [cols] = q * s, or out += q * s (the product rounded first, as a separate add).
+DQRM_CLONES
+void dequantize_row(const int8_t* q, int64_t cols, float s, float* out, bool add) {
   if (add) {
-    for (int64_t p = 0; p < pairs; ++p) {
-      float lo = static_cast<float>(static_cast<int32_t>(d[p] & 0x0F) - 8) * s;
-      float hi = static_cast<float>(static_cast<int32_t>(d[p] >> 4) - 8) * s;
-      o[2 * p] = o[2 * p] + lo;
-      o[2 * p + 1] = o[2 * p + 1] + hi;
+    for (int64_t j = 0; j < cols; ++j) {
+      float v = static_cast<float>(q[j]) * s;
+      out[j] = out[j] + v;
     }
   } else {
-    for (int64_t p = 0; p < pairs; ++p) {
-      o[2 * p] = static_cast<float>(static_cast<int32_t>(d[p] & 0x0F) - 8) * s;
-      o[2 * p + 1] = static_cast<float>(static_cast<int32_t>(d[p] >> 4) - 8) * s;
-    }
+    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(q[j]) * s;
   }
-  if (j + 2 * pairs < cols) value(cols - 1, pos + cols - 1);
 }
 
 DQRM_CLONES
@@ -283,13 +270,24 @@ void decode(const at::Tensor& bufs, const at::Tensor& blocks, const at::Tensor& 
   const int64_t* g = row_group.numel() ? row_group.data_ptr<int64_t>() : nullptr;
   float* o = out.data_ptr<float>();
   const int64_t ostride = mean ? 0 : out.stride(0);
+  std::vector<int8_t> q4;  // INT4: a row's integers, unpacked
+  if (bits == 4) {
+    int64_t widest = 0;
+    for (const Block& b : layout) widest = std::max(widest, b.cols);
+    q4.resize(widest);
+  }
   int64_t r = 0;
   for (const Block& b : layout)
     for (int64_t i = 0; i < b.rows; ++i, ++r) {
       const int64_t at = b.lo + i * b.cols, group = g ? g[r] : b.group + i;
-      for (int64_t k = 0; k < ranks; ++k)
-        dequantize_row(base + k * stride, bits, at, b.cols, scales[k * groups + group], o + k * ostride + at,
-                       mean && k > 0);
+      for (int64_t k = 0; k < ranks; ++k) {
+        const int8_t* q = reinterpret_cast<const int8_t*>(base + k * stride) + at;
+        if (bits == 4) {
+          unpack_nibbles(base + k * stride, at, b.cols, q4.data());
+          q = q4.data();
+        }
+        dequantize_row(q, b.cols, scales[k * groups + group], o + k * ostride + at, mean && k > 0);
+      }
       if (mean) scale_row(o + at, b.cols, size);
     }
 }
