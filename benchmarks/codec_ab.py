@@ -4,7 +4,8 @@ in process): this checkout's gradient exchanges with its fused CPU kernels again
 PyTorch path (``kernels.disabled()``, as DQRM_KERNELS=0), or, with ``--base``, against another
 checkout (a base commit).  Prints, per configuration, the median thread CPU ms of the MLP and the
 embedding exchange for each side and their ratios (CPU time: steadier than wall time on a shared
-machine), after checking that both give bit-identical averaged gradients at every step (error
+machine), and the exchanges' own codec clock (wall time less the stand-in collectives, what
+``comm.py --codec`` reports), after checking that both give bit-identical averaged gradients at every step (error
 feedback included).
 
     python benchmarks/codec_ab.py --configs sparse_int8 sparse_int4 mlp_topk0.01_int8_ef   # kernels vs PyTorch
@@ -63,7 +64,7 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
     for name in configs:
         ex = {label: _exchanges(pkg, shapes, CONFIGS[name]) for label, (pkg, _) in sides.items()}
         new, base = sides
-        cpu = {(label, part): [] for label in ex for part in ("mlp", "emb")}
+        cpu = {(label, part): [] for label in ex for part in ("mlp", "emb", "codec")}
         for step in range(steps + 3):  # 3 warm-up steps
             gen = torch.Generator().manual_seed(step)
             grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes.items()}
@@ -73,6 +74,7 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
             results = {}
             for label in ((base, new) if step % 2 else (new, base)):
                 mlp, emb = ex[label]
+                mlp.backend.traffic.take()
                 with contextlib.nullcontext() if sides[label][1] else kernels.disabled():
                     c0 = time.thread_time()
                     averaged = mlp.exchange(grads)
@@ -83,11 +85,14 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
                 if step >= 3:
                     cpu[(label, "mlp")].append(c1 - c0)
                     cpu[(label, "emb")].append(c2 - c1)
+                    cpu[(label, "codec")].append(sum(mlp.backend.traffic.codec.values()))
             (a_base, r_base), (a_new, r_new) = results[base], results[new]
             if not (all(torch.equal(a_base[n], a_new[n]) for n in shapes)
                     and all(torch.equal(x, y) for x, y in zip(r_base, r_new))):
                 raise SystemExit(f"{name}: the checkouts' exchanges differ at step {step}")
-        row = {f"{label}_{part}_cpu_ms_p50": round(med(v) * 1e3, 3) for (label, part), v in cpu.items()}
+        row = {f"{label}_{part}_cpu_ms_p50" if part != "codec" else f"{label}_codec_wall_ms_p50": round(med(v) * 1e3, 3)
+               for (label, part), v in cpu.items()}
+        row[f"codec_wall_ratio_{new}_vs_{base}"] = round(med(cpu[(new, "codec")]) / med(cpu[(base, "codec")]), 3)
         for part in ("mlp", "emb"):
             row[f"{part}_ratio_{new}_vs_{base}"] = round(med(cpu[(new, part)]) / med(cpu[(base, part)]), 3)
         total = {label: med([a + b for a, b in zip(cpu[(label, "mlp")], cpu[(label, "emb")])]) for label in ex}
