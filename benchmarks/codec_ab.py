@@ -4,8 +4,10 @@ in process): this checkout's gradient exchanges with its fused CPU kernels again
 PyTorch path (``kernels.disabled()``, as DQRM_KERNELS=0), or, with ``--base``, against another
 checkout (a base commit).  Prints, per configuration, the median thread CPU ms of the MLP and the
 embedding exchange for each side and their ratios (CPU time: steadier than wall time on a shared
-machine), and the exchanges' own codec clock (wall time less the stand-in collectives, what
-``comm.py --codec`` reports), after checking that both give bit-identical averaged gradients at every step (error
+machine), the exchanges' own codec clock (wall time less the stand-in collectives, what
+``comm.py --codec`` reports) and where the CPU time goes (the compressors' encode and decode
+methods, and the rest of both exchanges: error-feedback bookkeeping, headers, the stand-in
+collectives' copies, Python), after checking that both give bit-identical averaged gradients at every step (error
 feedback included).
 
     python benchmarks/codec_ab.py --configs sparse_int8 sparse_int4 mlp_topk0.01_int8_ef   # kernels vs PyTorch
@@ -35,15 +37,49 @@ from benchmarks._common import KAGGLE_CARDINALITIES, machine  # noqa: E402
 from comm import CONFIGS, _LocalBackend, _zipf_ids  # noqa: E402
 
 
+class _PartClock:
+    """Thread CPU seconds a side spends in its compressors' encode and decode methods (outermost
+    calls only), wrapped on the compressor objects."""
+
+    PARTS = {"encode": ("encode", "encode_into", "encode_feedback_into"),
+             "decode": ("decode_add", "decode_many", "decode_mean")}
+
+    def __init__(self, compressors: list) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self._depth = 0
+        for c in compressors:
+            for part, names in self.PARTS.items():
+                for name in names:
+                    if hasattr(c, name):
+                        setattr(c, name, self._timed(getattr(c, name), part))
+
+    def _timed(self, method, part: str):
+        def timed(*args, **kwargs):
+            self._depth += 1
+            t0 = time.thread_time()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self.seconds[part] += time.thread_time() - t0
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, dict.fromkeys(self.PARTS, 0.0)
+        return out
+
+
 def _exchanges(pkg: str, shapes: dict, spec: tuple) -> tuple:
     sync = importlib.import_module(f"{pkg}.comm.sync")
     get_compressor = importlib.import_module(f"{pkg}.compression").get_compressor
     emb_c, mlp_c, ef, _ = spec
     backend = _LocalBackend(2)
     names = [f"embeddings.tables.{t}.weight" for t in range(26)]
-    return (sync.DenseExchange(backend, shapes, get_compressor(mlp_c), "channel", ef in ("mlp", "both")),
-            sync.SparseExchange(backend, names, list(KAGGLE_CARDINALITIES), 16, get_compressor(emb_c), "table",
-                                ef in ("emb", "both")))
+    mlp, emb = get_compressor(mlp_c), get_compressor(emb_c)
+    return (sync.DenseExchange(backend, shapes, mlp, "channel", ef in ("mlp", "both")),
+            sync.SparseExchange(backend, names, list(KAGGLE_CARDINALITIES), 16, emb, "table", ef in ("emb", "both")),
+            _PartClock([mlp, emb]))
 
 
 def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[str, bool]]) -> dict:
@@ -64,7 +100,7 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
     for name in configs:
         ex = {label: _exchanges(pkg, shapes, CONFIGS[name]) for label, (pkg, _) in sides.items()}
         new, base = sides
-        cpu = {(label, part): [] for label in ex for part in ("mlp", "emb", "codec")}
+        cpu = {(label, part): [] for label in ex for part in ("mlp", "emb", "codec", "encode", "decode", "other")}
         for step in range(steps + 3):  # 3 warm-up steps
             gen = torch.Generator().manual_seed(step)
             grads = {n: torch.randn(s, generator=gen) * 1e-3 for n, s in shapes.items()}
@@ -73,8 +109,9 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
             vals = torch.randn(gid.numel(), 16, generator=gen) * 1e-3
             results = {}
             for label in ((base, new) if step % 2 else (new, base)):
-                mlp, emb = ex[label]
+                mlp, emb, parts = ex[label]
                 mlp.backend.traffic.take()
+                parts.take()
                 with contextlib.nullcontext() if sides[label][1] else kernels.disabled():
                     c0 = time.thread_time()
                     averaged = mlp.exchange(grads)
@@ -86,11 +123,15 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
                     cpu[(label, "mlp")].append(c1 - c0)
                     cpu[(label, "emb")].append(c2 - c1)
                     cpu[(label, "codec")].append(sum(mlp.backend.traffic.codec.values()))
+                    seconds = parts.take()
+                    cpu[(label, "encode")].append(seconds["encode"])
+                    cpu[(label, "decode")].append(seconds["decode"])
+                    cpu[(label, "other")].append(c2 - c0 - seconds["encode"] - seconds["decode"])
             (a_base, r_base), (a_new, r_new) = results[base], results[new]
             if not (all(torch.equal(a_base[n], a_new[n]) for n in shapes)
                     and all(torch.equal(x, y) for x, y in zip(r_base, r_new))):
                 raise SystemExit(f"{name}: the checkouts' exchanges differ at step {step}")
-        row = {f"{label}_{part}_cpu_ms_p50" if part != "codec" else f"{label}_codec_wall_ms_p50": round(med(v) * 1e3, 3)
+        row = {f"{label}_{part}_{'wall' if part == 'codec' else 'cpu'}_ms_p50": round(med(v) * 1e3, 3)
                for (label, part), v in cpu.items()}
         row[f"codec_wall_ratio_{new}_vs_{base}"] = round(med(cpu[(new, "codec")]) / med(cpu[(base, "codec")]), 3)
         for part in ("mlp", "emb"):

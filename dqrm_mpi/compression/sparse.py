@@ -9,11 +9,11 @@ ratio at global step s < STEPS is ``0.25 * (RATIO / 0.25) ** (s / STEPS)`` (expo
 
 VALUES (default ``none``: FP32) is the codec of the kept values: ``fp16``, ``int16``, ``int8``
 or ``int4``, quantized with one scale per gradient tensor (``qcore.group_scales``: max|v| of
-the tensor's kept values / qmax; INT4 packed by ``qcore``; the arithmetic in NumPy, or for INT8
-and INT4 in the codec kernels of ``csrc/codec.cpp``, the same float32 operations bit for bit).
-What is not sent (and the kept values' rounding) stays in the error-feedback residual of the
-exchange.  Payloads are never summed: they declare allgather, and every rank adds every rank's
-kept values into a dense sum, in rank order.
+the tensor's kept values / qmax; INT4 packed by ``qcore``; the arithmetic in NumPy, the
+same float32 operations bit for bit).  What is not sent (and the kept
+values' rounding) stays in the error-feedback residual of the exchange.  Payloads are never
+summed: they declare allgather, and every rank adds every rank's kept values into a dense
+sum, in rank order.
 
 Payload, one uint8 message per rank (little-endian)::
 
@@ -50,7 +50,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import kernels
 from ..qcore import pack_int4_into, qrange, scale_from_max_, unpack_int4_into
 from .base import ALLGATHER, Compressed, Compressor, get_compressor, register_parametric
 from .layout import Layout
@@ -361,11 +360,6 @@ class SparseCompressor(Compressor):
             out[:] = half.numpy().view(np.uint8)
             return half.to(torch.float32).numpy()
         first, counts = runs
-        if codec.bits <= 8 and kernels.enabled():
-            sent = np.empty_like(v)
-            kernels.ops.codec_encode(torch.from_numpy(v), _run_blocks(runs), _OWN_GROUPS, counts.size, codec.bits,
-                                     torch.from_numpy(out), torch.from_numpy(sent), False)
-            return sent
         qmin, qmax = qrange(codec.bits)
         absmax = np.zeros(counts.size, dtype=np.float32)  # qcore's rule: max|v| of the tensor / qmax
         if v.size:
@@ -387,11 +381,6 @@ class SparseCompressor(Compressor):
         codec = self.value_codec
         if codec.name in ("none", "fp16"):
             return buf.view(np.float32 if codec.name == "none" else np.float16).astype(np.float32)
-        if codec.bits <= 8 and kernels.enabled():
-            values = torch.empty(1, k)
-            kernels.ops.codec_decode_many(torch.from_numpy(buf).view(1, -1), _run_blocks(runs), _OWN_GROUPS,
-                                          runs[1].size, codec.bits, values)
-            return values.numpy().reshape(-1)
         nd = codec.data_nbytes(k)
         if codec.bits == 4:
             q = unpack_int4_into(torch.from_numpy(buf[:nd]).view(1, -1), torch.empty(1, k)).numpy().reshape(-1)
@@ -489,18 +478,6 @@ class _Groups:
         many of them it holds), int64 [groups] each."""
         first = np.searchsorted(idx, self.starts)
         return first, np.searchsorted(idx, self.ends) - first
-
-
-_OWN_GROUPS = torch.empty(0, dtype=torch.int64)  # the codec kernels' row_group: every row its own group
-
-
-def _run_blocks(runs: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
-    """The kept values' tensors (``_Groups.runs``) as the codec kernels' blocks int64 [B, 4]: one
-    row each (lo, 1, count, tensor), empty ones left out."""
-    first, counts = runs
-    used = np.flatnonzero(counts)
-    return torch.from_numpy(np.stack([first[used], np.ones_like(used), counts[used], used], axis=1)
-                            .astype(np.int64))
 
 
 def _layout(groups: torch.Tensor | None, num_groups: int, numel: int) -> Layout:
