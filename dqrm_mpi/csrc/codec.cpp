@@ -241,7 +241,6 @@ void codec_encode(at::Tensor x, const at::Tensor& blocks, const at::Tensor& row_
     for (const Block& b : layout)
       for (int64_t i = 0; i < b.rows; ++i, ++r) quantize(b, i, scales[g[r]]);
   }
-  if (n == 0 && nd) std::memset(data, 0, nd);
   std::memcpy(data + nd, scales.data(), 4 * groups);
 }
 
