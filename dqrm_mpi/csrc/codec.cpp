@@ -115,27 +115,47 @@ void unpack_nibbles(const uint8_t* data, int64_t pos, int64_t len, int8_t* q) {
   if (j + 2 * pairs < len) q[len - 1] = static_cast<int8_t>((d[pairs] & 0x0F) - 8);
 }
 
-// out [cols] = q * s, or out += q * s (the product rounded first, as a separate add).
-DQRM_CLONES
-void dequantize_row(const int8_t* q, int64_t cols, float s, float* out, bool add) {
-  if (add) {
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = static_cast<float>(q[j]) * s;
-      out[j] = out[j] + v;
-    }
-  } else {
-    for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(q[j]) * s;
-  }
-}
+// How dequantize_row writes q * s into out: stored or added (the product rounded first), then,
+// for the last rank of a mean, times 1 / size (size a power of two) or divided by size.
+enum RowOp { STORE, ADD, STORE_MUL, ADD_MUL, STORE_DIV, ADD_DIV };
 
 DQRM_CLONES
-void scale_row(float* out, int64_t cols, int64_t size) {
-  if ((size & (size - 1)) == 0) {  // x / 2^k and x * 2^-k are the same float
-    const float inv = 1.0f / static_cast<float>(size);
-    for (int64_t j = 0; j < cols; ++j) out[j] = out[j] * inv;
-  } else {
-    const float d = static_cast<float>(size);
-    for (int64_t j = 0; j < cols; ++j) out[j] = out[j] / d;
+void dequantize_row(const int8_t* q, int64_t cols, float s, float* out, int op, float f) {
+  switch (op) {
+    case STORE:
+      for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<float>(q[j]) * s;
+      break;
+    case ADD:
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = static_cast<float>(q[j]) * s;
+        out[j] = out[j] + v;
+      }
+      break;
+    case STORE_MUL:
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = static_cast<float>(q[j]) * s;
+        out[j] = v * f;
+      }
+      break;
+    case ADD_MUL:
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = static_cast<float>(q[j]) * s;
+        float sum = out[j] + v;
+        out[j] = sum * f;
+      }
+      break;
+    case STORE_DIV:
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = static_cast<float>(q[j]) * s;
+        out[j] = v / f;
+      }
+      break;
+    default:  // ADD_DIV
+      for (int64_t j = 0; j < cols; ++j) {
+        float v = static_cast<float>(q[j]) * s;
+        float sum = out[j] + v;
+        out[j] = sum / f;
+      }
   }
 }
 
@@ -275,6 +295,9 @@ void decode(const at::Tensor& bufs, const at::Tensor& blocks, const at::Tensor& 
     for (const Block& b : layout) widest = std::max(widest, b.cols);
     q4.resize(widest);
   }
+  // a mean: x / 2^k and x * 2^-k are the same float, and a multiply is cheaper
+  const bool power_of_two = (size & (size - 1)) == 0;
+  const float f = power_of_two ? 1.0f / static_cast<float>(size) : static_cast<float>(size);
   int64_t r = 0;
   for (const Block& b : layout)
     for (int64_t i = 0; i < b.rows; ++i, ++r) {
@@ -285,9 +308,10 @@ void decode(const at::Tensor& bufs, const at::Tensor& blocks, const at::Tensor& 
           unpack_nibbles(base + k * stride, at, b.cols, q4.data());
           q = q4.data();
         }
-        dequantize_row(q, b.cols, scales[k * groups + group], o + k * ostride + at, mean && k > 0);
+        int op = mean && k > 0 ? ADD : STORE;
+        if (mean && k == ranks - 1) op = power_of_two ? (k ? ADD_MUL : STORE_MUL) : (k ? ADD_DIV : STORE_DIV);
+        dequantize_row(q, b.cols, scales[k * groups + group], o + k * ostride + at, op, f);
       }
-      if (mean) scale_row(o + at, b.cols, size);
     }
 }
 
