@@ -7,8 +7,8 @@ embedding exchange for each side and their ratios (CPU time: steadier than wall 
 machine), the exchanges' own codec clock (wall time less the stand-in collectives, what
 ``comm.py --codec`` reports) and where the CPU time goes (the compressors' encode and decode
 methods, and the rest of both exchanges: error-feedback bookkeeping, headers, the stand-in
-collectives' copies, Python), after checking that both give bit-identical averaged gradients at every step (error
-feedback included).
+collectives' copies, Python), after checking that both give bit-identical averaged gradients
+at every step (error feedback included).
 
     python benchmarks/codec_ab.py --configs sparse_int8 sparse_int4 mlp_topk0.01_int8_ef   # kernels vs PyTorch
     git worktree add --detach /tmp/base 13f3e88
@@ -87,7 +87,6 @@ def compare(configs: list[str], steps: int, batch: int, sides: dict[str, tuple[s
     import torch
 
     from dqrm_mpi import kernels
-
     from dqrm_mpi.model.config import model_config_from_preset
     from dqrm_mpi.model.dlrm import BottomMLP, TopMLP
 

@@ -81,9 +81,9 @@ def _own_rows_layout(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _kernel_ready(*tensors: torch.Tensor | None) -> bool:
-    """Whether the codec kernels take these tensors: kernels on, CPU, rows contiguous."""
-    return kernels.enabled() and all(t is None or (t.device.type == "cpu" and t.stride(-1) == 1 and
-                                                   (t.dim() == 1 and t.is_contiguous() or t.dim() == 2))
+    """Whether the codec kernels take these tensors (None: not given): the kernels are on, and each
+    is on the CPU, a vector or a matrix, its last dimension contiguous."""
+    return kernels.enabled() and all(t is None or (t.device.type == "cpu" and t.dim() in (1, 2) and t.stride(-1) == 1)
                                      for t in tensors)
 
 
@@ -263,8 +263,9 @@ class _IntCompressor(Compressor):
 
     def _encode(self, x: torch.Tensor, layout: Layout, out: torch.Tensor, transmitted: torch.Tensor | None,
                 work: torch.Tensor | None, feedback: bool) -> None:
-        """``encode_into`` (``feedback``: ``encode_feedback_into``): unit by unit for INT8 and INT4
-        when every group is a row of a block, else in whole-vector passes."""
+        """``encode_into`` (``feedback``: ``encode_feedback_into``): INT8 and INT4 through the codec
+        kernels (CPU), else unit by unit when every group is a row of a block, else in whole-vector
+        passes."""
         n, nd = x.numel(), self.data_nbytes(x.numel())
         if self.bits <= 8 and _kernel_ready(x, out, transmitted) and x.dtype == torch.float32:
             blocks, row_group = kernel_layout(layout)

@@ -211,14 +211,15 @@ void codec_encode(at::Tensor x, const at::Tensor& blocks, const at::Tensor& row_
   TORCH_CHECK(x.device().is_cpu() && x.dtype() == at::kFloat && x.dim() == 1 && x.is_contiguous(),
               "codec_encode: x must be a contiguous float32 [n] CPU tensor");
   const int64_t n = x.numel(), nd = data_nbytes(n, bits);
-  TORCH_CHECK(out.dtype() == at::kByte && out.dim() == 1 && out.is_contiguous() && out.numel() >= nd + 4 * groups,
-              "codec_encode: out must be a contiguous uint8 [>= ", nd + 4 * groups, "]");
+  TORCH_CHECK(out.device().is_cpu() && out.dtype() == at::kByte && out.dim() == 1 && out.is_contiguous() &&
+              out.numel() >= nd + 4 * groups, "codec_encode: out must be a contiguous uint8 [>= ", nd + 4 * groups,
+              "] CPU tensor");
   float* t = nullptr;
   if (transmitted.has_value()) {
     TORCH_CHECK(!feedback, "codec_encode: transmitted and feedback exclude each other");
     const at::Tensor& tr = *transmitted;
-    TORCH_CHECK(tr.dtype() == at::kFloat && tr.is_contiguous() && tr.numel() == n,
-                "codec_encode: transmitted must be a contiguous float32 [", n, "]");
+    TORCH_CHECK(tr.device().is_cpu() && tr.dtype() == at::kFloat && tr.is_contiguous() && tr.numel() == n,
+                "codec_encode: transmitted must be a contiguous float32 [", n, "] CPU tensor");
     t = tr.data_ptr<float>();
   }
   const int mode = feedback ? MODE_FEEDBACK : (t ? MODE_TRANSMITTED : MODE_NONE);
@@ -273,9 +274,9 @@ void decode(const at::Tensor& bufs, const at::Tensor& blocks, const at::Tensor& 
               op, ": bufs must be a uint8 [r, nbytes] CPU tensor with contiguous rows");
   const bool mean = size > 0;
   const int64_t ranks = bufs.size(0), n = mean ? out.numel() : (out.dim() == 2 ? out.size(1) : -1);
-  TORCH_CHECK(out.dtype() == at::kFloat && out.stride(-1) == 1 && (mean ? out.dim() == 1 : out.dim() == 2 &&
-              out.size(0) == ranks), op, ": out must be float32 ", mean ? "[n]" : "[r, n]",
-              " with contiguous rows");
+  TORCH_CHECK(out.device().is_cpu() && out.dtype() == at::kFloat &&
+              (mean ? out.dim() == 1 : out.dim() == 2 && out.size(0) == ranks) && out.stride(-1) == 1,
+              op, ": out must be a float32 ", mean ? "[n]" : "[r, n]", " CPU tensor with contiguous rows");
   const int64_t nd = data_nbytes(n, bits);
   TORCH_CHECK(bufs.size(1) >= nd + 4 * groups, op, ": payloads of ", bufs.size(1), " bytes, ", n,
               " values and ", groups, " scales take ", nd + 4 * groups);

@@ -147,8 +147,8 @@ def test_decode_matches_the_pytorch_path(name, threads):
             layout, ranks = _layout(gen, trial % 5), 1 + trial % 4
             bufs = torch.stack([_encode(codec, _values(gen, layout, codec.bits, trial % 3 == 0), layout, "plain")[0]
                                 for _ in range(ranks)])
-            with _kernels_only():
-                many = codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel))
+            with _kernels_only():  # rows of a wider matrix: strided rows, each contiguous
+                many = codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel + 5)[:, 2:2 + layout.numel])
                 mean = codec.decode_mean(bufs, layout, ranks)
             with kernels.disabled():
                 assert _same(many, codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel))), trial
