@@ -14,7 +14,9 @@ without / MLP top-k 0.01 + INT8 with error feedback, without and with a sparsity
 100 or 200 steps; ``--accuracy-runs`` picks some).
 ``--codec`` times the codecs in process and compares the top-k selection methods (sample,
 chunk, exact: torch.topk with the tie rule) with plain ``torch.topk`` on the Kaggle MLP's
-tensors and on one flat vector.
+tensors and on one flat vector; it uses the fused CPU kernels unless DQRM_KERNELS=0 (the JSON
+says which).  ``benchmarks/codec_ab.py`` runs the kernels and the PyTorch path interleaved in
+one process and prints both and their ratios.
 
     python benchmarks/comm.py --np 2 4 --net loopback
     python benchmarks/comm.py --np 4 --net emulated --rates 1gbit 10gbit     # as root
@@ -393,7 +395,8 @@ def main() -> None:
     if a.codec:
         import torch
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        res = {"benchmark": "comm --codec", "machine": machine(),
+        from dqrm_mpi import kernels
+        res = {"benchmark": "comm --codec", "machine": machine(), "kernels": kernels.enabled(),
                "runs": [codec(np_, a.steps, a.configs, a.batch) for np_ in a.np]}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))

@@ -15,6 +15,12 @@ time, so each unit's passes (|x|, absmax, x / scale, round, the cast into the pa
 scale into the transmitted values or straight off the residual with ``encode_feedback_into``;
 no clamp) work in the core's cache instead of moving the vector through memory once per pass.
 INT4 packs and unpacks through int16 views of the bytes (``qcore.pack``).
+
+With the fused CPU kernels (``dqrm_mpi.kernels``, ``csrc/codec.cpp``) INT8 and INT4 encode,
+``decode_many`` and ``decode_mean`` of CPU tensors run as one pass per row instead (absmax,
+scale, round, the payload's integers and the residual or transmitted values while the row is
+in cache), with the same float operations: the PyTorch path above gives the same bytes and
+values bit for bit (``kernels.disabled()``).
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import sys
 import numpy as np
 import torch
 
+from .. import kernels
 from ..qcore import group_scales, pack_int4_into, qrange, scale_from_max_, unpack_int4_into
 from ..qcore.pack import unpack_int4_int8
 from .base import ALLGATHER, Compressed, Compressor, register
@@ -52,6 +59,32 @@ def units(layout: Layout, unit: int = UNIT) -> tuple[tuple[int, int, int, int, i
 def blockable(layout: Layout) -> bool:
     """Whether ``units`` applies: every group is one row of a block (no ``row_group``)."""
     return all(b.row_group is None for b in layout.blocks)
+
+
+def kernel_layout(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layout as the codec kernels take it: blocks int64 [B, 4] (lo, rows, cols, first group)
+    of its non-empty blocks, and row_group int64 [their rows] (each row's group; empty when every
+    row is its own group, ``blockable``)."""
+    if blockable(layout):
+        return _own_rows_layout(layout)
+    used = [b for b in layout.blocks if b.rows and b.cols]
+    blocks = torch.tensor([[b.lo, b.rows, b.cols, b.g_lo] for b in used], dtype=torch.int64).view(-1, 4)
+    groups = [torch.arange(b.g_lo, b.g_lo + b.rows) if b.row_group is None else b.row_group for b in used]
+    row_group = groups[0] if len(groups) == 1 else torch.cat(groups) if groups else torch.empty(0)
+    return blocks, row_group.to(device="cpu", dtype=torch.int64).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _own_rows_layout(layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = [[b.lo, b.rows, b.cols, b.g_lo] for b in layout.blocks if b.rows and b.cols]
+    return torch.tensor(blocks, dtype=torch.int64).view(-1, 4), torch.empty(0, dtype=torch.int64)
+
+
+def _kernel_ready(*tensors: torch.Tensor | None) -> bool:
+    """Whether the codec kernels take these tensors (None: not given): the kernels are on, and each
+    is on the CPU, a vector or a matrix, its last dimension contiguous."""
+    return kernels.enabled() and all(t is None or (t.device.type == "cpu" and t.dim() in (1, 2) and t.stride(-1) == 1)
+                                     for t in tensors)
 
 
 def quantize_units_into(x: torch.Tensor, layout: Layout, bits: int, q: torch.Tensor, scales: torch.Tensor,
@@ -230,9 +263,14 @@ class _IntCompressor(Compressor):
 
     def _encode(self, x: torch.Tensor, layout: Layout, out: torch.Tensor, transmitted: torch.Tensor | None,
                 work: torch.Tensor | None, feedback: bool) -> None:
-        """``encode_into`` (``feedback``: ``encode_feedback_into``): unit by unit for INT8 and INT4
-        when every group is a row of a block, else in whole-vector passes."""
+        """``encode_into`` (``feedback``: ``encode_feedback_into``): INT8 and INT4 through the codec
+        kernels (CPU), else unit by unit when every group is a row of a block, else in whole-vector
+        passes."""
         n, nd = x.numel(), self.data_nbytes(x.numel())
+        if self.bits <= 8 and _kernel_ready(x, out, transmitted) and x.dtype == torch.float32:
+            blocks, row_group = kernel_layout(layout)
+            kernels.ops.codec_encode(x, blocks, row_group, layout.num_groups, self.bits, out, transmitted, feedback)
+            return
         scales = torch.empty(layout.num_groups, dtype=torch.float32, device=x.device)
         if self.bits <= 8 and n and blockable(layout):
             if self.bits == 8:
@@ -252,12 +290,19 @@ class _IntCompressor(Compressor):
         out[nd:nd + 4 * layout.num_groups].copy_(scales.view(torch.uint8))
 
     def decode_many(self, bufs, layout, out):
+        if self.bits <= 8 and _kernel_ready(bufs, out):
+            kernels.ops.codec_decode_many(bufs, *kernel_layout(layout), layout.num_groups, self.bits, out)
+            return out
         nd = self.data_nbytes(out.shape[1])
         # a cast, then a float pass: faster than one mixed-dtype pass
         out.copy_(self._integers(bufs[:, :nd])[:, :out.shape[1]])
         return scale_rows_(out, self._scales(bufs, layout, nd), layout)
 
     def decode_mean(self, bufs, layout, size):
+        if self.bits <= 8 and _kernel_ready(bufs):
+            out = torch.empty(layout.numel, dtype=torch.float32)
+            kernels.ops.codec_decode_mean(bufs, *kernel_layout(layout), layout.num_groups, self.bits, size, out)
+            return out
         if bufs.device.type != "cpu" or torch.get_num_threads() > 1:  # whole-vector passes spread over threads
             return super().decode_mean(bufs, layout, size)
         nd = self.data_nbytes(layout.numel)
