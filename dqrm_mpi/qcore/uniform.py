@@ -15,11 +15,14 @@ it was clamped (PyTorch's "cachemask" backward).  One scale per tensor uses PyTo
 fused kernel (fast for the small [B, d] batch rows); one scale per row / output channel
 uses ``_FakeQuantAlongDim0``, an ``autograd.Function`` with the same arithmetic.
 ``fake_quant_own_scale`` is the case where the scales come from the tensor itself (MLP
-weights): the scales and the fake quant in one node, an identity STE.
+weights): the scales and the fake quant in one node, an identity STE; on CPU float32 tensors
+it runs the fused kernels of ``dqrm_mpi/csrc/fake_quant.cpp`` (same numbers, two passes).
 """
 from __future__ import annotations
 
 import torch
+
+from .. import kernels
 
 # The bit widths anything in dqrm_mpi quantizes to (signed integers).
 MIN_BITS, MAX_BITS = 2, 16
@@ -127,6 +130,13 @@ class _FakeQuantOwnScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, per_row, scale_out):
+        n_scales = x.shape[0] if per_row else 1
+        if kernels.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and (
+                scale_out is None or _is_scale_buffer(scale_out, n_scales)):
+            if scale_out is None:
+                scale_out = x.new_empty(n_scales)
+            op = kernels.ops.fq_own_scale_rows if per_row else kernels.ops.fq_own_scale_tensor
+            return op(x, bits, scale_out)
         if per_row:
             absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=scale_out)
             scale = scale_from_max_(absmax.float(), bits).unsqueeze(1)
@@ -140,6 +150,11 @@ class _FakeQuantOwnScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad, None, None, None
+
+
+def _is_scale_buffer(t: torch.Tensor, n: int) -> bool:
+    """Whether the kernels can write n scales into t: float32 [n], contiguous, on CPU."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == (n,) and t.is_contiguous()
 
 
 def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: torch.Tensor | None = None

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from ..model import EmbeddingTables
 from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
 from .config import QuantConfig
@@ -125,14 +126,30 @@ class EmbeddingFakeQuant(_ModeChecked):
                                "forward pass (or refresh() them)")
         # The hot path: all tables' rows at once, each with its table's scale (axis 1), with the
         # arithmetic of PyTorch's fused fake-quant kernels (round half-to-even of x * (1/scale), clamp,
-        # times scale; the same bits as quantizer.fake_quant) in three passes, and an identity STE:
-        # between refreshes rows may outgrow the stored scale and are clamped in the forward pass, but
-        # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
+        # times scale; the same bits as quantizer.fake_quant) in three passes (one with the CPU kernel),
+        # and an identity STE: between refreshes rows may outgrow the stored scale and are clamped in the
+        # forward pass, but they keep their gradient (a masked STE would freeze them until the next
+        # refresh; as in DQRM).
+        if kernels.enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32:
+            return _TableRowsFakeQuant.apply(rows, self.scales, self.num_bits)
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
         quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax)
         quantized.mul_(scales)
         return rows + quantized.sub_(detached)
+
+
+class _TableRowsFakeQuant(torch.autograd.Function):
+    """rows float32 [B, T, d], scales float32 [T] -> rows + (fake-quantized rows - rows) in one pass
+    (``kernels.ops.fq_table_rows``); the gradient passes unchanged (identity STE)."""
+
+    @staticmethod
+    def forward(ctx, rows, scales, bits):
+        return kernels.ops.fq_table_rows(rows, scales, bits)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
 
 
 class QuantEmbeddingTables(EmbeddingTables):

@@ -1,0 +1,183 @@
+// Fused fake quantization (QAT's per-step work): the float operations of dqrm_mpi/qcore/uniform.py
+// and quant/qat.py in one or two passes over memory instead of five or six.
+//
+//   fq_own_scale_rows(x [n, k], bits, scale [n]) -> y [n, k]
+//       per row: absmax = max(amax, -amin) (NaN propagates), scale = max(absmax / qmax, FLT_MIN)
+//       (written to ``scale``), y = nearbyint(x * (1 / scale)) * scale
+//   fq_own_scale_tensor(x [...], bits, scale [1]) -> y [...]      the same with one scale for all of x
+//   fq_table_rows(rows [B, T, d], scales [T], bits) -> y [B, T, d]
+//       q = clamp(nearbyint(rows * (1 / scales[t])), qmin, qmax) * scales[t]; y = rows + (q - rows)
+//
+// Float32, CPU, one thread; inputs are made contiguous.  The callers wrap them in autograd.Functions.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr float kTiny = std::numeric_limits<float>::min();  // qcore.uniform.EPS
+// 16 float32 lanes (GCC vector extensions: one AVX-512 register, two AVX2 or four SSE ones)
+typedef float Lanes __attribute__((vector_size(64)));
+typedef int32_t LaneMask __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+
+struct MinMax {
+  float hi, lo;
+  bool nan;
+};
+
+#define DQRM_INLINE static inline __attribute__((always_inline))
+
+// max and min of x[0, n) and whether any element is NaN (NaN never wins a comparison, so it is
+// tracked on its own).  Lane-wise over blocks of 16 (the last block overlaps the one before: a
+// value seen twice changes no max or min), then across lanes; rows shorter than 16 one by one.
+DQRM_INLINE MinMax min_max(const float* x, int64_t n) {
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  MinMax out{-inf, inf, false};
+  if (n >= kLanes) {
+    Lanes hi, lo, v;
+    std::memcpy(&hi, x, sizeof hi);
+    lo = hi;
+    LaneMask nan = hi != hi;
+    for (int64_t j = kLanes;; j += kLanes) {
+      if (j + kLanes > n) j = n - kLanes;
+      std::memcpy(&v, x + j, sizeof v);
+      hi = v > hi ? v : hi;
+      lo = v < lo ? v : lo;
+      nan |= v != v;
+      if (j + kLanes >= n) break;
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      out.hi = hi[l] > out.hi ? hi[l] : out.hi;
+      out.lo = lo[l] < out.lo ? lo[l] : out.lo;
+      out.nan = out.nan || nan[l] != 0;
+    }
+    return out;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j];
+    out.hi = v > out.hi ? v : out.hi;
+    out.lo = v < out.lo ? v : out.lo;
+    out.nan = out.nan || v != v;
+  }
+  return out;
+}
+
+// torch.maximum(amax, -amin) / qmax, clamp_min(FLT_MIN): NaN stays NaN.  (The sign of a zero max
+// or min does not matter: a zero absmax becomes FLT_MIN.)
+DQRM_INLINE float scale_of(const MinMax& m, float qmax) {
+  if (m.nan) return std::numeric_limits<float>::quiet_NaN();
+  const float neg_lo = -m.lo;
+  const float absmax = m.hi > neg_lo ? m.hi : neg_lo;
+  const float scale = absmax / qmax;
+  return scale < kTiny ? kTiny : scale;
+}
+
+// Rows x [n, k] -> y [n, k] = nearbyint(x * (1 / scale)) * scale with the row's own scale (-> scale [n]).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void own_scale_rows(const float* __restrict x, float* __restrict y, float* __restrict scale, int64_t n,
+                    int64_t k, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * k;
+    float* yi = y + i * k;
+    const float s = scale_of(min_max(xi, k), qmax), inv = 1.0f / s;
+    scale[i] = s;
+    for (int64_t j = 0; j < k; ++j) yi[j] = std::nearbyint(xi[j] * inv) * s;
+  }
+}
+
+// y = x + (clamp(nearbyint(x * inv[t]), qmin, qmax) * scale[t] - x) over rows [b, t, d]; NaN stays NaN
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void table_rows(const float* __restrict x, float* __restrict y, int64_t b, int64_t t, int64_t d, const float* inv, const float* scale,
+                float qmin, float qmax) {
+  for (int64_t i = 0; i < b * t; ++i) {
+    const float r = inv[i % t], s = scale[i % t];
+    const float* xi = x + i * d;
+    float* yi = y + i * d;
+    for (int64_t j = 0; j < d; ++j) {
+      const float v = xi[j];
+      float q = std::nearbyint(v * r);
+      q = q < qmin ? qmin : q;  // a NaN compares false
+      q = q > qmax ? qmax : q;
+      yi[j] = v + (q * s - v);
+    }
+  }
+}
+
+float qmax_of(int64_t bits) {
+  TORCH_CHECK(bits >= 2 && bits <= 16, "dqrm fake quant: bits must be in [2, 16], got ", bits);
+  return static_cast<float>((int64_t{1} << (bits - 1)) - 1);
+}
+
+at::Tensor float_cpu(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "dqrm fake quant: ", what,
+              " must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  return x.contiguous();
+}
+
+void check_scale_out(const at::Tensor& scale, int64_t n) {
+  TORCH_CHECK(scale.device().is_cpu() && scale.scalar_type() == at::kFloat && scale.dim() == 1 &&
+                  scale.size(0) == n && scale.is_contiguous(),
+              "dqrm fake quant: scale must be a contiguous float32 CPU tensor of shape [", n, "], got ",
+              scale.scalar_type(), " ", scale.sizes());
+}
+
+at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& scale) {
+  const float qmax = qmax_of(bits);
+  TORCH_CHECK(x_in.dim() == 2, "fq_own_scale_rows: x must be 2-D [n, k], got shape ", x_in.sizes());
+  const at::Tensor x = float_cpu(x_in, "x");
+  const int64_t n = x.size(0), k = x.size(1);
+  TORCH_CHECK(n == 0 || k > 0, "fq_own_scale_rows: rows of x are empty (shape ", x.sizes(), ")");
+  check_scale_out(scale, n);
+  at::Tensor y = at::empty_like(x);
+  const float* px = x.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  float* ps = scale.data_ptr<float>();
+  own_scale_rows(px, py, ps, n, k, qmax);
+  return y;
+}
+
+at::Tensor fq_own_scale_tensor(const at::Tensor& x_in, int64_t bits, at::Tensor& scale) {
+  const float qmax = qmax_of(bits);
+  const at::Tensor x = float_cpu(x_in, "x");
+  TORCH_CHECK(x.numel() > 0, "fq_own_scale_tensor: x is empty (shape ", x.sizes(), ")");
+  check_scale_out(scale, 1);
+  at::Tensor y = at::empty_like(x);
+  own_scale_rows(x.data_ptr<float>(), y.data_ptr<float>(), scale.data_ptr<float>(), 1, x.numel(), qmax);
+  return y;
+}
+
+at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in, int64_t bits) {
+  const float qmax = qmax_of(bits), qmin = -qmax - 1.0f;
+  TORCH_CHECK(rows_in.dim() == 3, "fq_table_rows: rows must be 3-D [B, T, d], got shape ", rows_in.sizes());
+  const at::Tensor rows = float_cpu(rows_in, "rows");
+  const at::Tensor scales = float_cpu(scales_in, "scales");
+  const int64_t b = rows.size(0), t = rows.size(1), d = rows.size(2);
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == t, "fq_table_rows: scales must have shape [", t,
+              "], got ", scales.sizes());
+  std::vector<float> inv(t);
+  const float* ps = scales.data_ptr<float>();
+  for (int64_t j = 0; j < t; ++j) inv[j] = 1.0f / ps[j];
+  at::Tensor y = at::empty_like(rows);
+  table_rows(rows.data_ptr<float>(), y.data_ptr<float>(), b, t, d, inv.data(), ps, qmin, qmax);
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(dqrm, m) {
+  m.def("fq_own_scale_rows(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
+  m.def("fq_own_scale_tensor(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
+  m.def("fq_table_rows(Tensor rows, Tensor scales, int bits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
+  m.impl("fq_own_scale_rows", fq_own_scale_rows);
+  m.impl("fq_own_scale_tensor", fq_own_scale_tensor);
+  m.impl("fq_table_rows", fq_table_rows);
+}
