@@ -8,8 +8,10 @@
 //   fq_table_rows(rows [B, T, d], scales [T], bits) -> y [B, T, d]
 //       q = clamp(nearbyint(rows * (1 / scales[t])), qmin, qmax) * scales[t]; y = rows + (q - rows)
 //
-// Float32, CPU, one thread; inputs are made contiguous.  The callers wrap them in autograd.Functions.
+// Float32, CPU, one thread; inputs are made contiguous.  Each op is differentiable in x (rows) with
+// the identity straight-through estimator, d y / d x = 1 (an Autograd kernel, no Python node).
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -31,31 +33,62 @@ struct MinMax {
   bool nan;
 };
 
-#define DQRM_INLINE static inline __attribute__((always_inline))
+#define DQRM_INLINE inline __attribute__((always_inline))
+
+// Lane-wise max, min and NaN flag of x[0, 16) folded into (hi, lo, nan).
+struct LaneFold {
+  Lanes hi, lo;
+  LaneMask nan;
+
+  static DQRM_INLINE LaneFold first(const float* x) {
+    LaneFold f;
+    std::memcpy(&f.hi, x, sizeof f.hi);
+    f.lo = f.hi;
+    f.nan = f.hi != f.hi;
+    return f;
+  }
+  DQRM_INLINE void add(const float* x) {
+    Lanes v;
+    std::memcpy(&v, x, sizeof v);
+    hi = v > hi ? v : hi;
+    lo = v < lo ? v : lo;
+    nan |= v != v;
+  }
+  DQRM_INLINE void merge(const LaneFold& o) {
+    hi = o.hi > hi ? o.hi : hi;
+    lo = o.lo < lo ? o.lo : lo;
+    nan |= o.nan;
+  }
+};
 
 // max and min of x[0, n) and whether any element is NaN (NaN never wins a comparison, so it is
-// tracked on its own).  Lane-wise over blocks of 16 (the last block overlaps the one before: a
-// value seen twice changes no max or min), then across lanes; rows shorter than 16 one by one.
+// tracked on its own).  Rows of 16 or more: blocks of 16 lanes, four independent folds at a time
+// (their compare chains overlap), the last block overlapping the one before (a value seen twice
+// changes no max or min), then across lanes; shorter rows one by one.
 DQRM_INLINE MinMax min_max(const float* x, int64_t n) {
   constexpr float inf = std::numeric_limits<float>::infinity();
   MinMax out{-inf, inf, false};
   if (n >= kLanes) {
-    Lanes hi, lo, v;
-    std::memcpy(&hi, x, sizeof hi);
-    lo = hi;
-    LaneMask nan = hi != hi;
-    for (int64_t j = kLanes;; j += kLanes) {
-      if (j + kLanes > n) j = n - kLanes;
-      std::memcpy(&v, x + j, sizeof v);
-      hi = v > hi ? v : hi;
-      lo = v < lo ? v : lo;
-      nan |= v != v;
-      if (j + kLanes >= n) break;
+    LaneFold a = LaneFold::first(x);
+    int64_t j = kLanes;
+    if (n >= 4 * kLanes) {
+      LaneFold b = LaneFold::first(x + kLanes), c = LaneFold::first(x + 2 * kLanes),
+               d = LaneFold::first(x + 3 * kLanes);
+      for (j = 4 * kLanes; j + 4 * kLanes <= n; j += 4 * kLanes) {
+        a.add(x + j);
+        b.add(x + j + kLanes);
+        c.add(x + j + 2 * kLanes);
+        d.add(x + j + 3 * kLanes);
+      }
+      b.merge(d);
+      a.merge(c);
+      a.merge(b);
     }
+    for (; j < n; j += kLanes) a.add(x + (j + kLanes <= n ? j : n - kLanes));
     for (int64_t l = 0; l < kLanes; ++l) {
-      out.hi = hi[l] > out.hi ? hi[l] : out.hi;
-      out.lo = lo[l] < out.lo ? lo[l] : out.lo;
-      out.nan = out.nan || nan[l] != 0;
+      out.hi = a.hi[l] > out.hi ? a.hi[l] : out.hi;
+      out.lo = a.lo[l] < out.lo ? a.lo[l] : out.lo;
+      out.nan = out.nan || a.nan[l] != 0;
     }
     return out;
   }
@@ -168,6 +201,31 @@ at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in,
   return y;
 }
 
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// y = own-scale fake quant of x (per row or per tensor); gradient passed unchanged to x.
+struct OwnScaleSte : public torch::autograd::Function<OwnScaleSte> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x, int64_t bits, at::Tensor scale, bool per_row) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return per_row ? fq_own_scale_rows(x, bits, scale) : fq_own_scale_tensor(x, bits, scale);
+  }
+  static variable_list backward(AutogradContext*, variable_list grad) {
+    return {grad[0], at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// y = per-table fake quant of the rows; gradient passed unchanged to the rows.
+struct TableRowsSte : public torch::autograd::Function<TableRowsSte> {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& rows, const at::Tensor& scales, int64_t bits) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return fq_table_rows(rows, scales, bits);
+  }
+  static variable_list backward(AutogradContext*, variable_list grad) {
+    return {grad[0], at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dqrm, m) {
@@ -180,4 +238,16 @@ TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
   m.impl("fq_own_scale_rows", fq_own_scale_rows);
   m.impl("fq_own_scale_tensor", fq_own_scale_tensor);
   m.impl("fq_table_rows", fq_table_rows);
+}
+
+TORCH_LIBRARY_IMPL(dqrm, Autograd, m) {
+  m.impl("fq_own_scale_rows", [](const at::Tensor& x, int64_t bits, at::Tensor& scale) {
+    return OwnScaleSte::apply(x, bits, scale, true);
+  });
+  m.impl("fq_own_scale_tensor", [](const at::Tensor& x, int64_t bits, at::Tensor& scale) {
+    return OwnScaleSte::apply(x, bits, scale, false);
+  });
+  m.impl("fq_table_rows", [](const at::Tensor& rows, const at::Tensor& scales, int64_t bits) {
+    return TableRowsSte::apply(rows, scales, bits);
+  });
 }

@@ -130,13 +130,6 @@ class _FakeQuantOwnScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, per_row, scale_out):
-        n_scales = x.shape[0] if per_row else 1
-        if kernels.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and (
-                scale_out is None or _is_scale_buffer(scale_out, n_scales)):
-            if scale_out is None:
-                scale_out = x.new_empty(n_scales)
-            op = kernels.ops.fq_own_scale_rows if per_row else kernels.ops.fq_own_scale_tensor
-            return op(x, bits, scale_out)
         if per_row:
             absmax = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_(), out=scale_out)
             scale = scale_from_max_(absmax.float(), bits).unsqueeze(1)
@@ -166,6 +159,11 @@ def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: t
     check_bits(bits)
     if per_row and x.dim() != 2:
         raise ValueError(f"x must be 2-D [n, k] for one scale per row, got shape {tuple(x.shape)}")
+    n_scales = x.shape[0] if per_row else 1
+    if kernels.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and (
+            scale_out is None or _is_scale_buffer(scale_out, n_scales)):  # the fused kernel, its own STE
+        op = kernels.ops.fq_own_scale_rows if per_row else kernels.ops.fq_own_scale_tensor
+        return op(x, bits, x.new_empty(n_scales) if scale_out is None else scale_out)
     return _FakeQuantOwnScale.apply(x, bits, per_row, scale_out)
 
 

@@ -131,25 +131,12 @@ class EmbeddingFakeQuant(_ModeChecked):
         # forward pass, but they keep their gradient (a masked STE would freeze them until the next
         # refresh; as in DQRM).
         if kernels.enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32:
-            return _TableRowsFakeQuant.apply(rows, self.scales, self.num_bits)
+            return kernels.ops.fq_table_rows(rows, self.scales, self.num_bits)  # its own identity STE
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
         quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax)
         quantized.mul_(scales)
         return rows + quantized.sub_(detached)
-
-
-class _TableRowsFakeQuant(torch.autograd.Function):
-    """rows float32 [B, T, d], scales float32 [T] -> rows + (fake-quantized rows - rows) in one pass
-    (``kernels.ops.fq_table_rows``); the gradient passes unchanged (identity STE)."""
-
-    @staticmethod
-    def forward(ctx, rows, scales, bits):
-        return kernels.ops.fq_table_rows(rows, scales, bits)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
 
 
 class QuantEmbeddingTables(EmbeddingTables):
