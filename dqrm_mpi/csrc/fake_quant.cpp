@@ -7,6 +7,8 @@
 //   fq_own_scale_tensor(x [...], bits, scale [1]) -> y [...]      the same with one scale for all of x
 //   fq_table_rows(rows [B, T, d], scales [T], bits) -> y [B, T, d]
 //       q = clamp(nearbyint(rows * (1 / scales[t])), qmin, qmax) * scales[t]; y = rows + (q - rows)
+//   fq_table_scales(tables [T] of [n_t, d], bits, scales [T])
+//       scales[t] = max(max|tables[t]| / qmax, FLT_MIN) (NaN propagates), one pass over each table
 //
 // Float32, CPU, one thread; inputs are made contiguous.  Each op is differentiable in x (rows) with
 // the identity straight-through estimator, d y / d x = 1 (an Autograd kernel, no Python node).
@@ -201,6 +203,24 @@ at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in,
   return y;
 }
 
+// scales[t] = the per-tensor scale of tables[t] (the full-table pass of per-table embedding scales).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float tensor_scale_of(const float* x, int64_t n, float qmax) {
+  return scale_of(min_max(x, n), qmax);
+}
+
+void fq_table_scales(at::TensorList tables, int64_t bits, at::Tensor& scales) {
+  const float qmax = qmax_of(bits);
+  const int64_t t = static_cast<int64_t>(tables.size());
+  check_scale_out(scales, t);
+  float* ps = scales.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    const at::Tensor table = float_cpu(tables[i], "a table");
+    TORCH_CHECK(table.numel() > 0, "fq_table_scales: table ", i, " is empty (shape ", table.sizes(), ")");
+    ps[i] = tensor_scale_of(table.data_ptr<float>(), table.numel(), qmax);
+  }
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -232,12 +252,14 @@ TORCH_LIBRARY_FRAGMENT(dqrm, m) {
   m.def("fq_own_scale_rows(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
   m.def("fq_own_scale_tensor(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
   m.def("fq_table_rows(Tensor rows, Tensor scales, int bits) -> Tensor");
+  m.def("fq_table_scales(Tensor[] tables, int bits, Tensor(a!) scales) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
   m.impl("fq_own_scale_rows", fq_own_scale_rows);
   m.impl("fq_own_scale_tensor", fq_own_scale_tensor);
   m.impl("fq_table_rows", fq_table_rows);
+  m.impl("fq_table_scales", fq_table_scales);
 }
 
 TORCH_LIBRARY_IMPL(dqrm, Autograd, m) {

@@ -99,8 +99,11 @@ class EmbeddingFakeQuant(_ModeChecked):
     @torch.no_grad()
     def refresh(self, weights: list[torch.Tensor], step: int) -> None:
         """The full-table pass: scales[t] = max|W_t| / (2^(b-1) - 1) for every table."""
-        for t, w in enumerate(weights):
-            self.scales[t] = tensor_scale(w, self.num_bits)[0]
+        if kernels.enabled() and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights):
+            kernels.ops.fq_table_scales(weights, self.num_bits, self.scales)
+        else:
+            for t, w in enumerate(weights):
+                self.scales[t] = tensor_scale(w, self.num_bits)[0]
         self.scales_valid.fill_(1)
         self.refreshes += 1
         self.last_refresh_step.fill_(step)

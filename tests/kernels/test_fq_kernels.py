@@ -143,3 +143,23 @@ def test_embedding_rows_match_the_pytorch_path(bits, rowwise):
     (y_fast, g_fast), (y_slow, g_slow) = with_both(run)
     assert same_bits(y_fast, y_slow)
     assert same_bits(g_fast, g_slow)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_table_scales_match_the_pytorch_path(bits):
+    """The full-table pass: tables of 1..40 rows (16 columns) with the awkward rows (NaN, inf, zeros, ...)."""
+    gen = torch.Generator().manual_seed(bits)
+    sizes = [1, 2, 3, 5, 40, 17, 1, 9]
+    flat = awkward_rows(sum(sizes), 16, bits, seed=bits) * torch.rand(sum(sizes), 1, generator=gen)
+    flat[:10] = 0.0  # all-zero tables
+    flat[10] = -0.0
+    tables = list(torch.split(flat, sizes))
+
+    def run():
+        emb = EmbeddingFakeQuant(len(sizes), bits, rowwise=False, period=200)
+        emb.refresh(tables, step=0)
+        return emb.scales
+    fast, slow = with_both(run)
+    assert same_bits(fast, slow)
+    with pytest.raises(RuntimeError, match="table 1 is empty"):
+        kernels.ops.fq_table_scales([flat[:1], flat[:0]], bits, torch.empty(2))
