@@ -1,10 +1,10 @@
 // Fused fake quantization (QAT's per-step work): the float operations of dqrm_mpi/qcore/uniform.py
 // and quant/qat.py in one or two passes over memory instead of five or six.
 //
-//   fq_own_scale_rows(x [n, k], bits, scale [n]) -> y [n, k]
+//   fq_own_scale_rows(x [n, k], bits, scale [n], workspace=None) -> y [n, k]
 //       per row: absmax = max(amax, -amin) (NaN propagates), scale = max(absmax / qmax, FLT_MIN)
 //       (written to ``scale``), y = nearbyint(x * (1 / scale)) * scale
-//   fq_own_scale_tensor(x [...], bits, scale [1]) -> y [...]      the same with one scale for all of x
+//   fq_own_scale_tensor(x [...], bits, scale [1], workspace=None) -> y [...]   one scale for all of x
 //   fq_table_rows(rows [B, T, d], scales [T], bits) -> y [B, T, d]
 //       q = clamp(nearbyint(rows * (1 / scales[t])), qmin, qmax) * scales[t]; y = rows + (q - rows)
 //   fq_table_scales(tables [T] of [n_t, d], bits, scales [T])
@@ -162,14 +162,29 @@ void check_scale_out(const at::Tensor& scale, int64_t n) {
               scale.scalar_type(), " ", scale.sizes());
 }
 
-at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& scale) {
+// The memory of y: workspace's when it is a contiguous float32 CPU tensor of x's shape whose memory
+// nothing else holds (the tensors made from it at the last call are gone: their step's autograd graph
+// was freed), so that the weights' per-step copy reuses warm memory; else new memory.
+at::Tensor output_like(const at::Tensor& x, const c10::optional<at::Tensor>& workspace) {
+  if (workspace.has_value() && workspace->defined()) {
+    const at::Tensor& w = *workspace;
+    if (w.device().is_cpu() && w.scalar_type() == at::kFloat && w.sizes() == x.sizes() && w.is_contiguous() &&
+        w.storage_offset() == 0 && w.storage().use_count() == 1) {
+      return w.alias();
+    }
+  }
+  return at::empty_like(x);
+}
+
+at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& scale,
+                             const c10::optional<at::Tensor>& workspace) {
   const float qmax = qmax_of(bits);
   TORCH_CHECK(x_in.dim() == 2, "fq_own_scale_rows: x must be 2-D [n, k], got shape ", x_in.sizes());
   const at::Tensor x = float_cpu(x_in, "x");
   const int64_t n = x.size(0), k = x.size(1);
   TORCH_CHECK(n == 0 || k > 0, "fq_own_scale_rows: rows of x are empty (shape ", x.sizes(), ")");
   check_scale_out(scale, n);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = output_like(x, workspace);
   const float* px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
   float* ps = scale.data_ptr<float>();
@@ -177,12 +192,13 @@ at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& s
   return y;
 }
 
-at::Tensor fq_own_scale_tensor(const at::Tensor& x_in, int64_t bits, at::Tensor& scale) {
+at::Tensor fq_own_scale_tensor(const at::Tensor& x_in, int64_t bits, at::Tensor& scale,
+                               const c10::optional<at::Tensor>& workspace) {
   const float qmax = qmax_of(bits);
   const at::Tensor x = float_cpu(x_in, "x");
   TORCH_CHECK(x.numel() > 0, "fq_own_scale_tensor: x is empty (shape ", x.sizes(), ")");
   check_scale_out(scale, 1);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = output_like(x, workspace);
   own_scale_rows(x.data_ptr<float>(), y.data_ptr<float>(), scale.data_ptr<float>(), 1, x.numel(), qmax);
   return y;
 }
@@ -226,12 +242,13 @@ using torch::autograd::variable_list;
 
 // y = own-scale fake quant of x (per row or per tensor); gradient passed unchanged to x.
 struct OwnScaleSte : public torch::autograd::Function<OwnScaleSte> {
-  static at::Tensor forward(AutogradContext*, const at::Tensor& x, int64_t bits, at::Tensor scale, bool per_row) {
+  static at::Tensor forward(AutogradContext*, const at::Tensor& x, int64_t bits, at::Tensor scale,
+                            const c10::optional<at::Tensor>& workspace, bool per_row) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return per_row ? fq_own_scale_rows(x, bits, scale) : fq_own_scale_tensor(x, bits, scale);
+    return per_row ? fq_own_scale_rows(x, bits, scale, workspace) : fq_own_scale_tensor(x, bits, scale, workspace);
   }
   static variable_list backward(AutogradContext*, variable_list grad) {
-    return {grad[0], at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad[0], at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -249,8 +266,8 @@ struct TableRowsSte : public torch::autograd::Function<TableRowsSte> {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dqrm, m) {
-  m.def("fq_own_scale_rows(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
-  m.def("fq_own_scale_tensor(Tensor x, int bits, Tensor(a!) scale) -> Tensor");
+  m.def("fq_own_scale_rows(Tensor x, int bits, Tensor(a!) scale, Tensor(b!)? workspace=None) -> Tensor");
+  m.def("fq_own_scale_tensor(Tensor x, int bits, Tensor(a!) scale, Tensor(b!)? workspace=None) -> Tensor");
   m.def("fq_table_rows(Tensor rows, Tensor scales, int bits) -> Tensor");
   m.def("fq_table_scales(Tensor[] tables, int bits, Tensor(a!) scales) -> ()");
 }
@@ -263,12 +280,14 @@ TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL(dqrm, Autograd, m) {
-  m.impl("fq_own_scale_rows", [](const at::Tensor& x, int64_t bits, at::Tensor& scale) {
-    return OwnScaleSte::apply(x, bits, scale, true);
-  });
-  m.impl("fq_own_scale_tensor", [](const at::Tensor& x, int64_t bits, at::Tensor& scale) {
-    return OwnScaleSte::apply(x, bits, scale, false);
-  });
+  m.impl("fq_own_scale_rows",
+         [](const at::Tensor& x, int64_t bits, at::Tensor& scale, const c10::optional<at::Tensor>& workspace) {
+           return OwnScaleSte::apply(x, bits, scale, workspace, true);
+         });
+  m.impl("fq_own_scale_tensor",
+         [](const at::Tensor& x, int64_t bits, at::Tensor& scale, const c10::optional<at::Tensor>& workspace) {
+           return OwnScaleSte::apply(x, bits, scale, workspace, false);
+         });
   m.impl("fq_table_rows", [](const at::Tensor& rows, const at::Tensor& scales, int64_t bits) {
     return TableRowsSte::apply(rows, scales, bits);
   });

@@ -181,6 +181,7 @@ class QuantLinear(nn.Linear, _ModeChecked):
         self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(out_features if per_channel else 1))
         self.register_buffer("act_scale", torch.zeros(1))
+        self._weight_workspace: torch.Tensor | None = None  # memory for the fake-quantized weight (CPU kernel)
         self._sync_flags()
 
     @classmethod
@@ -227,7 +228,9 @@ class QuantLinear(nn.Linear, _ModeChecked):
                 x = fake_quant(x, self.act_scale, self.a_bits)
         w = self.weight
         if self.w_bits:  # one autograd node; the scales are written to weight_scale on the way
-            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale)
+            if self._weight_workspace is None or self._weight_workspace.device != w.device:
+                self._weight_workspace = torch.empty(w.shape, device=w.device)
+            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale, self._weight_workspace)
         return F.linear(x, w, self.bias)
 
 

@@ -163,3 +163,20 @@ def test_table_scales_match_the_pytorch_path(bits):
     assert same_bits(fast, slow)
     with pytest.raises(RuntimeError, match="table 1 is empty"):
         kernels.ops.fq_table_scales([flat[:1], flat[:0]], bits, torch.empty(2))
+
+
+def test_a_workspace_is_reused_only_when_nothing_else_holds_it():
+    """QuantLinear's fake-quantized weight goes into its workspace once the last step's graph is gone;
+    while an earlier result is alive, a new one gets new memory (and both keep their values)."""
+    x = awkward_rows(24, 40, 4, seed=9)
+    workspace = torch.empty(24, 40)
+    first = fake_quant_own_scale(x, 4, True, workspace=workspace)
+    assert first.data_ptr() == workspace.data_ptr()
+    second = fake_quant_own_scale(x * 2, 4, True, workspace=workspace)  # first is alive: new memory
+    assert second.data_ptr() != workspace.data_ptr()
+    with kernels.disabled():
+        assert same_bits(first, fake_quant_own_scale(x, 4, True))
+        assert same_bits(second, fake_quant_own_scale(x * 2, 4, True))
+    del first
+    assert fake_quant_own_scale(x, 4, True, workspace=workspace).data_ptr() == workspace.data_ptr()
+    assert fake_quant_own_scale(x, 4, True, workspace=torch.empty(24, 41)).shape == (24, 40)  # wrong shape: unused
