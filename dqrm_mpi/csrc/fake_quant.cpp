@@ -5,6 +5,7 @@
 //       per row: absmax = max(amax, -amin) (NaN propagates), scale = max(absmax / qmax, FLT_MIN)
 //       (written to ``scale``), y = nearbyint(x * (1 / scale)) * scale
 //   fq_own_scale_tensor(x [...], bits, scale [1], workspace=None) -> y [...]   one scale for all of x
+//       y is written into workspace's memory (and shares it) when nothing else holds that memory
 //   fq_table_rows(rows [B, T, d], scales [T], bits) -> y [B, T, d]
 //       q = clamp(nearbyint(rows * (1 / scales[t])), qmin, qmax) * scales[t]; y = rows + (q - rows)
 //   fq_table_scales(tables [T] of [n_t, d], bits, scales [T])
@@ -128,8 +129,8 @@ void own_scale_rows(const float* __restrict x, float* __restrict y, float* __res
 
 // y = x + (clamp(nearbyint(x * inv[t]), qmin, qmax) * scale[t] - x) over rows [b, t, d]; NaN stays NaN
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void table_rows(const float* __restrict x, float* __restrict y, int64_t b, int64_t t, int64_t d, const float* inv, const float* scale,
-                float qmin, float qmax) {
+void table_rows(const float* __restrict x, float* __restrict y, int64_t b, int64_t t, int64_t d,
+                const float* inv, const float* scale, float qmin, float qmax) {
   for (int64_t i = 0; i < b * t; ++i) {
     const float r = inv[i % t], s = scale[i % t];
     const float* xi = x + i * d;
