@@ -63,14 +63,18 @@ def awkward_rows(n: int, k: int, bits: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("shape", [(1, 1), (1, 300), (9, 1), (11, 13), (40, 16), (33, 67), (12, 512)])
 def test_own_scale_per_row_and_per_tensor_match_the_pytorch_path(bits, shape):
+    """Also without the NaN/inf rows and with the huge ones tamed, so that one scale per tensor is not
+    always NaN or dominated by 3e38."""
     x = awkward_rows(*shape, bits, seed=bits * 1000 + shape[1])
-    for per_row in (True, False):
-        def run():
-            scale = torch.full((shape[0] if per_row else 1,), -1.0)
-            return fake_quant_own_scale(x, bits, per_row, scale), scale
-        (y_fast, s_fast), (y_slow, s_slow) = with_both(run)
-        assert same_bits(y_fast, y_slow), (per_row, bits, shape)
-        assert same_bits(s_fast, s_slow), (per_row, bits, shape)
+    finite = x.nan_to_num(0.0, 0.0, 0.0)
+    for data in (x, finite, finite.clamp(-1e4, 1e4)):
+        for per_row in (True, False):
+            def run():
+                scale = torch.full((shape[0] if per_row else 1,), -1.0)
+                return fake_quant_own_scale(data, bits, per_row, scale), scale
+            (y_fast, s_fast), (y_slow, s_slow) = with_both(run)
+            assert same_bits(y_fast, y_slow), (per_row, bits, shape)
+            assert same_bits(s_fast, s_slow), (per_row, bits, shape)
 
 
 def test_ties_round_half_to_even_and_special_rows_give_what_they_should():
