@@ -1,115 +1,152 @@
-"""Time per training step at Kaggle dimensions: FP32, INT4 QAT with scale period 1 and 200.
+"""INT4 QAT step time over the FP32 step time, with the fused CPU kernels (DQRM_KERNELS=1) and
+without them (DQRM_KERNELS=0), interleaved in one invocation, at Kaggle dimensions.
 
-All three models train side by side in one process on the same random batches, in
-interleaved rounds (so machine noise hits them alike).  INT4 QAT = embeddings INT4 with
-per-table scales + MLP INT4 per channel (DQRM's configuration).  A step is forward,
-backward and a plain-SGD update with sparse embedding gradients, one process (no
-communication).  Cardinalities are Kaggle's capped at --cap rows per table.
+    python benchmarks/qat_step.py [--batch-sizes 128,512] [--rounds 10] [--steps 20] [--clock thread]
 
-Prints JSON: ms per step (mean and median per round), ratio to FP32, the share of
-QAT step time spent in full-table scale passes, and machine info.
+INT4 QAT = embeddings INT4 with per-table scales refreshed every 200 steps + MLP INT4 per
+channel (DQRM's configuration).  A step is what ``dqrm-train`` does on one rank (QAT's on_step,
+forward, backward, the finite check, the SGD step with sparse embedding gradients) on random
+batches; no data loading, no communication.  Cardinalities are Kaggle's capped at --cap rows.
 
-    python benchmarks/qat_step.py --cap 1000000 --steps 50 --rounds 12
+One worker process per side (kernels on / off), each with an FP32 and an INT4 QAT model per batch
+size; each round runs --steps steps of every (side, batch size, precision) in turn, the order
+reversed every other round, so machine drift hits all alike.  With --threads 1, ``--clock
+thread`` times the worker's CPU time (time slices lost to other processes do not count).
+Prints JSON: median ms/step per (side, batch, precision); per side and batch the median of the
+per-round INT4/FP32 ratios and of the QAT overhead (INT4 - FP32 ms), and the ratio over all
+steps (with the scale passes, one per 200 steps: run rounds * steps >= 200); the kernels' speedup.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import platform
 import statistics
+import subprocess
+import sys
 import time
 
-import torch
+from _common import KAGGLE_CARDINALITIES, machine
 
-from dqrm_mpi.model import DLRM, model_config_from_preset
-from dqrm_mpi.quant import QuantConfig, prepare_qat
-from dqrm_mpi.train.sgd import PlainSGD
+SIDES = {"kernels": "1", "pytorch": "0"}  # DQRM_KERNELS of each worker
+PRECISIONS = ("fp32", "int4")
 
-KAGGLE = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194, 27, 14992, 5461306,
-          10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+
+def worker(batch_sizes: list[int], threads: int, cap: int, clock: str) -> None:
+    """Builds the models; answers 'batch precision steps' lines with the seconds they took."""
+    import torch
+
+    from dqrm_mpi import kernels
+    from dqrm_mpi.model import DLRM, model_config_from_preset
+    from dqrm_mpi.quant import QuantConfig, prepare_qat
+    from dqrm_mpi.train.agreement import local_flags
+    from dqrm_mpi.train.sgd import PlainSGD
+
+    torch.set_num_threads(threads)
+    cards = tuple(min(c, cap) for c in KAGGLE_CARDINALITIES)
+    config = model_config_from_preset("kaggle", cards)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    runs = {}
+    for batch in batch_sizes:
+        gen = torch.Generator().manual_seed(batch)
+        batches = [(torch.rand(batch, 13, generator=gen),
+                    torch.stack([torch.randint(0, c, (batch,), generator=gen) for c in cards], dim=1),
+                    (torch.rand(batch, generator=gen) < 0.25).float()) for _ in range(32)]
+        for precision in PRECISIONS:
+            torch.manual_seed(0)
+            model = DLRM(config)
+            qat = (prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200))
+                   if precision == "int4" else None)
+            runs[(batch, precision)] = {"model": model, "qat": qat, "opt": PlainSGD(model.parameters(), lr=0.1),
+                                        "batches": batches, "step": 0}
+    now = time.thread_time if clock == "thread" else time.perf_counter
+
+    def run(key: tuple[int, str], steps: int) -> float:
+        r = runs[key]
+        t0 = now()
+        for _ in range(steps):
+            dense, sparse, label = r["batches"][r["step"] % len(r["batches"])]
+            if r["qat"] is not None:
+                r["qat"].on_step(r["step"])
+            r["opt"].zero_grad()
+            loss = loss_fn(r["model"](dense, sparse), label)
+            loss.backward()
+            if bool(local_flags(loss, r["model"], dense).any()):
+                raise SystemExit("non-finite step")
+            r["opt"].step()
+            float(loss.detach())
+            r["step"] += 1
+        return now() - t0
+
+    for key in runs:  # warm-up (and the first scale pass)
+        run(key, 5)
+    print(f"ready {int(kernels.enabled())}", flush=True)
+    for line in sys.stdin:
+        batch, precision, steps = line.split()
+        print(run((int(batch), precision), int(steps)), flush=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cap", type=int, default=1_000_000, help="max rows per table")
-    ap.add_argument("--batch-size", type=int, default=128, help="DQRM's Kaggle batch")
-    ap.add_argument("--steps", type=int, default=50, help="steps per round and mode (period 1: a quarter)")
-    ap.add_argument("--rounds", type=int, default=12, help="interleaved rounds (short rounds: noise hits all modes)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None, help="also write the JSON here")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cards = tuple(min(c, args.cap) for c in KAGGLE)
-    config = model_config_from_preset("kaggle", cards)
-    modes = {"fp32": None, "int4_period1": QuantConfig(emb_bits=4, mlp_bits=4, scale_period=1),
-             "int4_period200": QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200)}
-    models, states, opts = {}, {}, {}
-    for name, quant in modes.items():
-        torch.manual_seed(0)
-        models[name] = DLRM(config)
-        states[name] = prepare_qat(models[name], quant) if quant else None
-        opts[name] = PlainSGD(models[name].parameters(), lr=0.1)  # as dqrm-train steps
-    gen = torch.Generator().manual_seed(0)
-    n_batches = 64
-    batches = [(torch.rand(args.batch_size, 13, generator=gen),
-                torch.stack([torch.randint(0, c, (args.batch_size,), generator=gen) for c in cards], dim=1),
-                (torch.rand(args.batch_size, generator=gen) < 0.25).float()) for _ in range(n_batches)]
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    step_of = {name: 0 for name in modes}
-    times = {name: [] for name in modes}
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-sizes", default="128,512", help="comma-separated")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20, help="steps per round, side, batch size and precision")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall: time.perf_counter; thread: the worker's CPU time (only with --threads 1)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    try:
+        batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
+    except ValueError:
+        p.error(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}")
+    if a.worker:
+        return worker(batch_sizes, a.threads, a.cap, a.clock)
+    if a.clock == "thread" and a.threads != 1:
+        p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
+    procs = {}
+    for side, flag in SIDES.items():
+        env = dict(os.environ, DQRM_KERNELS=flag, OMP_NUM_THREADS=str(a.threads))
+        procs[side] = subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--batch-sizes", a.batch_sizes, "--threads", str(a.threads),
+             "--cap", str(a.cap), "--clock", a.clock], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=env)
+        if procs[side].stdout.readline().strip() != f"ready {flag}":
+            sys.exit(f"the worker with DQRM_KERNELS={flag} did not start (or its kernels are not built)")
+    keys = [(side, b, pr) for side in SIDES for b in batch_sizes for pr in PRECISIONS]
+    ms: dict[tuple[str, int, str], list[float]] = {k: [] for k in keys}
+    for r in range(a.rounds):
+        for side, batch, precision in (keys if r % 2 == 0 else keys[::-1]):
+            proc = procs[side]
+            proc.stdin.write(f"{batch} {precision} {a.steps}\n")
+            proc.stdin.flush()
+            ms[(side, batch, precision)].append(1e3 * float(proc.stdout.readline()) / a.steps)
+    for proc in procs.values():
+        proc.stdin.close()
+        proc.wait()
 
-    def run(name: str, steps: int) -> None:
-        model, qat, opt = models[name], states[name], opts[name]
-        for _ in range(steps):
-            dense, sparse, label = batches[step_of[name] % n_batches]
-            t0 = time.perf_counter()
-            if qat is not None:
-                qat.on_step(step_of[name])
-            opt.zero_grad()  # gradients become None
-            loss_fn(model(dense, sparse), label).backward()
-            opt.step()
-            times[name].append(time.perf_counter() - t0)
-            step_of[name] += 1
+    def median_of(f) -> float:
+        return round(statistics.median(f(i) for i in range(a.rounds)), 3)
 
-    for name in modes:  # warm-up (also the first scale pass)
-        run(name, 10)
-        times[name].clear()
-        if states[name] is not None:
-            states[name].scale_seconds = 0.0
-    per_round = {name: [] for name in modes}
-    for _ in range(args.rounds):
-        for name in modes:
-            steps = max(10, args.steps // 4) if name == "int4_period1" else args.steps
-            start = len(times[name])
-            run(name, steps)
-            per_round[name].append(1e3 * statistics.fmean(times[name][start:]))
-    result = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                          "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": args.threads},
-              "config": {"cardinalities": cards, "rows": sum(cards), "embedding_dim": config.embedding_dim,
-                         "bottom_mlp": config.bottom_mlp, "top_mlp": config.top_mlp,
-                         "batch_size": args.batch_size, "steps_per_round": args.steps, "rounds": args.rounds,
-                         "int4": "emb INT4 per table + MLP INT4 per channel"},
-              "modes": {}}
-    fp32 = statistics.fmean(times["fp32"])
-    fp32_median = statistics.median(times["fp32"])
-    for name in modes:
-        mean = statistics.fmean(times[name])
-        total = sum(times[name])
-        qat = states[name]
-        result["modes"][name] = {
-            "ms_per_step_mean": 1e3 * mean, "ms_per_step_median": 1e3 * statistics.median(times[name]),
-            "ms_per_step_by_round": per_round[name], "steps_timed": len(times[name]),
-            "ratio_to_fp32": mean / fp32,
-            "ratio_to_fp32_median": statistics.median(times[name]) / fp32_median,
-            "scale_pass_share": (qat.scale_seconds / total) if qat else 0.0,
-            "table_passes_timed": None if qat is None else qat.table_passes - 1,
-        }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    result = {"benchmark": "qat_step", "threads": a.threads, "rounds": a.rounds, "steps_per_round": a.steps,
+              "cardinality_cap": a.cap, "clock": a.clock,
+              "int4": "emb INT4 per table (scale period 200) + MLP INT4 per channel",
+              "ms_per_step_median": {f"{s}.b{b}.{pr}": round(statistics.median(v), 3)
+                                     for (s, b, pr), v in ms.items()}}
+    for batch in batch_sizes:
+        for side in SIDES:
+            fp32, int4 = ms[(side, batch, "fp32")], ms[(side, batch, "int4")]
+            result[f"{side}.b{batch}.int4_over_fp32"] = median_of(lambda i: int4[i] / fp32[i])
+            result[f"{side}.b{batch}.qat_extra_ms"] = median_of(lambda i: int4[i] - fp32[i])
+            # all rounds together: includes the full-table scale passes (one per 200 steps), which the
+            # per-round medians mostly leave out
+            result[f"{side}.b{batch}.int4_over_fp32_all_steps"] = round(sum(int4) / sum(fp32), 3)
+        for precision in PRECISIONS:
+            result[f"kernel_speedup.b{batch}.{precision}"] = median_of(
+                lambda i: ms[("pytorch", batch, precision)][i] / ms[("kernels", batch, precision)][i])
+    result["machine"] = machine()
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

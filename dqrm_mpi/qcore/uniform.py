@@ -15,11 +15,14 @@ it was clamped (PyTorch's "cachemask" backward).  One scale per tensor uses PyTo
 fused kernel (fast for the small [B, d] batch rows); one scale per row / output channel
 uses ``_FakeQuantAlongDim0``, an ``autograd.Function`` with the same arithmetic.
 ``fake_quant_own_scale`` is the case where the scales come from the tensor itself (MLP
-weights): the scales and the fake quant in one node, an identity STE.
+weights): the scales and the fake quant in one node, an identity STE; on CPU float32 tensors
+it runs the fused kernels of ``dqrm_mpi/csrc/fake_quant.cpp`` (same numbers, two passes).
 """
 from __future__ import annotations
 
 import torch
+
+from .. import kernels
 
 # The bit widths anything in dqrm_mpi quantizes to (signed integers).
 MIN_BITS, MAX_BITS = 2, 16
@@ -142,15 +145,27 @@ class _FakeQuantOwnScale(torch.autograd.Function):
         return grad, None, None, None
 
 
-def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+def _is_scale_buffer(t: torch.Tensor, n: int) -> bool:
+    """Whether the kernels can write n scales into t: float32 [n], contiguous, on CPU."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.shape == (n,) and t.is_contiguous()
+
+
+def fake_quant_own_scale(x: torch.Tensor, bits: int, per_row: bool, scale_out: torch.Tensor | None = None,
+                         workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``fake_quant(x, row_scales(x, bits), bits)`` (per_row, x [n, k]) or ``fake_quant(x,
     tensor_scale(x, bits), bits)``: the same values and gradient (an identity STE, as round(x/scale)
     is always in range) in one autograd node.  The scales (float32 [n] or [1]) are also written to
-    ``scale_out`` when given."""
+    ``scale_out`` when given.  ``workspace`` (float32 like x, owned by the caller and never read by
+    it): the CPU kernel writes the result into its memory when nothing else holds it (the result of
+    the previous call is gone), instead of into new memory."""
     check_bits(bits)
     if per_row and x.dim() != 2:
         raise ValueError(f"x must be 2-D [n, k] for one scale per row, got shape {tuple(x.shape)}")
+    n_scales = x.shape[0] if per_row else 1
+    if kernels.enabled() and x.device.type == "cpu" and x.dtype == torch.float32 and (
+            scale_out is None or _is_scale_buffer(scale_out, n_scales)):  # the fused kernel, its own STE
+        op = kernels.ops.fq_own_scale_rows if per_row else kernels.ops.fq_own_scale_tensor
+        return op(x, bits, x.new_empty(n_scales) if scale_out is None else scale_out, workspace)
     return _FakeQuantOwnScale.apply(x, bits, per_row, scale_out)
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from ..model import EmbeddingTables
 from ..qcore import CHANNEL, ROW, check_bits, fake_quant, fake_quant_own_scale, qrange, row_scales, tensor_scale
 from .config import QuantConfig
@@ -98,8 +99,11 @@ class EmbeddingFakeQuant(_ModeChecked):
     @torch.no_grad()
     def refresh(self, weights: list[torch.Tensor], step: int) -> None:
         """The full-table pass: scales[t] = max|W_t| / (2^(b-1) - 1) for every table."""
-        for t, w in enumerate(weights):
-            self.scales[t] = tensor_scale(w, self.num_bits)[0]
+        if kernels.enabled() and all(w.device.type == "cpu" and w.dtype == torch.float32 for w in weights):
+            kernels.ops.fq_table_scales(weights, self.num_bits, self.scales)
+        else:
+            for t, w in enumerate(weights):
+                self.scales[t] = tensor_scale(w, self.num_bits)[0]
         self.scales_valid.fill_(1)
         self.refreshes += 1
         self.last_refresh_step.fill_(step)
@@ -125,9 +129,12 @@ class EmbeddingFakeQuant(_ModeChecked):
                                "forward pass (or refresh() them)")
         # The hot path: all tables' rows at once, each with its table's scale (axis 1), with the
         # arithmetic of PyTorch's fused fake-quant kernels (round half-to-even of x * (1/scale), clamp,
-        # times scale; the same bits as quantizer.fake_quant) in three passes, and an identity STE:
-        # between refreshes rows may outgrow the stored scale and are clamped in the forward pass, but
-        # they keep their gradient (a masked STE would freeze them until the next refresh; as in DQRM).
+        # times scale; the same bits as quantizer.fake_quant) in three passes (one with the CPU kernel),
+        # and an identity STE: between refreshes rows may outgrow the stored scale and are clamped in the
+        # forward pass, but they keep their gradient (a masked STE would freeze them until the next
+        # refresh; as in DQRM).
+        if kernels.enabled() and rows.device.type == "cpu" and rows.dtype == torch.float32:
+            return kernels.ops.fq_table_rows(rows, self.scales, self.num_bits)  # its own identity STE
         detached = rows.detach()
         scales = self.scales.view(1, -1, 1)
         quantized = torch.mul(detached, torch.reciprocal(scales)).round_().clamp_(self._qmin, self._qmax)
@@ -174,6 +181,7 @@ class QuantLinear(nn.Linear, _ModeChecked):
         self.register_buffer("enabled", torch.tensor(1, dtype=torch.uint8))
         self.register_buffer("weight_scale", torch.zeros(out_features if per_channel else 1))
         self.register_buffer("act_scale", torch.zeros(1))
+        self._weight_workspace: torch.Tensor | None = None  # memory for the fake-quantized weight (CPU kernel)
         self._sync_flags()
 
     @classmethod
@@ -220,7 +228,9 @@ class QuantLinear(nn.Linear, _ModeChecked):
                 x = fake_quant(x, self.act_scale, self.a_bits)
         w = self.weight
         if self.w_bits:  # one autograd node; the scales are written to weight_scale on the way
-            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale)
+            if self._weight_workspace is None or self._weight_workspace.device != w.device:
+                self._weight_workspace = torch.empty(w.shape, device=w.device)
+            w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale, self._weight_workspace)
         return F.linear(x, w, self.bias)
 
 
