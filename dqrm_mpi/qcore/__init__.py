@@ -1,7 +1,8 @@
 """The quantization core: symmetric uniform quantization, scale granularity and bit packing.
 
 Used by QAT and PTQ (``quant``), the packed-model export and the gradient codecs
-(``compression``).  Depends on torch (and the fused CPU kernels of ``dqrm_mpi.kernels``, with a PyTorch fallback).
+(``compression``).  Depends on torch, and on the fused CPU kernels of ``dqrm_mpi.kernels``
+(with a PyTorch fallback).
 """
 from .granularity import CHANNEL, ROW, TABLE, TENSOR, check_granularity
 from .pack import pack, pack_int4_into, packed_row_bytes, unpack, unpack_int4_into
