@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from .config import ModelConfig
 
 
@@ -136,6 +137,8 @@ class EmbeddingTables(nn.Module):
 
     def lookup(self, sparse: torch.Tensor) -> torch.Tensor:
         """sparse int [B, T] -> the rows float32 [B, T, d], one embedding call."""
+        if kernels.enabled() and self.weight.is_cpu and self.weight.dtype == torch.float32:
+            return _FlatLookup.apply(self.weight, sparse, self.offsets)
         rows = F.embedding((sparse + self.offsets).reshape(-1), self.weight, sparse=True)
         return rows.view(*sparse.shape, self.weight.shape[1])
 
@@ -173,6 +176,46 @@ class EmbeddingTables(nn.Module):
                     unexpected_keys.append(key)
 
 
+class _FlatLookup(torch.autograd.Function):
+    """``EmbeddingTables.lookup`` in one kernel: weight float32 [rows, d], sparse int [B, T],
+    offsets int64 [T] -> float32 [B, T, d]; backward hands out F.embedding's sparse gradient
+    (indices [1, B * T] in order, values the incoming gradient viewed as [B * T, d])."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, sparse: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        rows, ctx.flat = kernels.ops.emb_lookup(weight, sparse, offsets)
+        ctx.num_rows = weight.shape[0]
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight_grad = kernels.ops.emb_lookup_backward(grad, ctx.flat, ctx.num_rows) if ctx.needs_input_grad[0] else None
+        return weight_grad, None, None
+
+
+class _PairwiseDots(torch.autograd.Function):
+    """``PairwiseDotInteraction.forward`` as one autograd node: the same cat and bmm, the pair
+    gather fused with the final cat; backward runs the two bmm autograd would, around one
+    kernel that places the pairs' gradient and one that adds and splits the vectors' gradient."""
+
+    @staticmethod
+    def forward(ctx, bottom: torch.Tensor, embeddings: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, V, d]
+        dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, V, V]
+        ctx.save_for_backward(vectors, pairs)
+        return kernels.ops.emb_pairs_forward(bottom, dots, pairs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        vectors, pairs = ctx.saved_tensors
+        dots_grad = kernels.ops.emb_pairs_backward(grad, pairs, vectors.shape[1])  # [B, V, V]
+        # bmm's backward for its two inputs (both ``vectors``), as autograd forms them
+        g1 = torch.bmm(dots_grad, vectors)
+        g2 = torch.bmm(vectors.transpose(1, 2), dots_grad)
+        bottom_grad, embeddings_grad = kernels.ops.emb_interaction_grads(grad, g1, g2)
+        return bottom_grad, embeddings_grad, None
+
+
 class PairwiseDotInteraction(nn.Module):
     """bottom [B, d] and embeddings [B, 26, d] -> [B, 27*26/2 + d].
 
@@ -188,6 +231,9 @@ class PairwiseDotInteraction(nn.Module):
         self.register_buffer("pairs", rows * num_vectors + cols, persistent=False)
 
     def forward(self, bottom: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        if (kernels.enabled() and bottom.is_cpu and bottom.dtype == torch.float32
+                and embeddings.dtype == torch.float32):
+            return _PairwiseDots.apply(bottom, embeddings, self.pairs)
         vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, 27, d]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, 27, 27]
         return torch.cat([bottom, dots.flatten(1).index_select(1, self.pairs)], dim=1)

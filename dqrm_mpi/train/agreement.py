@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import kernels
 from ..comm.collectives import Collectives
 
 FLAGS = ("loss", "gradients", "dense inputs")
@@ -50,6 +51,10 @@ def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> to
     check of every tensor (a sum is one vectorised read; aminmax runs several times slower)."""
     loss = loss.detach()
     grads = [_values(p.grad) for p in model.parameters() if p.grad is not None]
+    if kernels.enabled() and all(t.is_cpu for t in (loss, dense, *grads)):
+        # one exact pass over every tensor (exponent bits), no sums that could overflow
+        bad = kernels.ops.emb_nonfinite([loss, dense, *grads]).tolist()
+        return torch.tensor([float(bad[0]), float(any(bad[2:])), float(bad[1])])
     total = torch.stack([t.sum() for t in (loss, dense, *grads)]).sum()
     if bool(torch.isfinite(total)):
         return torch.zeros(3)
