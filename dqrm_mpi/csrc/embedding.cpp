@@ -1,6 +1,5 @@
-// One rank's FP32 step outside the matmuls: the flat-table lookup and its sparse gradient, the
-// pairwise interaction's pair gather and its backward, the sparse SGD row update and the finite
-// check.  Each op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
+// One rank's FP32 step outside the matmuls: the pairwise interaction's pair gather and its
+// backward, the sparse SGD row update of the flat embedding table and the finite check.  Each op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
 // dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit; one thread.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -15,58 +14,12 @@ namespace {
 
 #define DQRM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
+// random rows of a large table: ask for the row this many ahead while updating the current one
+constexpr int64_t kAhead = 16;
+
 void check_cpu_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor, got ",
               t.scalar_type(), " on ", t.device());
-}
-
-template <typename index_t>
-void gather_rows(const float* weight, int64_t rows, int64_t dim, const index_t* ids, const int64_t* offsets,
-                 int64_t batch, int64_t tables, int64_t* flat, float* out) {
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < tables; ++t) {
-      const int64_t k = b * tables + t;
-      const int64_t row = static_cast<int64_t>(ids[k]) + offsets[t];
-      TORCH_CHECK_INDEX(row >= 0 && row < rows, "index out of range in self");
-      flat[k] = row;
-      std::memcpy(out + k * dim, weight + row * dim, dim * sizeof(float));
-    }
-  }
-}
-
-// weight float32 [rows, d], ids int [B, T], offsets int64 [T] -> (rows float32 [B, T, d],
-// flat ids int64 [B * T]): F.embedding(ids + offsets) of the flat table.
-std::tuple<at::Tensor, at::Tensor> emb_lookup(const at::Tensor& weight, const at::Tensor& ids,
-                                              const at::Tensor& offsets) {
-  check_cpu_float(weight, "emb_lookup weight");
-  TORCH_CHECK(weight.dim() == 2, "emb_lookup: weight must be [rows, d], got ", weight.sizes());
-  TORCH_CHECK(ids.dim() == 2 && offsets.dim() == 1 && offsets.size(0) == ids.size(1),
-              "emb_lookup: ids must be [B, T] and offsets [T], got ", ids.sizes(), " and ", offsets.sizes());
-  TORCH_CHECK(offsets.scalar_type() == at::kLong, "emb_lookup: offsets must be int64");
-  const auto w = weight.contiguous();
-  const auto off = offsets.contiguous();
-  const int64_t batch = ids.size(0), tables = ids.size(1), dim = w.size(1);
-  auto out = at::empty({batch, tables, dim}, w.options());
-  auto flat = at::empty({batch * tables}, off.options());
-  if (ids.scalar_type() == at::kLong) {
-    const auto i = ids.contiguous();
-    gather_rows(w.data_ptr<float>(), w.size(0), dim, i.data_ptr<int64_t>(), off.data_ptr<int64_t>(), batch, tables,
-                flat.data_ptr<int64_t>(), out.data_ptr<float>());
-  } else {
-    TORCH_CHECK(ids.scalar_type() == at::kInt, "emb_lookup: ids must be int32 or int64, got ", ids.scalar_type());
-    const auto i = ids.contiguous();
-    gather_rows(w.data_ptr<float>(), w.size(0), dim, i.data_ptr<int32_t>(), off.data_ptr<int64_t>(), batch, tables,
-                flat.data_ptr<int64_t>(), out.data_ptr<float>());
-  }
-  return {out, flat};
-}
-
-// grad float32 [B, T, d], flat ids int64 [B * T] -> the sparse gradient of the flat table
-// [rows, d] that F.embedding(sparse=True) hands out: indices [1, B * T] (the ids, in order,
-// duplicates kept), values grad viewed as [B * T, d] (no copy when grad is contiguous).
-at::Tensor emb_lookup_backward(const at::Tensor& grad, const at::Tensor& flat, int64_t rows) {
-  const int64_t dim = grad.size(-1);
-  return at::_sparse_coo_tensor_unsafe(flat.reshape({1, -1}), grad.reshape({-1, dim}), {rows, dim});
 }
 
 // bottom float32 [B, d], dots float32 [B, V, V], pairs int64 [P] (positions in the flattened
@@ -113,12 +66,13 @@ at::Tensor emb_pairs_backward(const at::Tensor& grad, const at::Tensor& pairs, i
   for (int64_t j = 0; j < npairs; ++j) {
     TORCH_CHECK_INDEX(p[j] >= 0 && p[j] < square, "emb_pairs_backward: pair position ", p[j], " out of range");
   }
-  auto out = at::zeros({batch, vectors, vectors}, g.options());
+  auto out = at::empty({batch, vectors, vectors}, g.options());
   const float* src = g.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
+  for (int64_t b = 0; b < batch; ++b) {  // one sample's [V, V] at a time, in cache
     const float* row = src + b * (dim + npairs) + dim;
     float* d = o + b * square;
+    std::memset(d, 0, square * sizeof(float));
     for (int64_t j = 0; j < npairs; ++j) {
       d[p[j]] = 0.0f + row[j];
     }
@@ -172,6 +126,9 @@ DQRM_CLONES void axpy_rows(float* weight, int64_t dim, const int64_t* ids, const
                            float alpha) {
   // one row after another, as torch's CPU add_(sparse) does (fused multiply-add, MKL's saxpy)
   for (int64_t k = 0; k < nnz; ++k) {
+    if (k + kAhead < nnz) {
+      __builtin_prefetch(weight + ids[k + kAhead] * dim, 1);
+    }
     float* row = weight + ids[k] * dim;
     const float* v = values + k * dim;
     for (int64_t j = 0; j < dim; ++j) {
@@ -232,8 +189,6 @@ at::Tensor emb_nonfinite(at::TensorList tensors) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(dqrm, m) {
-  m.def("emb_lookup(Tensor weight, Tensor ids, Tensor offsets) -> (Tensor, Tensor)");
-  m.def("emb_lookup_backward(Tensor grad, Tensor flat, int rows) -> Tensor");
   m.def("emb_pairs_forward(Tensor bottom, Tensor dots, Tensor pairs) -> Tensor");
   m.def("emb_pairs_backward(Tensor grad, Tensor pairs, int vectors) -> Tensor");
   m.def("emb_interaction_grads(Tensor grad, Tensor g1, Tensor g2) -> (Tensor, Tensor)");
@@ -242,11 +197,9 @@ TORCH_LIBRARY_FRAGMENT(dqrm, m) {
 }
 
 TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
-  m.impl("emb_lookup", emb_lookup);
   m.impl("emb_pairs_forward", emb_pairs_forward);
   m.impl("emb_pairs_backward", emb_pairs_backward);
   m.impl("emb_interaction_grads", emb_interaction_grads);
   m.impl("emb_sgd_sparse_", emb_sgd_sparse_);
-  m.impl("emb_lookup_backward", emb_lookup_backward);
   m.impl("emb_nonfinite", emb_nonfinite);
 }

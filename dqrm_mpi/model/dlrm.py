@@ -137,8 +137,6 @@ class EmbeddingTables(nn.Module):
 
     def lookup(self, sparse: torch.Tensor) -> torch.Tensor:
         """sparse int [B, T] -> the rows float32 [B, T, d], one embedding call."""
-        if kernels.enabled() and self.weight.is_cpu and self.weight.dtype == torch.float32:
-            return _FlatLookup.apply(self.weight, sparse, self.offsets)
         rows = F.embedding((sparse + self.offsets).reshape(-1), self.weight, sparse=True)
         return rows.view(*sparse.shape, self.weight.shape[1])
 
@@ -174,23 +172,6 @@ class EmbeddingTables(nn.Module):
                 if (key.startswith(prefix) and key not in known
                         and key[len(prefix):].split(".", 1)[0] not in self._modules):
                     unexpected_keys.append(key)
-
-
-class _FlatLookup(torch.autograd.Function):
-    """``EmbeddingTables.lookup`` in one kernel: weight float32 [rows, d], sparse int [B, T],
-    offsets int64 [T] -> float32 [B, T, d]; backward hands out F.embedding's sparse gradient
-    (indices [1, B * T] in order, values the incoming gradient viewed as [B * T, d])."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, sparse: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        rows, ctx.flat = kernels.ops.emb_lookup(weight, sparse, offsets)
-        ctx.num_rows = weight.shape[0]
-        return rows
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight_grad = kernels.ops.emb_lookup_backward(grad, ctx.flat, ctx.num_rows) if ctx.needs_input_grad[0] else None
-        return weight_grad, None, None
 
 
 class _PairwiseDots(torch.autograd.Function):
