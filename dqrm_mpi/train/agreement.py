@@ -43,7 +43,9 @@ def _values(t: torch.Tensor) -> torch.Tensor:
 def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> torch.Tensor:
     """float32 [3]: 1 where this rank's loss, any gradient, or its dense inputs hold NaN/inf.
 
-    Every step takes the fast path: one sum per tensor and the sum of those sums, finite
+    With the CPU kernels (``dqrm_mpi.kernels``): one exact pass over every tensor
+    (``emb_nonfinite`` reads each value's exponent bits: nothing to overflow).  Otherwise every
+    step takes the fast path: one sum per tensor and the sum of those sums, finite
     exactly when no value is NaN/inf (NaN and inf propagate through sums) unless finite
     values overflow float32, which only gradients past about 1e33 can.  A non-finite total
     (NaN/inf, or that overflow) is then checked exactly, tensor by tensor (``_nonfinite``),

@@ -3,7 +3,9 @@ work per step: ``p -= lr * grad`` for every parameter that has a gradient, dense
 (the flat embedding table's sparse gradient updates only the looked-up rows).
 
 The same arithmetic as ``torch.optim.SGD(params, lr)`` (``p.add_(grad, alpha=-lr)``), bit
-for bit, without its per-step bookkeeping (hooks, profiler ranges, option checks).
+for bit, without its per-step bookkeeping (hooks, profiler ranges, option checks).  With the
+CPU kernels the flat table's sparse update is one single-threaded pass (``emb_sgd_sparse_``:
+row after row in the gradient's order, a fused multiply-add per value, as torch's CPU add_).
 """
 from __future__ import annotations
 
