@@ -54,22 +54,26 @@ at::Tensor emb_pairs_forward(const at::Tensor& bottom, const at::Tensor& dots, c
   return out;
 }
 
-// grad float32 [B, d + P], pairs int64 [P], V -> the dots' gradient float32 [B, V, V]:
-// index_select's backward (zeros, then 0 + g at each pair position: -0.0 becomes +0.0 as there).
-at::Tensor emb_pairs_backward(const at::Tensor& grad, const at::Tensor& pairs, int64_t vectors) {
+// grad float32 [B, d + P], pairs int64 [P] -> out float32 [B, V, V] (contiguous, overwritten):
+// the dots' gradient as index_select's backward forms it (zeros, then 0 + g at each pair
+// position: -0.0 becomes +0.0 as there).  One sample's [V, V] at a time, in cache.
+void emb_pairs_backward(const at::Tensor& grad, const at::Tensor& pairs, at::Tensor& out) {
   check_cpu_float(grad, "emb_pairs_backward grad");
+  check_cpu_float(out, "emb_pairs_backward out");
   const auto g = grad.contiguous();
   const auto pp = pairs.contiguous();
-  const int64_t batch = g.size(0), npairs = pp.size(0), dim = g.size(1) - npairs, square = vectors * vectors;
+  const int64_t batch = g.size(0), npairs = pp.size(0), dim = g.size(1) - npairs;
   TORCH_CHECK(g.dim() == 2 && dim >= 0, "emb_pairs_backward: grad must be [B, d + ", npairs, "], got ", g.sizes());
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == batch && out.size(1) == out.size(2) && out.is_contiguous(),
+              "emb_pairs_backward: out must be contiguous [", batch, ", V, V], got ", out.sizes());
+  const int64_t square = out.size(1) * out.size(2);
   const int64_t* p = pp.data_ptr<int64_t>();
   for (int64_t j = 0; j < npairs; ++j) {
     TORCH_CHECK_INDEX(p[j] >= 0 && p[j] < square, "emb_pairs_backward: pair position ", p[j], " out of range");
   }
-  auto out = at::empty({batch, vectors, vectors}, g.options());
   const float* src = g.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {  // one sample's [V, V] at a time, in cache
+  for (int64_t b = 0; b < batch; ++b) {
     const float* row = src + b * (dim + npairs) + dim;
     float* d = o + b * square;
     std::memset(d, 0, square * sizeof(float));
@@ -77,7 +81,6 @@ at::Tensor emb_pairs_backward(const at::Tensor& grad, const at::Tensor& pairs, i
       d[p[j]] = 0.0f + row[j];
     }
   }
-  return out;
 }
 
 DQRM_CLONES void add_transposed(const float* g1, const float* g2t, int64_t vectors, int64_t dim, float* out) {
@@ -190,7 +193,7 @@ at::Tensor emb_nonfinite(at::TensorList tensors) {
 
 TORCH_LIBRARY_FRAGMENT(dqrm, m) {
   m.def("emb_pairs_forward(Tensor bottom, Tensor dots, Tensor pairs) -> Tensor");
-  m.def("emb_pairs_backward(Tensor grad, Tensor pairs, int vectors) -> Tensor");
+  m.def("emb_pairs_backward(Tensor grad, Tensor pairs, Tensor(a!) out) -> ()");
   m.def("emb_interaction_grads(Tensor grad, Tensor g1, Tensor g2) -> (Tensor, Tensor)");
   m.def("emb_sgd_sparse_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> ()");
   m.def("emb_nonfinite(Tensor[] tensors) -> Tensor");

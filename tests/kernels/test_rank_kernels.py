@@ -64,6 +64,18 @@ def test_interaction_forward_and_backward_bits(vectors, batch, dim):
     assert same(out1, out0) and same(b1, b0) and same(e1, e0)
 
 
+def test_interaction_without_grad_and_after_a_batch_size_change():
+    """Evaluation (no grad: fresh memory) and training batches of another size (new scratch)."""
+    gen = torch.Generator().manual_seed(9)
+    inter = PairwiseDotInteraction(27)
+    for batch, grad_mode in ((32, True), (5, False), (7, True), (7, True)):
+        bottom, emb = special_values((batch, 16), gen), special_values((batch, 26, 16), gen)
+        with torch.set_grad_enabled(grad_mode):
+            with kernels.disabled():
+                reference = inter(bottom, emb)
+            assert same(inter(bottom, emb), reference)
+
+
 def test_interaction_propagates_nan_and_inf_like_pytorch():
     (out0, b0, e0), (out1, b1, e1) = interaction_both_ways(27, 16, 16, seed=5, nonfinite=True)
     assert torch.isnan(out0).any() and torch.isinf(out0).any()
@@ -78,7 +90,8 @@ def test_pairs_gradient_is_index_select_backward_bit_for_bit():
     grad[:, 16::3] = -0.0
     dots = torch.zeros(8, 27 * 27, requires_grad=True)
     dots.index_select(1, inter.pairs).backward(grad[:, 16:])
-    fused = kernels.ops.emb_pairs_backward(grad, inter.pairs, 27)
+    fused = torch.full((8, 27, 27), 7.0)  # overwritten
+    kernels.ops.emb_pairs_backward(grad, inter.pairs, fused)
     assert same(fused.view(8, -1), dots.grad)
 
 
