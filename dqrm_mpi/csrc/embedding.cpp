@@ -1,5 +1,6 @@
 // One rank's FP32 step outside the matmuls: the pairwise interaction's pair gather and its
-// backward, the sparse SGD row update of the flat embedding table and the finite check.  Each op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
+// backward, the sparse SGD row update of the flat embedding table and the finite check.  Each
+// op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
 // dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit; one thread.
 #include <torch/library.h>
 #include <ATen/ATen.h>
