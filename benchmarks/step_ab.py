@@ -2,6 +2,7 @@
 FP32 and INT4 QAT at Kaggle dimensions, one process per checkout, never both at once.
 
     python benchmarks/step_ab.py --compare-to DIR [--batch-size 128] [--rounds 10] [--steps 20] [--clock thread]
+    python benchmarks/step_ab.py --kernels-off [...]   (this checkout with DQRM_KERNELS=1 against =0)
 
 A step is what ``dqrm-train`` does on one rank (QAT's on_step, forward, backward, the
 finite check, the SGD step), on random batches; no data loading, no communication.
@@ -86,7 +87,9 @@ def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--compare-to", type=Path, required=True, help="another checkout of this repository")
+    p.add_argument("--compare-to", type=Path, help="another checkout of this repository")
+    p.add_argument("--kernels-off", action="store_true",
+                   help="instead of another checkout: this one without its CPU kernels (DQRM_KERNELS=0)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="steps per round, checkout and precision")
@@ -100,11 +103,15 @@ def main() -> None:
         return worker(a.batch_size, a.threads, a.cap, a.clock)
     if a.clock == "thread" and a.threads != 1:
         p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
-    if not (a.compare_to / "dqrm_mpi" / "__init__.py").is_file():
+    if (a.compare_to is None) == (not a.kernels_off):
+        p.error("give one of --compare-to DIR and --kernels-off")
+    other = HERE if a.kernels_off else a.compare_to.resolve()
+    if not (other / "dqrm_mpi" / "__init__.py").is_file():
         p.error(f"--compare-to {a.compare_to}: not a checkout of dqrm_mpi (no dqrm_mpi/__init__.py)")
     procs = {}
-    for name, checkout in (("this", HERE), ("other", a.compare_to.resolve())):
-        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(a.threads))
+    for name, checkout in (("this", HERE), ("other", other)):
+        env = dict(os.environ, PYTHONPATH=str(checkout), OMP_NUM_THREADS=str(a.threads),
+                   DQRM_KERNELS="0" if name == "other" and a.kernels_off else os.environ.get("DQRM_KERNELS", "1"))
         procs[name] = subprocess.Popen(
             [sys.executable, __file__, "--worker", "--compare-to", str(checkout), "--batch-size", str(a.batch_size),
              "--threads", str(a.threads), "--cap", str(a.cap), "--clock", a.clock],
@@ -128,7 +135,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "step_ab", "batch_size": a.batch_size, "threads": a.threads, "rounds": a.rounds,
         "steps_per_round": a.steps, "cardinality_cap": a.cap, "clock": a.clock,
-        "checkouts": {"this": str(HERE), "other": str(a.compare_to.resolve())},
+        "checkouts": {"this": str(HERE), "other": str(other) + (" (DQRM_KERNELS=0)" if a.kernels_off else "")},
         "ms_per_step_median": {f"{n}.{pr}": round(statistics.median(v), 3) for (n, pr), v in ms.items()},
         "speedup_fp32": ratio(("other", "fp32"), ("this", "fp32")),
         "speedup_int4": ratio(("other", "int4"), ("this", "int4")),

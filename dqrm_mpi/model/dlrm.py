@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import kernels
 from .config import ModelConfig
 
 
@@ -173,6 +174,34 @@ class EmbeddingTables(nn.Module):
                     unexpected_keys.append(key)
 
 
+class _PairwiseDots(torch.autograd.Function):
+    """``PairwiseDotInteraction.forward`` as one autograd node: the same cat and bmm, the pair
+    gather fused with the final cat; backward runs the two bmm autograd would, around one
+    kernel that places the pairs' gradient and one that adds and splits the vectors' gradient."""
+
+    @staticmethod
+    def forward(ctx, bottom: torch.Tensor, embeddings: torch.Tensor, pairs: torch.Tensor,
+                owner: "PairwiseDotInteraction | None") -> torch.Tensor:
+        """owner: the module whose scratch memory the dots use (None: fresh memory, e.g. evaluation)."""
+        vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, V, d]
+        out = owner.scratch(vectors) if owner is not None else None
+        dots = torch.bmm(vectors, vectors.transpose(1, 2), out=out)  # [B, V, V]
+        ctx.save_for_backward(vectors, pairs)
+        ctx.owner = owner
+        return kernels.ops.emb_pairs_forward(bottom, dots, pairs)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        vectors, pairs = ctx.saved_tensors
+        dots_grad = ctx.owner.scratch(vectors)  # [B, V, V], the forward's dots are no longer needed
+        kernels.ops.emb_pairs_backward(grad, pairs, dots_grad)
+        # bmm's backward for its two inputs (both ``vectors``), as autograd forms them
+        g1 = torch.bmm(dots_grad, vectors)
+        g2 = torch.bmm(vectors.transpose(1, 2), dots_grad)
+        bottom_grad, embeddings_grad = kernels.ops.emb_interaction_grads(grad, g1, g2)
+        return bottom_grad, embeddings_grad, None, None
+
+
 class PairwiseDotInteraction(nn.Module):
     """bottom [B, d] and embeddings [B, 26, d] -> [B, 27*26/2 + d].
 
@@ -186,8 +215,23 @@ class PairwiseDotInteraction(nn.Module):
         # positions of the pairs in the flattened [27 * 27] dot products: one index_select picks them
         # (several times faster than indexing with rows and cols, forward and backward; same values)
         self.register_buffer("pairs", rows * num_vectors + cols, persistent=False)
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, vectors: torch.Tensor) -> torch.Tensor:
+        """float32 [B, V, V] memory kept from step to step for the kernel path's dots and their
+        gradient (each used and done with inside one forward or one backward): fresh 1.5 MB
+        tensors each step cost page faults at batch 512."""
+        shape = (vectors.shape[0], vectors.shape[1], vectors.shape[1])
+        if self._scratch is None or self._scratch.shape != shape or self._scratch.device != vectors.device:
+            self._scratch = torch.empty(shape, dtype=vectors.dtype, device=vectors.device)
+        return self._scratch
 
     def forward(self, bottom: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        if (kernels.enabled() and bottom.is_cpu and bottom.dtype == torch.float32
+                and embeddings.dtype == torch.float32):
+            # training keeps one scratch tensor for the dots and their gradient; evaluation's
+            # large batches allocate theirs and free them
+            return _PairwiseDots.apply(bottom, embeddings, self.pairs, self if torch.is_grad_enabled() else None)
         vectors = torch.cat([bottom.unsqueeze(1), embeddings], dim=1)  # [B, 27, d]
         dots = torch.bmm(vectors, vectors.transpose(1, 2))  # [B, 27, 27]
         return torch.cat([bottom, dots.flatten(1).index_select(1, self.pairs)], dim=1)

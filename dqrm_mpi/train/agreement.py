@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import kernels
 from ..comm.collectives import Collectives
 
 FLAGS = ("loss", "gradients", "dense inputs")
@@ -42,7 +43,9 @@ def _values(t: torch.Tensor) -> torch.Tensor:
 def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> torch.Tensor:
     """float32 [3]: 1 where this rank's loss, any gradient, or its dense inputs hold NaN/inf.
 
-    Every step takes the fast path: one sum per tensor and the sum of those sums, finite
+    With the CPU kernels (``dqrm_mpi.kernels``): one exact pass over every tensor
+    (``emb_nonfinite`` reads each value's exponent bits: nothing to overflow).  Otherwise every
+    step takes the fast path: one sum per tensor and the sum of those sums, finite
     exactly when no value is NaN/inf (NaN and inf propagate through sums) unless finite
     values overflow float32, which only gradients past about 1e33 can.  A non-finite total
     (NaN/inf, or that overflow) is then checked exactly, tensor by tensor (``_nonfinite``),
@@ -50,6 +53,10 @@ def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> to
     check of every tensor (a sum is one vectorised read; aminmax runs several times slower)."""
     loss = loss.detach()
     grads = [_values(p.grad) for p in model.parameters() if p.grad is not None]
+    if kernels.enabled() and all(t.is_cpu for t in (loss, dense, *grads)):
+        # one exact pass over every tensor (exponent bits), no sums that could overflow
+        bad = kernels.ops.emb_nonfinite([loss, dense, *grads]).tolist()
+        return torch.tensor([float(bad[0]), float(any(bad[2:])), float(bad[1])])
     total = torch.stack([t.sum() for t in (loss, dense, *grads)]).sum()
     if bool(torch.isfinite(total)):
         return torch.zeros(3)

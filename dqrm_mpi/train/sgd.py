@@ -3,7 +3,9 @@ work per step: ``p -= lr * grad`` for every parameter that has a gradient, dense
 (the flat embedding table's sparse gradient updates only the looked-up rows).
 
 The same arithmetic as ``torch.optim.SGD(params, lr)`` (``p.add_(grad, alpha=-lr)``), bit
-for bit, without its per-step bookkeeping (hooks, profiler ranges, option checks).
+for bit, without its per-step bookkeeping (hooks, profiler ranges, option checks).  With the
+CPU kernels the flat table's sparse update is one single-threaded pass (``emb_sgd_sparse_``:
+row after row in the gradient's order, a fused multiply-add per value, as torch's CPU add_).
 """
 from __future__ import annotations
 
@@ -11,6 +13,15 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+from .. import kernels
+
+
+def _flat_rows(p: torch.Tensor) -> bool:
+    """Whether ``emb_sgd_sparse_`` takes p and its sparse gradient: float32 contiguous [rows, d]
+    on the CPU, gradient rows float32 [nnz, d]."""
+    return (p.is_cpu and p.dtype == torch.float32 and p.dim() == 2 and p.is_contiguous()
+            and p.grad.sparse_dim() == 1 and p.grad.dtype == torch.float32)
 
 
 class PlainSGD:
@@ -29,7 +40,10 @@ class PlainSGD:
             if p.grad is None:
                 continue
             if p.grad.is_sparse:  # the looked-up rows only, duplicates added one after another
-                p.add_(p.grad, alpha=-self.lr)
+                if kernels.enabled() and _flat_rows(p):  # the same add_, one thread, no dispatch per row
+                    kernels.ops.emb_sgd_sparse_(p, p.grad._indices(), p.grad._values(), -self.lr)
+                else:
+                    p.add_(p.grad, alpha=-self.lr)
             else:
                 dense.append(p)
                 grads.append(p.grad)

@@ -1,10 +1,22 @@
+import contextlib
+
 import pytest
 import torch
 
+from dqrm_mpi import kernels
 from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.train.agreement import local_flags
 
 CARDS = [5, 7, 3] + [4] * 23
+
+
+@pytest.fixture(autouse=True, params=["kernel", "pytorch"])
+def finite_check_path(request):
+    """Every test runs the fused check (emb_nonfinite) and the PyTorch sums with their fallback."""
+    if request.param == "kernel" and not kernels.enabled():
+        pytest.skip("the kernels are not built, or DQRM_KERNELS=0")
+    with kernels.disabled() if request.param == "pytorch" else contextlib.nullcontext():
+        yield
 
 
 def _stepped(seed: int = 0) -> tuple[DLRM, torch.Tensor, torch.Tensor]:
