@@ -1,10 +1,13 @@
 // One rank's FP32 step outside the matmuls: the pairwise interaction's pair gather and its
 // backward, the sparse SGD row update of the flat embedding table and the finite check.  Each
 // op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
-// dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit; one thread.
+// dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit; one thread, except the finite
+// check (an order-free reduction over torch's intra-op threads).
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +20,8 @@ namespace {
 
 // random rows of a large table: ask for the row this many ahead while updating the current one
 constexpr int64_t kAhead = 16;
+// values per thread's share of a parallel_for: below this a second thread costs more than it saves
+constexpr int64_t kGrain = 65536;
 
 void check_cpu_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor, got ",
@@ -182,7 +187,13 @@ at::Tensor emb_nonfinite(at::TensorList tensors) {
     const at::Tensor& t = tensors[i];
     if (t.scalar_type() == at::kFloat) {
       const auto c = t.contiguous();
-      o[i] = any_nonfinite(c.data_ptr<float>(), c.numel());
+      const float* x = c.data_ptr<float>();
+      // an order-free reduction: split over torch's intra-op threads (one where ranks share a node)
+      std::atomic<bool> bad{false};
+      at::parallel_for(0, c.numel(), kGrain, [&](int64_t lo, int64_t hi) {
+        if (any_nonfinite(x + lo, hi - lo)) bad = true;
+      });
+      o[i] = bad;
     } else {
       o[i] = !at::isfinite(t).all().item<bool>();
     }

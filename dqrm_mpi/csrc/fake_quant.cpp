@@ -11,12 +11,14 @@
 //   fq_table_scales(tables [T] of [n_t, d], bits, scales [T])
 //       scales[t] = max(max|tables[t]| / qmax, FLT_MIN) (NaN propagates), one pass over each table
 //
-// Float32, CPU, one thread; inputs are made contiguous.  Each op is differentiable in x (rows) with
+// Float32, CPU; fq_own_scale_rows splits its rows over torch's intra-op threads; inputs are made contiguous.  Each op is differentiable in x (rows) with
 // the identity straight-through estimator, d y / d x = 1 (an Autograd kernel, no Python node).
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,6 +32,8 @@ constexpr float kTiny = std::numeric_limits<float>::min();  // qcore.uniform.EPS
 typedef float Lanes __attribute__((vector_size(64)));
 typedef int32_t LaneMask __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
+// values per thread's share of a parallel_for: below this a second thread costs more than it saves
+constexpr int64_t kGrain = 32768;
 
 struct MinMax {
   float hi, lo;
@@ -189,7 +193,10 @@ at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& s
   const float* px = x.data_ptr<float>();
   float* py = y.data_ptr<float>();
   float* ps = scale.data_ptr<float>();
-  own_scale_rows(px, py, ps, n, k, qmax);
+  // rows are independent: split them over torch's intra-op threads (one where ranks share a node)
+  at::parallel_for(0, n, std::max<int64_t>(1, kGrain / std::max<int64_t>(k, 1)), [&](int64_t lo, int64_t hi) {
+    own_scale_rows(px + lo * k, py + lo * k, ps + lo, hi - lo, k, qmax);
+  });
   return y;
 }
 

@@ -77,6 +77,21 @@ def test_own_scale_per_row_and_per_tensor_match_the_pytorch_path(bits, shape):
             assert same_bits(s_fast, s_slow), (per_row, bits, shape)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_own_scale_rows_split_over_threads_match_the_pytorch_path(threads):
+    """[700, 367] (the kernel splits rows into shares of about 32 k values): the same bits whatever
+    the number of threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = awkward_rows(700, 367, 4, seed=threads)
+        (y_fast, s_fast), (y_slow, s_slow) = with_both(lambda: (
+            (s := torch.empty(700)), fake_quant_own_scale(x, 4, True, s))[::-1])
+        assert same_bits(y_fast, y_slow) and same_bits(s_fast, s_slow)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ties_round_half_to_even_and_special_rows_give_what_they_should():
     """The kernel's own numbers on hand-made rows (so agreement with the PyTorch path is not agreement on
     a wrong answer): scale 1 -> ties go to the even integer; zero rows stay zero with scale FLT_MIN."""

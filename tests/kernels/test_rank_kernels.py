@@ -160,8 +160,19 @@ def test_sparse_sgd_non_contiguous_weight_takes_the_pytorch_path():
     assert same(outs[1], outs[0])
 
 
-@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 4099])
-def test_nonfinite_flags_every_tensor_exactly(n):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 4099, 300_001])
+def test_nonfinite_flags_every_tensor_exactly(n, threads):
+    """300 001 values: split over two threads (the kernel's grain is 65 536), the bad value in any share."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_nonfinite(n)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_nonfinite(n):
     gen = torch.Generator().manual_seed(n)
     tensors = []
     for bad in (None, float("nan"), float("inf"), -float("inf"), 3e38):
