@@ -16,6 +16,26 @@ KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93
                         27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
 
 
+def one_rank_steps(run: dict, batches: list, steps: int, loss_fn) -> None:
+    """``steps`` training steps as ``dqrm-train`` takes them on one rank (QAT's on_step, forward,
+    backward, the finite check, the SGD step), no data loading, no communication: ``run`` holds
+    the "model", its "qat" (or None), "opt" and the "step" counter (advanced); batches: (dense,
+    sparse, label) tuples, used in turn.  dqrm_mpi comes from the checkout the worker runs."""
+    from dqrm_mpi.train.agreement import local_flags
+    for _ in range(steps):
+        dense, sparse, label = batches[run["step"] % len(batches)]
+        if run["qat"] is not None:
+            run["qat"].on_step(run["step"])
+        run["opt"].zero_grad()  # gradients become None (torch.optim.SGD: set_to_none by default)
+        loss = loss_fn(run["model"](dense, sparse), label)
+        loss.backward()
+        if bool(local_flags(loss, run["model"], dense).any()):
+            raise SystemExit("non-finite step")
+        run["opt"].step()
+        float(loss.detach())
+        run["step"] += 1
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from _common import KAGGLE_CARDINALITIES, machine
+from _common import KAGGLE_CARDINALITIES, machine, one_rank_steps
 
 SIDES = {"kernels": "1", "pytorch": "0"}  # DQRM_KERNELS of each worker
 PRECISIONS = ("fp32", "int4")
@@ -39,7 +39,6 @@ def worker(batch_sizes: list[int], threads: int, cap: int, clock: str) -> None:
     from dqrm_mpi import kernels
     from dqrm_mpi.model import DLRM, model_config_from_preset
     from dqrm_mpi.quant import QuantConfig, prepare_qat
-    from dqrm_mpi.train.agreement import local_flags
     from dqrm_mpi.train.sgd import PlainSGD
 
     torch.set_num_threads(threads)
@@ -64,18 +63,7 @@ def worker(batch_sizes: list[int], threads: int, cap: int, clock: str) -> None:
     def run(key: tuple[int, str], steps: int) -> float:
         r = runs[key]
         t0 = now()
-        for _ in range(steps):
-            dense, sparse, label = r["batches"][r["step"] % len(r["batches"])]
-            if r["qat"] is not None:
-                r["qat"].on_step(r["step"])
-            r["opt"].zero_grad()
-            loss = loss_fn(r["model"](dense, sparse), label)
-            loss.backward()
-            if bool(local_flags(loss, r["model"], dense).any()):
-                raise SystemExit("non-finite step")
-            r["opt"].step()
-            float(loss.detach())
-            r["step"] += 1
+        one_rank_steps(r, r["batches"], steps, loss_fn)
         return now() - t0
 
     for key in runs:  # warm-up (and the first scale pass)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import KAGGLE_CARDINALITIES, machine
+from _common import KAGGLE_CARDINALITIES, machine, one_rank_steps
 
 HERE = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int4")
@@ -37,7 +37,6 @@ def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
 
     from dqrm_mpi.model import DLRM, model_config_from_preset
     from dqrm_mpi.quant import QuantConfig, prepare_qat
-    from dqrm_mpi.train.agreement import local_flags
     try:
         from dqrm_mpi.train.sgd import PlainSGD as SGD
     except ImportError:  # a checkout from before PlainSGD: what its dqrm-train used
@@ -63,18 +62,7 @@ def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
     def run(precision: str, steps: int) -> float:
         r = runs[precision]
         t0 = now()
-        for _ in range(steps):
-            dense, sparse, label = batches[r["step"] % len(batches)]
-            if r["qat"] is not None:
-                r["qat"].on_step(r["step"])
-            r["opt"].zero_grad()  # gradients become None (torch.optim.SGD: set_to_none by default)
-            loss = loss_fn(r["model"](dense, sparse), label)
-            loss.backward()
-            if bool(local_flags(loss, r["model"], dense).any()):
-                raise SystemExit("non-finite step")
-            r["opt"].step()
-            float(loss.detach())
-            r["step"] += 1
+        one_rank_steps(r, batches, steps, loss_fn)
         return now() - t0
 
     for precision in PRECISIONS:  # warm-up (and the first scale pass)
