@@ -1,12 +1,14 @@
 // One rank's FP32 step outside the matmuls: the pairwise interaction's pair gather and its
 // backward, the sparse SGD row update of the flat embedding table and the finite check.  Each
 // op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
-// dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit; one thread, except the finite
-// check (an order-free reduction over torch's intra-op threads).
+// dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit.  The interaction's ops (each
+// sample on its own) and the finite check (an any) split over torch's intra-op threads; the
+// sparse SGD stays on one thread (a row's repeated updates in the gradient's order).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -22,6 +24,9 @@ namespace {
 constexpr int64_t kAhead = 16;
 // values per thread's share of a parallel_for: below this a second thread costs more than it saves
 constexpr int64_t kGrain = 65536;
+
+// samples of `values` floats each per thread's share of a parallel_for (at least one)
+int64_t grain_samples(int64_t values) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(values, 1)); }
 
 void check_cpu_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor, got ",
@@ -49,14 +54,16 @@ at::Tensor emb_pairs_forward(const at::Tensor& bottom, const at::Tensor& dots, c
   const float* src_b = bo.data_ptr<float>();
   const float* src_d = dd.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    float* row = o + b * (dim + npairs);
-    std::memcpy(row, src_b + b * dim, dim * sizeof(float));
-    const float* d = src_d + b * square;
-    for (int64_t j = 0; j < npairs; ++j) {
-      row[dim + j] = d[p[j]];
+  at::parallel_for(0, batch, grain_samples(dim + npairs), [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      float* row = o + b * (dim + npairs);
+      std::memcpy(row, src_b + b * dim, dim * sizeof(float));
+      const float* d = src_d + b * square;
+      for (int64_t j = 0; j < npairs; ++j) {
+        row[dim + j] = d[p[j]];
+      }
     }
-  }
+  });
   return out;
 }
 
@@ -79,14 +86,16 @@ void emb_pairs_backward(const at::Tensor& grad, const at::Tensor& pairs, at::Ten
   }
   const float* src = g.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = src + b * (dim + npairs) + dim;
-    float* d = o + b * square;
-    std::memset(d, 0, square * sizeof(float));
-    for (int64_t j = 0; j < npairs; ++j) {
-      d[p[j]] = 0.0f + row[j];
+  at::parallel_for(0, batch, grain_samples(square), [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) {
+      const float* row = src + b * (dim + npairs) + dim;
+      float* d = o + b * square;
+      std::memset(d, 0, square * sizeof(float));
+      for (int64_t j = 0; j < npairs; ++j) {
+        d[p[j]] = 0.0f + row[j];
+      }
     }
-  }
+  });
 }
 
 DQRM_CLONES void add_transposed(const float* g1, const float* g2t, int64_t vectors, int64_t dim, float* out) {
@@ -116,18 +125,21 @@ std::tuple<at::Tensor, at::Tensor> emb_interaction_grads(const at::Tensor& grad,
   const auto c = g2.contiguous();
   auto bottom = at::empty({batch, dim}, a.options());
   auto emb = at::empty({batch, vectors - 1, dim}, a.options());
-  std::vector<float> sum(vectors * dim);
   const int64_t width = gr.size(1);
-  for (int64_t b = 0; b < batch; ++b) {
-    add_transposed(a.data_ptr<float>() + b * vectors * dim, c.data_ptr<float>() + b * vectors * dim, vectors, dim,
-                   sum.data());
-    const float* g = gr.data_ptr<float>() + b * width;
-    float* bo = bottom.data_ptr<float>() + b * dim;
-    for (int64_t k = 0; k < dim; ++k) {
-      bo[k] = g[k] + sum[k];
+  at::parallel_for(0, batch, grain_samples(3 * vectors * dim), [&](int64_t lo, int64_t hi) {
+    std::vector<float> sum(vectors * dim);
+    for (int64_t b = lo; b < hi; ++b) {
+      add_transposed(a.data_ptr<float>() + b * vectors * dim, c.data_ptr<float>() + b * vectors * dim, vectors, dim,
+                     sum.data());
+      const float* g = gr.data_ptr<float>() + b * width;
+      float* bo = bottom.data_ptr<float>() + b * dim;
+      for (int64_t k = 0; k < dim; ++k) {
+        bo[k] = g[k] + sum[k];
+      }
+      std::memcpy(emb.data_ptr<float>() + b * (vectors - 1) * dim, sum.data() + dim,
+                  (vectors - 1) * dim * sizeof(float));
     }
-    std::memcpy(emb.data_ptr<float>() + b * (vectors - 1) * dim, sum.data() + dim, (vectors - 1) * dim * sizeof(float));
-  }
+  });
   return {bottom, emb};
 }
 

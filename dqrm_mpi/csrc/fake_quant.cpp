@@ -11,7 +11,8 @@
 //   fq_table_scales(tables [T] of [n_t, d], bits, scales [T])
 //       scales[t] = max(max|tables[t]| / qmax, FLT_MIN) (NaN propagates), one pass over each table
 //
-// Float32, CPU; fq_own_scale_rows splits its rows over torch's intra-op threads; inputs are made contiguous.  Each op is differentiable in x (rows) with
+// Float32, CPU; fq_own_scale_rows and fq_table_rows split their rows over torch's intra-op threads;
+// inputs are made contiguous.  Each op is differentiable in x (rows) with
 // the identity straight-through estimator, d y / d x = 1 (an Autograd kernel, no Python node).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -223,7 +224,12 @@ at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in,
   const float* ps = scales.data_ptr<float>();
   for (int64_t j = 0; j < t; ++j) inv[j] = 1.0f / ps[j];
   at::Tensor y = at::empty_like(rows);
-  table_rows(rows.data_ptr<float>(), y.data_ptr<float>(), b, t, d, inv.data(), ps, qmin, qmax);
+  const float* px = rows.data_ptr<float>();
+  float* py = y.data_ptr<float>();
+  // samples are independent: split them over torch's intra-op threads
+  at::parallel_for(0, b, std::max<int64_t>(1, kGrain / std::max<int64_t>(t * d, 1)), [&](int64_t lo, int64_t hi) {
+    table_rows(px + lo * t * d, py + lo * t * d, hi - lo, t, d, inv.data(), ps, qmin, qmax);
+  });
   return y;
 }
 

@@ -19,19 +19,9 @@ from dqrm_mpi.compression.layout import Block, Layout
 from dqrm_mpi.compression.quantize import UNIT, kernel_layout
 from dqrm_mpi.model import DLRM, model_config_from_preset
 
+from .bits import same_bits
+
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason=f"codec kernels not built or off ({kernels.WHY_NOT})")
-
-
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (so -0.0 differs from 0.0), NaN where the other has NaN: which NaN a sum
-    of two NaNs gives depends on the operand order, and the PyTorch path's own two decode_mean
-    forms (NumPy with one thread, torch with several) already differ there."""
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    if a.dtype != torch.float32:
-        return torch.equal(a, b)
-    nan = a.isnan()
-    return torch.equal(nan, b.isnan()) and torch.equal(a[~nan].view(torch.int32), b[~nan].view(torch.int32))
 
 
 def _refuse(*args, **kwargs):
@@ -122,7 +112,7 @@ def test_encode_matches_the_pytorch_path(name, mode):
         with kernels.disabled():
             want = _encode(codec, x, layout, mode)
         for g, w, what in zip(got, want, ("payload", "x", "transmitted")):
-            assert (g is None and w is None) or _same(g, w), f"trial {trial}: {what} differs"
+            assert (g is None and w is None) or same_bits(g, w), f"trial {trial}: {what} differs"
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
@@ -151,8 +141,8 @@ def test_decode_matches_the_pytorch_path(name, threads):
                 many = codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel + 5)[:, 2:2 + layout.numel])
                 mean = codec.decode_mean(bufs, layout, ranks)
             with kernels.disabled():
-                assert _same(many, codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel))), trial
-                assert _same(mean, codec.decode_mean(bufs, layout, ranks)), trial
+                assert same_bits(many, codec.decode_many(bufs, layout, torch.empty(ranks, layout.numel))), trial
+                assert same_bits(mean, codec.decode_mean(bufs, layout, ranks)), trial
     finally:
         torch.set_num_threads(before)
 
@@ -165,8 +155,8 @@ def test_decode_mean_divides_by_a_size_of_three():
     got = codec.decode_mean(bufs, layout, 3)
     with kernels.disabled():
         want = codec.decode_mean(bufs, layout, 3)
-    assert _same(got, want)
-    assert not _same(got, codec.decode_mean(bufs, layout, 4))  # the size matters
+    assert same_bits(got, want)
+    assert not same_bits(got, codec.decode_mean(bufs, layout, 4))  # the size matters
 
 
 def test_the_ops_refuse_bad_layouts_and_buffers():
@@ -224,5 +214,5 @@ def test_synchronizer_steps_are_bit_identical(cfg):
     for rank, (g, w) in enumerate(zip(got, want)):
         for step, (gs, ws) in enumerate(zip(g, w)):
             for n in gs:
-                assert _same(gs[n], ws[n]), f"rank {rank} step {step}: {n} differs"
+                assert same_bits(gs[n], ws[n]), f"rank {rank} step {step}: {n} differs"
 

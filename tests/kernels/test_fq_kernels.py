@@ -13,19 +13,12 @@ from dqrm_mpi.qcore import fake_quant_own_scale
 from dqrm_mpi.quant import QuantConfig, prepare_qat
 from dqrm_mpi.quant.qat import EmbeddingFakeQuant
 
+from .bits import same_bits
+
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="CPU kernels not built or DQRM_KERNELS=0")
 
 BITS = (2, 4, 8, 16)
 INF, NAN = float("inf"), float("nan")
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """float32 a and b: NaN at the same places, the same bits elsewhere."""
-    if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.isnan(), b.isnan()):
-        return False
-    zero = torch.zeros((), dtype=a.dtype)
-    return torch.equal(torch.where(a.isnan(), zero, a).view(torch.int32),
-                       torch.where(b.isnan(), zero, b).view(torch.int32))
 
 
 def with_both(fn):
@@ -78,18 +71,32 @@ def test_own_scale_per_row_and_per_tensor_match_the_pytorch_path(bits, shape):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_own_scale_rows_split_over_threads_match_the_pytorch_path(threads):
+def test_own_scale_rows_split_over_threads_match_the_pytorch_path(threads, set_threads):
     """[700, 367] (the kernel splits rows into shares of about 32 k values): the same bits whatever
     the number of threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = awkward_rows(700, 367, 4, seed=threads)
-        (y_fast, s_fast), (y_slow, s_slow) = with_both(lambda: (
-            (s := torch.empty(700)), fake_quant_own_scale(x, 4, True, s))[::-1])
-        assert same_bits(y_fast, y_slow) and same_bits(s_fast, s_slow)
-    finally:
-        torch.set_num_threads(before)
+    set_threads(threads)
+    x = awkward_rows(700, 367, 4, seed=threads)
+    (y_fast, s_fast), (y_slow, s_slow) = with_both(lambda: (
+        (s := torch.empty(700)), fake_quant_own_scale(x, 4, True, s))[::-1])
+    assert same_bits(y_fast, y_slow) and same_bits(s_fast, s_slow)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_embedding_rows_split_over_threads_match_the_pytorch_path(threads, set_threads):
+    """512 samples of 26 rows (split over two threads): the same bits, forward and gradient."""
+    set_threads(threads)
+    gen = torch.Generator().manual_seed(threads)
+    rows = torch.randn(512, 26, 16, generator=gen)
+    emb = EmbeddingFakeQuant(26, 4, False, period=200)
+    emb.refresh([torch.randn(50, 16, generator=gen) for _ in range(26)], step=0)
+
+    def run():
+        r = rows.clone().requires_grad_(True)
+        y = emb(r)
+        y.sum().backward()
+        return y, r.grad
+    (y_fast, g_fast), (y_slow, g_slow) = with_both(run)
+    assert same_bits(y_fast, y_slow) and same_bits(g_fast, g_slow)
 
 
 def test_ties_round_half_to_even_and_special_rows_give_what_they_should():

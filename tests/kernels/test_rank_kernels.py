@@ -13,19 +13,12 @@ from dqrm_mpi.quant import QuantConfig, prepare_qat
 from dqrm_mpi.train.agreement import local_flags
 from dqrm_mpi.train.sgd import PlainSGD
 
+from .bits import same_bits
+
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="the kernels are not built, or DQRM_KERNELS=0")
 PATHS = (kernels.disabled, contextlib.nullcontext)  # the PyTorch path, then the kernels
 
 SPECIAL = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3e38, -3e38, 0.5, -2.5, 1.0])
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """The float32 bit patterns (NaN compares equal to the same NaN, -0.0 differs from +0.0)."""
-    return t.detach().contiguous().view(torch.int32)
-
-
-def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(bits(a), bits(b))
 
 
 def special_values(shape, gen: torch.Generator, nonfinite: bool = False) -> torch.Tensor:
@@ -61,7 +54,15 @@ def interaction_both_ways(vectors: int, batch: int, dim: int, seed: int, nonfini
 @pytest.mark.parametrize("vectors,batch,dim", [(27, 64, 16), (27, 3, 16), (4, 5, 3), (2, 7, 1), (27, 0, 16)])
 def test_interaction_forward_and_backward_bits(vectors, batch, dim):
     (out0, b0, e0), (out1, b1, e1) = interaction_both_ways(vectors, batch, dim, seed=vectors * 100 + batch)
-    assert same(out1, out0) and same(b1, b0) and same(e1, e0)
+    assert same_bits(out1, out0) and same_bits(b1, b0) and same_bits(e1, e0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_interaction_split_over_threads_bits(threads, set_threads):
+    """512 samples: the kernels split the batch over two threads; the same bits as with one."""
+    set_threads(threads)
+    (out0, b0, e0), (out1, b1, e1) = interaction_both_ways(27, 512, 16, seed=threads)
+    assert same_bits(out1, out0) and same_bits(b1, b0) and same_bits(e1, e0)
 
 
 def test_interaction_without_grad_and_after_a_batch_size_change():
@@ -73,13 +74,13 @@ def test_interaction_without_grad_and_after_a_batch_size_change():
         with torch.set_grad_enabled(grad_mode):
             with kernels.disabled():
                 reference = inter(bottom, emb)
-            assert same(inter(bottom, emb), reference)
+            assert same_bits(inter(bottom, emb), reference)
 
 
 def test_interaction_propagates_nan_and_inf_like_pytorch():
     (out0, b0, e0), (out1, b1, e1) = interaction_both_ways(27, 16, 16, seed=5, nonfinite=True)
     assert torch.isnan(out0).any() and torch.isinf(out0).any()
-    assert same(out1, out0) and same(b1, b0) and same(e1, e0)
+    assert same_bits(out1, out0) and same_bits(b1, b0) and same_bits(e1, e0)
 
 
 def test_pairs_gradient_is_index_select_backward_bit_for_bit():
@@ -92,12 +93,12 @@ def test_pairs_gradient_is_index_select_backward_bit_for_bit():
     dots.index_select(1, inter.pairs).backward(grad[:, 16:])
     fused = torch.full((8, 27, 27), 7.0)  # overwritten
     kernels.ops.emb_pairs_backward(grad, inter.pairs, fused)
-    assert same(fused.view(8, -1), dots.grad)
+    assert same_bits(fused.view(8, -1), dots.grad)
 
 
 def test_interaction_non_contiguous_inputs():
     (out0, b0, e0), (out1, b1, e1) = interaction_both_ways(27, 9, 16, seed=3, strided=True)
-    assert same(out1, out0) and same(b1, b0) and same(e1, e0)
+    assert same_bits(out1, out0) and same_bits(b1, b0) and same_bits(e1, e0)
 
 
 def sparse_grad(rows: int, dim: int, nnz: int, seed: int, nonfinite: bool = False) -> torch.Tensor:
@@ -119,17 +120,13 @@ def sgd_both_ways(weight: torch.Tensor, grad: torch.Tensor, lr: float) -> tuple[
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rows,dim,nnz", [(7, 16, 500), (300, 16, 700), (5, 3, 41), (9, 1, 30), (4, 16, 0)])
-def test_sparse_sgd_update_bits(rows, dim, nnz, threads):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        gen = torch.Generator().manual_seed(rows + nnz)
-        weight = special_values((rows, dim), gen)
-        for lr in (0.1, 1.0, 3e-7):
-            reference, fused = sgd_both_ways(weight, sparse_grad(rows, dim, nnz, seed=nnz + dim), lr)
-            assert same(fused, reference)
-    finally:
-        torch.set_num_threads(before)
+def test_sparse_sgd_update_bits(rows, dim, nnz, threads, set_threads):
+    set_threads(threads)
+    gen = torch.Generator().manual_seed(rows + nnz)
+    weight = special_values((rows, dim), gen)
+    for lr in (0.1, 1.0, 3e-7):
+        reference, fused = sgd_both_ways(weight, sparse_grad(rows, dim, nnz, seed=nnz + dim), lr)
+        assert same_bits(fused, reference)
 
 
 def test_sparse_sgd_coalesced_and_nonfinite_gradients():
@@ -138,7 +135,7 @@ def test_sparse_sgd_coalesced_and_nonfinite_gradients():
     grad = sparse_grad(50, 16, 400, seed=2, nonfinite=True)
     for g in (grad, grad.coalesce()):
         reference, fused = sgd_both_ways(weight, g, 0.05)
-        assert same(fused, reference)
+        assert same_bits(fused, reference)
 
 
 def test_sparse_sgd_rejects_rows_outside_the_table():
@@ -157,22 +154,14 @@ def test_sparse_sgd_non_contiguous_weight_takes_the_pytorch_path():
             p.grad = sparse_grad(10, 16, 60, seed=5)
             PlainSGD([p], lr=0.1).step()
             outs.append(p.detach())
-    assert same(outs[1], outs[0])
+    assert same_bits(outs[1], outs[0])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 1000, 4099, 300_001])
-def test_nonfinite_flags_every_tensor_exactly(n, threads):
+def test_nonfinite_flags_every_tensor_exactly(n, threads, set_threads):
     """300 001 values: split over two threads (the kernel's grain is 65 536), the bad value in any share."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        _check_nonfinite(n)
-    finally:
-        torch.set_num_threads(before)
-
-
-def _check_nonfinite(n):
+    set_threads(threads)
     gen = torch.Generator().manual_seed(n)
     tensors = []
     for bad in (None, float("nan"), float("inf"), -float("inf"), 3e38):
