@@ -55,7 +55,7 @@ def _mlp(widths: list[int], relu_last: bool, linear: LinearFactory) -> nn.Sequen
         _init_linear(layer)
         layers.append(layer)
         if relu_last or i < len(widths) - 2:
-            layers.append(nn.ReLU())
+            layers.append(nn.ReLU(inplace=True))  # over the linear output, which backward does not need
     return nn.Sequential(*layers)
 
 
