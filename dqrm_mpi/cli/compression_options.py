@@ -60,7 +60,7 @@ _OPTIONS = [
                       "rank's payload: receive grows with ranks), two-phase (alltoall of one chunk "
                       "per rank, the owner decodes, averages and re-quantizes it, allgather of the "
                       "chunks: about 2x the payload per rank at any world size, one extra "
-                      "quantization) or auto (two-phase for INT16/INT8/INT4 payloads from 5 ranks, where "
+                      "quantization) or auto (two-phase for INT16/INT8/INT4 payloads from 7 ranks, where "
                       "benchmarks/scaling.py's model finds it pays; allgather otherwise)."),
     click.option("--overlap/--no-overlap", default=True, show_default=True,
                  help="Overlap the gradient exchange with backward: each bucket of MLP gradients (see "

@@ -53,7 +53,7 @@ class CompressionConfig:
     # benchmarks/scaling.py's model: the threshold losing least over 2-64 ranks, 1-100 Gbit/s and
     # INT8/INT4 (auto keeps FP32/FP16 rows allgathered), from benchmarks/scaling_parts.json
     # (tests/unit/test_scaling_model.py pins it)
-    two_phase_min_ranks: int = 5
+    two_phase_min_ranks: int = 7
     emb_exchange: str = "sparse"
     dense_emb_max_bytes: int = DENSE_EMB_MAX_BYTES
     overlap: bool = True
