@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks: machine facts and launching real ranks."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,6 +15,39 @@ import torch
 VENV_BIN = Path(sys.executable).parent
 KAGGLE_CARDINALITIES = (1460, 583, 10131227, 2202608, 305, 24, 12517, 633, 3, 93145, 5683, 8351593, 3194,
                         27, 14992, 5461306, 10, 5652, 2173, 4, 7046547, 18, 15, 286181, 105, 142572)
+
+
+def add_step_worker_options(p) -> None:
+    """The options step_ab.py and qat_step.py share: threads, table cap, clock, the hidden --worker."""
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="wall: time.perf_counter; thread: the worker's CPU time (only with --threads 1)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+
+
+def check_step_worker_options(p, a) -> None:
+    if a.clock == "thread" and a.threads != 1:
+        p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
+
+
+def random_batches(batch: int, cards: tuple[int, ...], seed: int, count: int = 32) -> list:
+    """``count`` (dense [batch, 13], sparse int64 [batch, 26], label [batch]) training batches."""
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.rand(batch, 13, generator=gen),
+             torch.stack([torch.randint(0, c, (batch,), generator=gen) for c in cards], dim=1),
+             (torch.rand(batch, generator=gen) < 0.25).float()) for _ in range(count)]
+
+
+def one_rank_run(config, precision: str, sgd) -> dict:
+    """A freshly seeded DLRM for ``one_rank_steps``: FP32, or "int4" (DQRM's INT4 QAT: embeddings
+    per table, scale period 200, MLP per channel), with the optimizer class ``sgd`` (lr 0.1)."""
+    from dqrm_mpi.model import DLRM
+    from dqrm_mpi.quant import QuantConfig, prepare_qat
+    torch.manual_seed(0)
+    model = DLRM(config)
+    qat = prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200)) if precision == "int4" else None
+    return {"model": model, "qat": qat, "opt": sgd(model.parameters(), lr=0.1), "step": 0}
 
 
 def one_rank_steps(run: dict, batches: list, steps: int, loss_fn) -> None:

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import time
 
-from _common import KAGGLE_CARDINALITIES, machine, one_rank_steps
+from _common import (KAGGLE_CARDINALITIES, add_step_worker_options, check_step_worker_options, machine,
+                     one_rank_run, one_rank_steps, random_batches)
 
 SIDES = {"kernels": "1", "pytorch": "0"}  # DQRM_KERNELS of each worker
 PRECISIONS = ("fp32", "int4")
@@ -37,8 +38,7 @@ def worker(batch_sizes: list[int], threads: int, cap: int, clock: str) -> None:
     import torch
 
     from dqrm_mpi import kernels
-    from dqrm_mpi.model import DLRM, model_config_from_preset
-    from dqrm_mpi.quant import QuantConfig, prepare_qat
+    from dqrm_mpi.model import model_config_from_preset
     from dqrm_mpi.train.sgd import PlainSGD
 
     torch.set_num_threads(threads)
@@ -47,17 +47,9 @@ def worker(batch_sizes: list[int], threads: int, cap: int, clock: str) -> None:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     runs = {}
     for batch in batch_sizes:
-        gen = torch.Generator().manual_seed(batch)
-        batches = [(torch.rand(batch, 13, generator=gen),
-                    torch.stack([torch.randint(0, c, (batch,), generator=gen) for c in cards], dim=1),
-                    (torch.rand(batch, generator=gen) < 0.25).float()) for _ in range(32)]
+        batches = random_batches(batch, cards, seed=batch)
         for precision in PRECISIONS:
-            torch.manual_seed(0)
-            model = DLRM(config)
-            qat = (prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200))
-                   if precision == "int4" else None)
-            runs[(batch, precision)] = {"model": model, "qat": qat, "opt": PlainSGD(model.parameters(), lr=0.1),
-                                        "batches": batches, "step": 0}
+            runs[(batch, precision)] = {**one_rank_run(config, precision, PlainSGD), "batches": batches}
     now = time.thread_time if clock == "thread" else time.perf_counter
 
     def run(key: tuple[int, str], steps: int) -> float:
@@ -79,11 +71,7 @@ def main() -> None:
     p.add_argument("--batch-sizes", default="128,512", help="comma-separated")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="steps per round, side, batch size and precision")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="wall: time.perf_counter; thread: the worker's CPU time (only with --threads 1)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_step_worker_options(p)
     a = p.parse_args()
     try:
         batch_sizes = [int(b) for b in a.batch_sizes.split(",")]
@@ -91,8 +79,7 @@ def main() -> None:
         p.error(f"--batch-sizes must be comma-separated integers, got {a.batch_sizes!r}")
     if a.worker:
         return worker(batch_sizes, a.threads, a.cap, a.clock)
-    if a.clock == "thread" and a.threads != 1:
-        p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
+    check_step_worker_options(p, a)
     procs = {}
     for side, flag in SIDES.items():
         env = dict(os.environ, DQRM_KERNELS=flag, OMP_NUM_THREADS=str(a.threads))

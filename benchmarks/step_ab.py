@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import KAGGLE_CARDINALITIES, machine, one_rank_steps
+from _common import (KAGGLE_CARDINALITIES, add_step_worker_options, check_step_worker_options, machine,
+                     one_rank_run, one_rank_steps, random_batches)
 
 HERE = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "int4")
@@ -35,8 +36,7 @@ def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
     """Builds both models from the dqrm_mpi on the path; answers 'precision steps' lines with seconds."""
     import torch
 
-    from dqrm_mpi.model import DLRM, model_config_from_preset
-    from dqrm_mpi.quant import QuantConfig, prepare_qat
+    from dqrm_mpi.model import model_config_from_preset
     try:
         from dqrm_mpi.train.sgd import PlainSGD as SGD
     except ImportError:  # a checkout from before PlainSGD: what its dqrm-train used
@@ -44,18 +44,9 @@ def worker(batch_size: int, threads: int, cap: int, clock: str) -> None:
     torch.set_num_threads(threads)
     cards = tuple(min(c, cap) for c in KAGGLE_CARDINALITIES)
     config = model_config_from_preset("kaggle", cards)
-    gen = torch.Generator().manual_seed(0)
-    batches = [(torch.rand(batch_size, 13, generator=gen),
-                torch.stack([torch.randint(0, c, (batch_size,), generator=gen) for c in cards], dim=1),
-                (torch.rand(batch_size, generator=gen) < 0.25).float()) for _ in range(32)]
+    batches = random_batches(batch_size, cards, seed=0)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    runs = {}
-    for precision in PRECISIONS:
-        torch.manual_seed(0)
-        model = DLRM(config)
-        qat = (prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200))
-               if precision == "int4" else None)
-        runs[precision] = {"model": model, "qat": qat, "opt": SGD(model.parameters(), lr=0.1), "step": 0}
+    runs = {precision: one_rank_run(config, precision, SGD) for precision in PRECISIONS}
 
     now = time.thread_time if clock == "thread" else time.perf_counter
 
@@ -81,16 +72,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="steps per round, checkout and precision")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--cap", type=int, default=1_000_000, help="max rows per embedding table")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="wall: time.perf_counter; thread: the worker's CPU time (only with --threads 1)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_step_worker_options(p)
     a = p.parse_args()
     if a.worker:
         return worker(a.batch_size, a.threads, a.cap, a.clock)
-    if a.clock == "thread" and a.threads != 1:
-        p.error("--clock thread counts one thread's CPU time: use it with --threads 1")
+    check_step_worker_options(p, a)
     if (a.compare_to is None) == (not a.kernels_off):
         p.error("give one of --compare-to DIR and --kernels-off")
     other = HERE if a.kernels_off else a.compare_to.resolve()
