@@ -17,6 +17,7 @@ setup(
     ext_modules=[CppExtension(
         "dqrm_mpi._kernels",
         sorted(glob.glob("dqrm_mpi/csrc/*.cpp")),
+        depends=sorted(glob.glob("dqrm_mpi/csrc/*.h")),  # a changed header rebuilds every file
         # -fopenmp: at::parallel_for runs on torch's OpenMP threads (without it, serially); the
         # library links libgomp.so.1, which resolves to the copy torch has already loaded
         extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"],

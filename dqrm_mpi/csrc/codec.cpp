@@ -12,6 +12,8 @@
 //           a power of two, else acc / size.
 // Payload: the integers (int8, or INT4 as q + 8 two a byte, the low nibble first, a zero
 // padding nibble), then the float32 scales (little-endian, unaligned).
+#include "common.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 
@@ -21,8 +23,6 @@
 #include <cstdint>
 #include <cstring>
 #include <vector>
-
-#define DQRM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace {
 
@@ -199,6 +199,14 @@ std::vector<Block> read_layout(const at::Tensor& blocks, const at::Tensor& row_g
   return out;
 }
 
+// INT4: room for the widest row's integers (a row is packed or unpacked there); INT8: none
+std::vector<int8_t> int4_row_scratch(const std::vector<Block>& layout, int64_t bits) {
+  int64_t widest = 0;
+  if (bits == 4)
+    for (const Block& b : layout) widest = std::max(widest, b.cols);
+  return std::vector<int8_t>(widest);
+}
+
 int64_t data_nbytes(int64_t n, int64_t bits) { return (n * bits + 7) / 8; }
 
 void check_bits(int64_t bits) { TORCH_CHECK(bits == 8 || bits == 4, "codec: bits must be 8 or 4, got ", bits); }
@@ -229,12 +237,7 @@ void codec_encode(at::Tensor x, const at::Tensor& blocks, const at::Tensor& row_
   float* xp = x.data_ptr<float>();
   uint8_t* data = out.data_ptr<uint8_t>();
   std::vector<float> scales(groups, FLT_MIN);  // an empty group's scale: max(0 / qmax, EPS)
-  std::vector<int8_t> q4;                      // INT4: a row's integers before packing
-  if (bits == 4) {
-    int64_t widest = 0;
-    for (const Block& b : layout) widest = std::max(widest, b.cols);
-    q4.resize(widest);
-  }
+  std::vector<int8_t> q4 = int4_row_scratch(layout, bits);  // INT4: a row's integers before packing
   auto quantize = [&](const Block& b, int64_t i, float s) {
     const int64_t at = b.lo + i * b.cols;
     int8_t* q = bits == 8 ? reinterpret_cast<int8_t*>(data) + at : q4.data();
@@ -290,12 +293,7 @@ void decode(const at::Tensor& bufs, const at::Tensor& blocks, const at::Tensor& 
   const int64_t* g = row_group.numel() ? row_group.data_ptr<int64_t>() : nullptr;
   float* o = out.data_ptr<float>();
   const int64_t ostride = mean ? 0 : out.stride(0);
-  std::vector<int8_t> q4;  // INT4: a row's integers, unpacked
-  if (bits == 4) {
-    int64_t widest = 0;
-    for (const Block& b : layout) widest = std::max(widest, b.cols);
-    q4.resize(widest);
-  }
+  std::vector<int8_t> q4 = int4_row_scratch(layout, bits);  // INT4: a row's integers, unpacked
   // a mean: x / 2^k and x * 2^-k are the same float, and a multiply is cheaper
   const bool power_of_two = (size & (size - 1)) == 0;
   const float f = power_of_two ? 1.0f / static_cast<float>(size) : static_cast<float>(size);

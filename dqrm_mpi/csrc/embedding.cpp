@@ -4,6 +4,8 @@
 // dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit.  The interaction's ops (each
 // sample on its own) and the finite check (an any) split over torch's intra-op threads; the
 // sparse SGD stays on one thread (a row's repeated updates in the gradient's order).
+#include "common.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,8 +20,6 @@
 
 namespace {
 
-#define DQRM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-
 // random rows of a large table: ask for the row this many ahead while updating the current one
 constexpr int64_t kAhead = 16;
 // values per thread's share of a parallel_for: below this a second thread costs more than it saves
@@ -28,10 +28,7 @@ constexpr int64_t kGrain = 65536;
 // samples of `values` floats each per thread's share of a parallel_for (at least one)
 int64_t grain_samples(int64_t values) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(values, 1)); }
 
-void check_cpu_float(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, what, ": expected a float32 CPU tensor, got ",
-              t.scalar_type(), " on ", t.device());
-}
+using dqrm::check_cpu_float;
 
 // bottom float32 [B, d], dots float32 [B, V, V], pairs int64 [P] (positions in the flattened
 // V * V) -> [B, d + P]: cat([bottom, dots.flatten(1).index_select(1, pairs)], 1).

@@ -14,6 +14,8 @@
 // Float32, CPU; fq_own_scale_rows and fq_table_rows split their rows over torch's intra-op threads;
 // inputs are made contiguous.  Each op is differentiable in x (rows) with
 // the identity straight-through estimator, d y / d x = 1 (an Autograd kernel, no Python node).
+#include "common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/autograd.h>
@@ -120,7 +122,7 @@ DQRM_INLINE float scale_of(const MinMax& m, float qmax) {
 }
 
 // Rows x [n, k] -> y [n, k] = nearbyint(x * (1 / scale)) * scale with the row's own scale (-> scale [n]).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DQRM_CLONES
 void own_scale_rows(const float* __restrict x, float* __restrict y, float* __restrict scale, int64_t n,
                     int64_t k, float qmax) {
   for (int64_t i = 0; i < n; ++i) {
@@ -133,7 +135,7 @@ void own_scale_rows(const float* __restrict x, float* __restrict y, float* __res
 }
 
 // y = x + (clamp(nearbyint(x * inv[t]), qmin, qmax) * scale[t] - x) over rows [b, t, d]; NaN stays NaN
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DQRM_CLONES
 void table_rows(const float* __restrict x, float* __restrict y, int64_t b, int64_t t, int64_t d,
                 const float* inv, const float* scale, float qmin, float qmax) {
   for (int64_t i = 0; i < b * t; ++i) {
@@ -155,9 +157,9 @@ float qmax_of(int64_t bits) {
   return static_cast<float>((int64_t{1} << (bits - 1)) - 1);
 }
 
+// x checked (a float32 CPU tensor), contiguous
 at::Tensor float_cpu(const at::Tensor& x, const char* what) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "dqrm fake quant: ", what,
-              " must be a float32 CPU tensor, got ", x.scalar_type(), " on ", x.device());
+  dqrm::check_cpu_float(x, what);
   return x.contiguous();
 }
 
@@ -186,7 +188,7 @@ at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& s
                              const c10::optional<at::Tensor>& workspace) {
   const float qmax = qmax_of(bits);
   TORCH_CHECK(x_in.dim() == 2, "fq_own_scale_rows: x must be 2-D [n, k], got shape ", x_in.sizes());
-  const at::Tensor x = float_cpu(x_in, "x");
+  const at::Tensor x = float_cpu(x_in, "fq_own_scale_rows x");
   const int64_t n = x.size(0), k = x.size(1);
   TORCH_CHECK(n == 0 || k > 0, "fq_own_scale_rows: rows of x are empty (shape ", x.sizes(), ")");
   check_scale_out(scale, n);
@@ -204,7 +206,7 @@ at::Tensor fq_own_scale_rows(const at::Tensor& x_in, int64_t bits, at::Tensor& s
 at::Tensor fq_own_scale_tensor(const at::Tensor& x_in, int64_t bits, at::Tensor& scale,
                                const c10::optional<at::Tensor>& workspace) {
   const float qmax = qmax_of(bits);
-  const at::Tensor x = float_cpu(x_in, "x");
+  const at::Tensor x = float_cpu(x_in, "fq_own_scale_tensor x");
   TORCH_CHECK(x.numel() > 0, "fq_own_scale_tensor: x is empty (shape ", x.sizes(), ")");
   check_scale_out(scale, 1);
   at::Tensor y = output_like(x, workspace);
@@ -215,8 +217,8 @@ at::Tensor fq_own_scale_tensor(const at::Tensor& x_in, int64_t bits, at::Tensor&
 at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in, int64_t bits) {
   const float qmax = qmax_of(bits), qmin = -qmax - 1.0f;
   TORCH_CHECK(rows_in.dim() == 3, "fq_table_rows: rows must be 3-D [B, T, d], got shape ", rows_in.sizes());
-  const at::Tensor rows = float_cpu(rows_in, "rows");
-  const at::Tensor scales = float_cpu(scales_in, "scales");
+  const at::Tensor rows = float_cpu(rows_in, "fq_table_rows rows");
+  const at::Tensor scales = float_cpu(scales_in, "fq_table_rows scales");
   const int64_t b = rows.size(0), t = rows.size(1), d = rows.size(2);
   TORCH_CHECK(scales.dim() == 1 && scales.size(0) == t, "fq_table_rows: scales must have shape [", t,
               "], got ", scales.sizes());
@@ -234,7 +236,7 @@ at::Tensor fq_table_rows(const at::Tensor& rows_in, const at::Tensor& scales_in,
 }
 
 // scales[t] = the per-tensor scale of tables[t] (the full-table pass of per-table embedding scales).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+DQRM_CLONES
 float tensor_scale_of(const float* x, int64_t n, float qmax) {
   return scale_of(min_max(x, n), qmax);
 }
@@ -245,7 +247,7 @@ void fq_table_scales(at::TensorList tables, int64_t bits, at::Tensor& scales) {
   check_scale_out(scales, t);
   float* ps = scales.data_ptr<float>();
   for (int64_t i = 0; i < t; ++i) {
-    const at::Tensor table = float_cpu(tables[i], "a table");
+    const at::Tensor table = float_cpu(tables[i], "fq_table_scales table");
     TORCH_CHECK(table.numel() > 0, "fq_table_scales: table ", i, " is empty (shape ", table.sizes(), ")");
     ps[i] = tensor_scale_of(table.data_ptr<float>(), table.numel(), qmax);
   }
