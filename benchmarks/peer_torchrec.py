@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -40,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from _common import KAGGLE_CARDINALITIES, VENV_BIN, emit, env, machine, run_checked
+from _common import KAGGLE_CARDINALITIES, dqrm_run, emit, machine
 
 from dqrm_mpi.data.reader import SplitReader
 from dqrm_mpi.data.synthetic import PlantedClickModel, write_synthetic_dataset
@@ -112,30 +111,6 @@ def ensure_peer_venv(venv: Path) -> Path:
     marker.write_text(json.dumps(wanted))
     log(f"peer venv ready: {venv} ({check.stdout.strip()})")
     return python
-
-
-def dqrm_run(data: Path, out: Path, batch: int, warmup: int, steps: int, threads: int,
-             extra: tuple[str, ...]) -> dict:
-    """One dqrm-train process; samples/s over the steps after ``warmup`` (from metrics.jsonl's
-    windows of ``warmup`` steps, data wait included) and summary.json's whole-run figure."""
-    e = env()
-    e["OMP_NUM_THREADS"] = str(threads)
-    run_checked([str(VENV_BIN / "dqrm-train"), "--data", str(data), "--out", str(out), "--preset", "kaggle",
-                 "--batch-size", str(batch), "--max-steps", str(warmup + steps), "--log-every", str(warmup),
-                 "--threads", str(threads), "--progress", "none", "--eval-splits", "test",
-                 "--checkpoint-minutes", "0", *extra], e)
-    summary = json.loads((out / "summary.json").read_text())
-    windows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-               if r.get("event") == "step" and r["first_step"] > warmup]
-    measured = sum(w["steps"] for w in windows)
-    if measured != steps:
-        sys.exit(f"{out}/metrics.jsonl: expected {steps} steps after the {warmup} warm-up steps, found {measured}")
-    seconds = sum(w["seconds"] * w["steps"] for w in windows)
-    parts = {p: sum(w["step_time"][p] * w["steps"] for w in windows) / steps * 1e3 for p in windows[0]["step_time"]}
-    shutil.rmtree(out)  # the checkpoint holds every table
-    return {"samples_per_second": steps * batch / seconds, "ms_per_step": 1e3 * seconds / steps,
-            "ms_per_step_by_part": {p: round(v, 3) for p, v in parts.items()},
-            "summary_samples_per_second": summary["samples_per_second"]}
 
 
 def peer_run(python: Path, data: Path, cards: tuple[int, ...], batch: int, warmup: int, steps: int,

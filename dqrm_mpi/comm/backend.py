@@ -213,16 +213,23 @@ def fair_share(mine: set[int], others: list[set[int]]) -> int:
     return max(1, int(sum(1 / max(1, sum(c in s for s in others)) for c in mine) + 1e-9))
 
 
-def default_threads(backend: "HorovodBackend") -> int:
-    """Torch threads per rank: OMP_NUM_THREADS if set, else this rank's fair share of the
-    cores it may use among the ranks on its node (a collective: every rank calls it)."""
+def core_share(backend: "HorovodBackend") -> int:
+    """This rank's fair share of the cores it may use among the ranks on its node (a
+    collective: every rank calls it)."""
     mine = usable_cores()
     node = socket.gethostname()
     posts = backend.allgather_object((node, sorted(mine)), name="threads") if backend.size > 1 else [(node, mine)]
+    return fair_share(mine, [set(cores) for host, cores in posts if host == node])
+
+
+def default_threads(backend: "HorovodBackend", share: int | None = None) -> int:
+    """Torch threads per rank: OMP_NUM_THREADS if set, else this rank's share of the cores
+    (``share``, or ``core_share(backend)``: then a collective, every rank calls it)."""
+    share = core_share(backend) if share is None else share
     env = os.environ.get("OMP_NUM_THREADS")
     if env:
         try:
             return max(1, int(env))
         except ValueError:
             raise ValueError(f"OMP_NUM_THREADS={env!r} is not an integer") from None
-    return fair_share(mine, [set(cores) for host, cores in posts if host == node])
+    return share

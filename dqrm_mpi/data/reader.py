@@ -120,42 +120,88 @@ class SplitReader:
         return arrays[0], arrays[1], arrays[2]
 
 
-def prefetched(items: Iterator[Batch], depth: int) -> Iterator[Batch]:
-    """Run ``items`` in a background thread, ``depth`` batches ahead."""
-    if depth <= 0:
-        yield from items
-        return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
+_END = object()  # the producer's last item: the items are exhausted
 
-    def work() -> None:
+
+class Prefetcher:
+    """``items`` produced by a background thread, up to ``depth`` ahead, as an iterator (depth
+    0: no thread, each item produced when taken); an exception raised by ``items`` reaches the
+    consumer after the items before it.
+
+    A read holds the GIL from start to end (h5py and NumPy keep it), while a training step's
+    forward pass gives up and retakes the GIL at every torch op: a read that starts during
+    forward stalls the step for its length (0.1-0.2 ms a batch, several percent of a batch-128
+    step).  ``refill_on_demand=True``: taking an item does not start the next read; ``refill()``
+    does (the training loop calls it right before ``backward()``, which runs for milliseconds
+    without the GIL), and so does finding nothing ready (the consumer never waits on a read
+    nobody started).  Otherwise each item taken starts the next read at once.  ``close()`` (or
+    leaving a ``with`` block, or the end of the items) stops the thread.
+    """
+
+    def __init__(self, items: Iterator, depth: int, refill_on_demand: bool = False) -> None:
+        self._items = iter(items)
+        self._ready: queue.SimpleQueue = queue.SimpleQueue()
+        self._credits = threading.Semaphore(depth)  # reads the producer may start
+        self._owed = 0  # items taken whose read has not been started again
+        self._on_demand = refill_on_demand
+        self._closed = False
+        self._thread = threading.Thread(target=self._produce, daemon=True) if depth > 0 else None
+        if self._thread is not None:
+            self._thread.start()
+
+    def _produce(self) -> None:
         try:
-            for item in items:
-                if stop.is_set():
+            while True:
+                self._credits.acquire()
+                if self._closed:
                     return
-                q.put(item)
-            q.put(done)
+                item = next(self._items, _END)
+                self._ready.put(item)
+                if item is _END:
+                    return
         except BaseException as e:  # handed to the consumer
-            q.put(e)
+            self._ready.put(e)
 
-    thread = threading.Thread(target=work, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self):
+        if self._closed:
+            raise StopIteration
+        if self._thread is None:
+            return next(self._items)
+        if self._owed and self._ready.empty():  # nothing ready: the producer may go on now
+            self.refill()
+        item = self._ready.get()
+        if item is _END or isinstance(item, BaseException):
+            self.close()
+            if item is _END:
+                raise StopIteration
+            raise item
+        self._owed += 1
+        if not self._on_demand:
+            self.refill()
+        return item
+
+    def refill(self) -> None:
+        """Let the producer read again: one item for each taken since the last refill."""
+        for _ in range(self._owed):
+            self._credits.release()
+        self._owed = 0
+
+    def close(self) -> None:
+        """Stop the producer (after the read it is in, if any)."""
+        if not self._closed:
+            self._closed = True
+            if self._thread is not None:
+                self._credits.release()  # wakes a producer waiting for credit
+                self._thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class TrainBatches:
@@ -181,11 +227,12 @@ class TrainBatches:
         shift = int(rng.integers(0, self.dropped_per_epoch + 1))
         return shift + rng.permutation(self.steps_per_epoch) * self.global_batch
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int, start_step: int = 0, refill_on_demand: bool = False) -> Prefetcher:
+        """The batches of ``epoch`` from step ``start_step`` on, read ahead (see ``Prefetcher``)."""
         offset = self.rank * self.local_batch
         starts = self.batch_starts(epoch)[start_step:]
         items = (self.reader.read(int(s) + offset, int(s) + offset + self.local_batch) for s in starts)
-        return prefetched(items, self.prefetch)
+        return Prefetcher(items, self.prefetch, refill_on_demand)
 
 
 def eval_batches(reader: SplitReader, batch: int, rank: int, world: int, prefetch: int = 2) -> Iterator[Batch]:
@@ -193,4 +240,4 @@ def eval_batches(reader: SplitReader, batch: int, rank: int, world: int, prefetc
     lo = reader.num_rows * rank // world
     hi = reader.num_rows * (rank + 1) // world
     items = (reader.read(s, min(s + batch, hi)) for s in range(lo, hi, batch))
-    return prefetched(items, prefetch)
+    return Prefetcher(items, prefetch)

@@ -26,6 +26,8 @@ class TrainConfig:
     batch_size is the global batch (split evenly across ranks); eval_every is in steps
     (0: only at the end of each epoch); max_steps (None: no limit) counts steps over all
     epochs; threads None means OMP_NUM_THREADS or this rank's share of the cores it may use;
+    prefetch is the number of training batches a background thread reads ahead (0: each batch
+    is read in the training thread; None: chosen by ``loop.batches_read_ahead``);
     checkpoint_every is in steps and checkpoint_minutes in minutes of wall time (0: off; the
     last checkpoint is always written); resume is one of RESUME_MODES (True/False read as
     yes/no).
@@ -48,7 +50,7 @@ class TrainConfig:
     max_steps: int | None = None
     device: str = "auto"
     threads: int | None = None
-    prefetch: int = 4
+    prefetch: int | None = None
     checkpoint_every: int = 0
     checkpoint_minutes: float = 30.0
     resume: str = "no"
@@ -74,6 +76,7 @@ class TrainConfig:
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
+            (self.prefetch is None or self.prefetch >= 0, f"prefetch must be >= 0, got {self.prefetch}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}"),
             (self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}"),

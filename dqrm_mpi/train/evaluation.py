@@ -22,9 +22,10 @@ def predict(model: nn.Module, data: str | Path, split: str = "test", batch: int 
     reader = SplitReader(data, split)
     probs, labels = [], []
     try:
-        for b in eval_batches(reader, batch, 0, 1):
-            probs.append(torch.sigmoid(model(b.dense, b.sparse)).double().numpy())
-            labels.append(b.label.numpy())
+        with eval_batches(reader, batch, 0, 1) as batches:
+            for b in batches:
+                probs.append(torch.sigmoid(model(b.dense, b.sparse)).double().numpy())
+                labels.append(b.label.numpy())
     finally:
         reader.close()
     return np.concatenate(probs), np.concatenate(labels)
@@ -42,11 +43,12 @@ def evaluate(model: nn.Module, reader: SplitReader, backend: Collectives, batch:
     model.eval()
     probs, labels = [], []
     share = reader.num_rows // backend.size  # rank 0's rows (eval_batches), the rank that shows the bar
-    for b in tqdm(eval_batches(reader, batch, backend.rank, backend.size), desc=f"eval {reader.split}",
-                  unit="batch", total=-(-share // batch), leave=False, disable=not show_bar or backend.rank != 0):
-        b = b.to(device)
-        probs.append(torch.sigmoid(model(b.dense, b.sparse)).float().cpu())
-        labels.append(b.label.cpu())
+    with eval_batches(reader, batch, backend.rank, backend.size) as batches:
+        for b in tqdm(batches, desc=f"eval {reader.split}", unit="batch", total=-(-share // batch), leave=False,
+                      disable=not show_bar or backend.rank != 0):
+            b = b.to(device)
+            probs.append(torch.sigmoid(model(b.dense, b.sparse)).float().cpu())
+            labels.append(b.label.cpu())
     model.train(was_training)
     prob = torch.cat(probs) if probs else torch.empty(0)
     label = torch.cat(labels) if labels else torch.empty(0)

@@ -19,6 +19,7 @@ def invoke(*args):
     (["--bottom-mlp", "512-x"], "not a dash-separated list of integers"),
     (["--device", "tpu"], "Invalid value for '--device'"),
     (["--eval-splits", "train"], "Invalid value for '--eval-splits'"),
+    (["--prefetch", "-1"], "Invalid value for '--prefetch'"),
     (["--bottom-mlp", "64-8"], "bottom MLP output width 8 must equal the embedding dim 16"),
 ])
 def test_bad_options_are_clear_errors(small_dataset, tmp_path, args, message):

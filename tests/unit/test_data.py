@@ -1,9 +1,10 @@
 import json
+import time
 
 import numpy as np
 import pytest
 
-from dqrm_mpi.data.reader import SplitReader, TrainBatches, eval_batches, prefetched
+from dqrm_mpi.data.reader import Prefetcher, SplitReader, TrainBatches, eval_batches
 from dqrm_mpi.data.schema import SchemaError, list_shards, read_meta, transform_dense, write_meta, write_shard
 from dqrm_mpi.data.synthetic import PlantedClickModel, planted_metrics
 
@@ -97,9 +98,68 @@ def test_prefetch_hands_the_producer_error_to_the_consumer():
 
     got = []
     with pytest.raises(OSError, match="part-00001.h5: unreadable") as e:
-        for item in prefetched(items(), depth=2):
+        for item in Prefetcher(items(), depth=2):
             got.append(item)
     assert got == [0, 1] and e.value is error
+
+
+class _Counted:
+    """Items 0, 1, ... n-1, counting how many the producer has taken."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.taken = n, 0
+
+    def __iter__(self):
+        for i in range(self.n):
+            self.taken += 1
+            yield i
+
+
+def _settled(counted: _Counted, expected: int) -> int:
+    """``counted.taken`` once it has reached ``expected`` (the producer thread catches up), or
+    after a second without reaching it."""
+    deadline = time.monotonic() + 1.0
+    while counted.taken < expected and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return counted.taken
+
+
+def test_prefetcher_on_demand_reads_only_when_refilled():
+    items = _Counted(10)
+    with Prefetcher(iter(items), depth=2, refill_on_demand=True) as batches:
+        assert _settled(items, 2) == 2  # reads ahead up to depth
+        assert next(batches) == 0 and next(batches) == 1
+        time.sleep(0.05)
+        assert items.taken == 2  # taking items started no read
+        batches.refill()
+        assert _settled(items, 4) == 4  # one read per item taken
+        time.sleep(0.05)
+        assert items.taken == 4
+        # never refilled again: an empty queue lets the producer go on, nothing waits forever
+        assert list(batches) == list(range(2, 10))
+
+
+def test_prefetcher_reads_ahead_eagerly_and_inline():
+    items = _Counted(6)
+    with Prefetcher(iter(items), depth=2) as batches:
+        assert next(batches) == 0
+        assert _settled(items, 3) == 3  # the item taken started the next read
+        assert list(batches) == [1, 2, 3, 4, 5]
+    items = _Counted(3)
+    inline = Prefetcher(iter(items), depth=0)  # no thread: read when taken
+    assert items.taken == 0 and next(inline) == 0 and items.taken == 1
+    inline.refill()
+    assert items.taken == 1 and list(inline) == [1, 2]
+
+
+def test_prefetcher_close_stops_the_producer():
+    items = _Counted(100)
+    batches = Prefetcher(iter(items), depth=3, refill_on_demand=True)
+    assert next(batches) == 0
+    batches.close()
+    assert not batches._thread.is_alive() and items.taken <= 4
+    with pytest.raises(StopIteration):
+        next(batches)
 
 
 def test_prefetched_read_error_reaches_the_reader_loop(small_dataset):

@@ -5,9 +5,11 @@ import os
 import signal
 
 import pytest
+import torch
 
 from dqrm_mpi.comm.backend import default_threads, fair_share, usable_cores
 from dqrm_mpi.comm.inprocess import run_ranks
+from dqrm_mpi.train.loop import batches_read_ahead
 from dqrm_mpi.train.preemption import AGREE_EVERY, CheckpointSchedule, StopSignals
 
 
@@ -75,3 +77,14 @@ def test_default_threads_from_the_affinity_unless_omp_num_threads(monkeypatch):
     with pytest.raises(ValueError, match="OMP_NUM_THREADS='x'"):
         run_ranks(1, default_threads)
 
+
+
+@pytest.mark.parametrize("prefetch, threads, cores, device, expected", [
+    (None, 2, 2, "cpu", 0),    # torch's threads fill the rank's cores: read in line
+    (None, 1, 2, "cpu", 4),    # a core left over: a reading thread
+    (None, 8, 8, "cuda", 4),   # a GPU computes
+    (2, 2, 2, "cpu", 2),       # --prefetch as given
+    (0, 1, 4, "cuda", 0),
+])
+def test_batches_read_ahead_by_default_only_with_a_spare_core(prefetch, threads, cores, device, expected):
+    assert batches_read_ahead(prefetch, threads, cores, torch.device(device)) == expected
