@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -47,15 +48,18 @@ def one_rank_run(config, precision: str, sgd) -> dict:
     torch.manual_seed(0)
     model = DLRM(config)
     qat = prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=200)) if precision == "int4" else None
-    return {"model": model, "qat": qat, "opt": sgd(model.parameters(), lr=0.1), "step": 0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return {"model": model, "params": params, "qat": qat, "opt": sgd(params, lr=0.1), "step": 0}
 
 
 def one_rank_steps(run: dict, batches: list, steps: int, loss_fn) -> None:
     """``steps`` training steps as ``dqrm-train`` takes them on one rank (QAT's on_step, forward,
     backward, the finite check, the SGD step), no data loading, no communication: ``run`` holds
-    the "model", its "qat" (or None), "opt" and the "step" counter (advanced); batches: (dense,
+    the "model", its "params", "qat" (or None), "opt" and the "step" counter (advanced); batches: (dense,
     sparse, label) tuples, used in turn.  dqrm_mpi comes from the checkout the worker runs."""
     from dqrm_mpi.train.agreement import local_flags
+    # a checkout from before local_flags took the parameters takes the model
+    checked = run["params"] if "params" in inspect.signature(local_flags).parameters else run["model"]
     for _ in range(steps):
         dense, sparse, label = batches[run["step"] % len(batches)]
         if run["qat"] is not None:
@@ -63,7 +67,7 @@ def one_rank_steps(run: dict, batches: list, steps: int, loss_fn) -> None:
         run["opt"].zero_grad()  # gradients become None (torch.optim.SGD: set_to_none by default)
         loss = loss_fn(run["model"](dense, sparse), label)
         loss.backward()
-        if bool(local_flags(loss, run["model"], dense).any()):
+        if bool(local_flags(loss, checked, dense).any()):
             raise SystemExit("non-finite step")
         run["opt"].step()
         float(loss.detach())

@@ -14,10 +14,9 @@ checkpointed: a resumed run starts them from zero).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
-from torch import nn
 
 from .. import kernels
 from ..comm.collectives import Collectives
@@ -40,8 +39,10 @@ def _values(t: torch.Tensor) -> torch.Tensor:
     return t._values() if t.is_sparse else t
 
 
-def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> torch.Tensor:
-    """float32 [3]: 1 where this rank's loss, any gradient, or its dense inputs hold NaN/inf.
+def local_flags(loss: torch.Tensor, params: Iterable[torch.Tensor], dense: torch.Tensor) -> torch.Tensor:
+    """float32 [3]: 1 where this rank's loss, the gradient of any of ``params`` (the model's
+    parameters: a list kept from step to step spares walking the modules), or its dense inputs
+    hold NaN/inf.
 
     With the CPU kernels (``dqrm_mpi.kernels``): one exact pass over every tensor
     (``emb_nonfinite`` reads each value's exponent bits: nothing to overflow).  Otherwise every
@@ -52,7 +53,7 @@ def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> to
     so an overflow never raises a false alarm.  The sums are about 3x cheaper than the exact
     check of every tensor (a sum is one vectorised read; aminmax runs several times slower)."""
     loss = loss.detach()
-    grads = [_values(p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [_values(p.grad) for p in params if p.grad is not None]
     if kernels.enabled() and all(t.is_cpu for t in (loss, dense, *grads)):
         # one exact pass over every tensor (exponent bits), no sums that could overflow
         bad = kernels.ops.emb_nonfinite([loss, dense, *grads]).tolist()
@@ -65,13 +66,13 @@ def local_flags(loss: torch.Tensor, model: nn.Module, dense: torch.Tensor) -> to
                        ).float().cpu()
 
 
-def agree_finite(backend: Collectives, loss: torch.Tensor, model: nn.Module, dense: torch.Tensor,
+def agree_finite(backend: Collectives, loss: torch.Tensor, params: Iterable[torch.Tensor], dense: torch.Tensor,
                  locate_rows: Callable[[int, int], str], step: int, lr: float) -> None:
     """Raise NonFiniteStepError on every rank when any rank's step ``step`` is not finite.
 
     dense: this rank's batch inputs float [b, 13]; locate_rows(i, j): where rows i..j of this
     rank's batch come from (shard file and rows), asked only on the failure path."""
-    flags = local_flags(loss, model, dense)
+    flags = local_flags(loss, params, dense)
     if backend.size > 1:
         # bookkeeping like evaluation: not counted in the step's communication figures
         flags = backend.allgather_array(flags, name="finite.flags").view(backend.size, len(FLAGS))

@@ -169,7 +169,8 @@ class _Training:
         self.model_config, self.model, self.qat = model_config, model, qat
         self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
-        self.optimizer = PlainSGD(model.parameters(), lr=config.lr)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
+        self.optimizer = PlainSGD(self.params, lr=config.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
         self.train_reader = SplitReader(config.data, "train")
         self.batches = TrainBatches(self.train_reader, config.batch_size, backend.rank, backend.size, config.seed,
@@ -253,7 +254,7 @@ class _Training:
             raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
                               f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e
         self.timer.lap("forward_backward")
-        agree_finite(self.backend, loss, self.model, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
+        agree_finite(self.backend, loss, self.params, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
         self.sync.synchronize(self.step)  # the global step: a top-k warm-up continues after --resume
         self.timer.lap("exchange")
         self.optimizer.step()

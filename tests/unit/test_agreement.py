@@ -33,7 +33,7 @@ def _stepped(seed: int = 0) -> tuple[DLRM, torch.Tensor, torch.Tensor]:
 def test_finite_step_raises_no_flag():
     model, loss, dense = _stepped()
     assert model.embeddings.weight.grad.is_sparse
-    assert local_flags(loss, model, dense).tolist() == [0.0, 0.0, 0.0]
+    assert local_flags(loss, model.parameters(), dense).tolist() == [0.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
@@ -49,7 +49,7 @@ def test_each_non_finite_value_sets_its_own_flag(bad, where):
     else:
         model.embeddings.weight.grad._values()[-1, 0] = bad
     expected = {"loss": [1.0, 0.0, 0.0], "dense": [0.0, 0.0, 1.0]}.get(where, [0.0, 1.0, 0.0])
-    assert local_flags(loss, model, dense).tolist() == expected
+    assert local_flags(loss, model.parameters(), dense).tolist() == expected
 
 
 def test_finite_values_whose_sum_overflows_are_not_flagged():
@@ -57,4 +57,4 @@ def test_finite_values_whose_sum_overflows_are_not_flagged():
     for p in model.parameters():  # every sum, and the sum of the sums, overflows float32 to inf
         values = p.grad._values() if p.grad.is_sparse else p.grad
         values.fill_(3e38)
-    assert local_flags(loss, model, dense).tolist() == [0.0, 0.0, 0.0]
+    assert local_flags(loss, model.parameters(), dense).tolist() == [0.0, 0.0, 0.0]
