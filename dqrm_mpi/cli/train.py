@@ -5,7 +5,7 @@ import click
 
 from ..data.schema import SchemaError
 from ..model.config import NUM_DENSE, PRESETS
-from ..train.config import DEVICES, FLOAT32_MAX, RESUME_MODES, TrainConfig
+from ..train.config import DEVICES, FLOAT32_MAX, IN_MEMORY_AUTO_BYTES, IN_MEMORY_MODES, RESUME_MODES, TrainConfig
 from .compression_options import compression_options, pop_compression_config
 from .log_options import log_options, pop_log_config
 from .options import LayerWidths, in_flags, version_option
@@ -55,6 +55,11 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads per rank [default: OMP_NUM_THREADS, else this rank's share of the cores it may "
                    "use (sched_getaffinity) among the ranks on its node].")
+@click.option("--data-in-memory", type=click.Choice(IN_MEMORY_MODES), default="auto",
+              help="Read the training and evaluated splits into memory once (each checked as it is read), "
+                   "then copy batches from there: every rank holds all of them, 160 bytes a row.  auto: when "
+                   f"they take at most {IN_MEMORY_AUTO_BYTES >> 30} GiB together (a few million rows; the "
+                   "Kaggle and Terabyte datasets stay on disk).")
 @click.option("--prefetch", type=click.IntRange(min=0), default=None,
               help="Training batches a background thread reads ahead; 0: each batch is read in the training "
                    "thread [default: 0 on a CPU rank whose torch threads use its whole share of the cores (a "

@@ -41,10 +41,16 @@ class Batch:
                      self.label.to(device, non_blocking=True))
 
 
-class SplitReader:
-    """The shards of one split seen as one array of rows; ``read(start, stop)`` spans shards."""
+ROW_BYTES = 4 * 13 + 4 * 26 + 4  # a row in memory as stored: dense float32, sparse int32, label float32
 
-    def __init__(self, root: str | Path, split: str) -> None:
+
+class SplitReader:
+    """The shards of one split seen as one array of rows; ``read(start, stop)`` spans shards.
+
+    in_memory: every row is read (and checked) once, here, and ``read`` copies rows from memory
+    (``ROW_BYTES`` a row); otherwise each ``read`` reads and checks its rows from the shards."""
+
+    def __init__(self, root: str | Path, split: str, in_memory: bool = False) -> None:
         self.root, self.split = Path(root), split
         meta = read_meta(root)
         self.cardinalities = np.array(meta.cardinalities, dtype=np.int64)
@@ -66,11 +72,25 @@ class SplitReader:
         self.num_rows = int(self.starts[-1])
         expected = meta.rows.get(split, 0)
         if self.num_rows != expected:
+            self.close()
             raise SchemaError(f"{self.root / split}: shards hold {self.num_rows} rows, meta.json says {expected}")
+        self.rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # in memory: dense, sparse, label
+        if in_memory:
+            try:
+                parts = [self._read_shard(s, 0, sizes[s]) for s in range(len(sizes))]
+            except DataError:
+                self.close()
+                raise
+            self.rows = (tuple(np.concatenate(x) for x in zip(*parts)) if parts else
+                         (np.empty((0, 13), np.float32), np.empty((0, 26), np.int32), np.empty(0, np.float32)))
 
     def read(self, start: int, stop: int) -> Batch:
         if not 0 <= start <= stop <= self.num_rows:
             raise IndexError(f"rows [{start}, {stop}) outside {self.split} of {self.num_rows} rows")
+        if self.rows is not None:  # copies: nothing done to a batch reaches the rows kept
+            dense, sparse, label = (x[start:stop] for x in self.rows)
+            return Batch(torch.from_numpy(dense.copy()), torch.from_numpy(sparse.astype(np.int64)),
+                         torch.from_numpy(label.astype(np.float32)))
         parts = []
         first = int(np.searchsorted(self.starts, start, side="right")) - 1
         for s in range(max(first, 0), len(self.files)):

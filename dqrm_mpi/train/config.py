@@ -19,6 +19,10 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_MODES = ("no", "yes", "auto")
 
 
+IN_MEMORY_MODES = ("auto", "yes", "no")
+IN_MEMORY_AUTO_BYTES = 1 << 30  # auto: the splits a run reads, together, up to this size
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run.
@@ -28,6 +32,7 @@ class TrainConfig:
     epochs; threads None means OMP_NUM_THREADS or this rank's share of the cores it may use;
     prefetch is the number of training batches a background thread reads ahead (0: each batch
     is read in the training thread; None: chosen by ``loop.batches_read_ahead``);
+    data_in_memory is one of IN_MEMORY_MODES (``loop.splits_in_memory``);
     checkpoint_every is in steps and checkpoint_minutes in minutes of wall time (0: off; the
     last checkpoint is always written); resume is one of RESUME_MODES (True/False read as
     yes/no).
@@ -51,6 +56,7 @@ class TrainConfig:
     device: str = "auto"
     threads: int | None = None
     prefetch: int | None = None
+    data_in_memory: str = "auto"
     checkpoint_every: int = 0
     checkpoint_minutes: float = 30.0
     resume: str = "no"
@@ -77,6 +83,8 @@ class TrainConfig:
             (self.device in DEVICES, f"device must be one of {DEVICES}, got {self.device!r}"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, got {self.threads}"),
             (self.prefetch is None or self.prefetch >= 0, f"prefetch must be >= 0, got {self.prefetch}"),
+            (self.data_in_memory in IN_MEMORY_MODES,
+             f"data_in_memory must be one of {IN_MEMORY_MODES}, got {self.data_in_memory!r}"),
             (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
             (self.stall_timeout >= 0, f"stall_timeout must be >= 0, got {self.stall_timeout}"),
             (self.checkpoint_minutes >= 0, f"checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}"),

@@ -15,14 +15,14 @@ from torch import nn
 from ..comm.backend import HorovodBackend, core_share, default_threads
 from ..comm.collectives import Collectives
 from ..comm.sync import GradientSynchronizer
-from ..data.reader import Prefetcher, SplitReader, TrainBatches
+from ..data.reader import ROW_BYTES, Prefetcher, SplitReader, TrainBatches
 from ..data.schema import DatasetMeta, read_meta
 from ..locking import DirectoryLock
 from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
 from .agreement import agree_finite, shard_rows
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
-from .config import TrainConfig
+from .config import IN_MEMORY_AUTO_BYTES, TrainConfig
 from .epoch_checkpoint import keep_epoch_checkpoint
 from .evaluation import evaluate
 from .failures import RankFailure, is_peer_shutdown, peer_failed
@@ -60,9 +60,11 @@ def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, 
             share = core_share(backend)
             torch.set_num_threads(config.threads or default_threads(backend, share))
             device = select_device(config.device, backend.local_rank)
-            config = replace(config, prefetch=batches_read_ahead(config.prefetch, torch.get_num_threads(), share,
-                                                                 device))
             meta = read_meta(config.data)
+            in_memory = splits_in_memory(config.data_in_memory, meta, ("train", *config.eval_splits))
+            config = replace(config, data_in_memory="yes" if in_memory else "no",
+                             prefetch=batches_read_ahead(config.prefetch, torch.get_num_threads(), share, device,
+                                                         in_memory))
             model_config, model, qat = build_model(config, meta, device)
             lock = lock_out_dir(config, backend)
             if config.stall_timeout:
@@ -88,14 +90,24 @@ def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, 
                 lock.release()
 
 
-def batches_read_ahead(prefetch: int | None, threads: int, cores: int, device: torch.device) -> int:
-    """--prefetch, else: 0 (each batch read in the training thread) on a CPU rank whose torch
-    threads fill its share of the cores, where a reading thread would take CPU from them in
-    mid-step (benchmarks/train_options_ab.py, batch 128 on 2 cores: steps 12 % slower with a
-    reading thread than reading in line); 4 batches ahead when a core is left over or a GPU computes."""
+def splits_in_memory(mode: str, meta: DatasetMeta, splits: tuple[str, ...]) -> bool:
+    """--data-in-memory: yes, no, or auto: yes when ``splits`` take at most
+    IN_MEMORY_AUTO_BYTES together (``ROW_BYTES`` a row)."""
+    if mode != "auto":
+        return mode == "yes"
+    return sum(meta.rows.get(s, 0) for s in set(splits)) * ROW_BYTES <= IN_MEMORY_AUTO_BYTES
+
+
+def batches_read_ahead(prefetch: int | None, threads: int, cores: int, device: torch.device,
+                       in_memory: bool = False) -> int:
+    """--prefetch, else: 0 (each batch read in the training thread) from memory, and on a CPU
+    rank whose torch threads fill its share of the cores, where a reading thread would take CPU
+    from them in mid-step (benchmarks/train_options_ab.py, batch 128 on 2 cores: steps 12 %
+    slower with a reading thread than reading in line); 4 batches ahead when a core is left
+    over or a GPU computes."""
     if prefetch is not None:
         return prefetch
-    return 4 if device.type != "cpu" or threads < cores else 0
+    return 4 if not in_memory and (device.type != "cpu" or threads < cores) else 0
 
 
 def lock_out_dir(config: TrainConfig, backend: Collectives) -> DirectoryLock | None:
@@ -172,11 +184,13 @@ class _Training:
         self.params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
         self.optimizer = PlainSGD(self.params, lr=config.lr)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.train_reader = SplitReader(config.data, "train")
+        in_memory = config.data_in_memory == "yes"
+        self.train_reader = SplitReader(config.data, "train", in_memory)
         self.batches = TrainBatches(self.train_reader, config.batch_size, backend.rank, backend.size, config.seed,
                                     config.prefetch)
         self.epoch_batches: Prefetcher | None = None  # the epoch's batches, while it trains
-        self.eval_readers = {s: SplitReader(config.data, s) for s in config.eval_splits if meta.rows.get(s, 0) > 0}
+        self.eval_readers = {s: SplitReader(config.data, s, in_memory) for s in config.eval_splits
+                             if meta.rows.get(s, 0) > 0}
         self.total_steps = self.batches.steps_per_epoch * config.epochs
         if config.max_steps is not None:
             self.total_steps = min(self.total_steps, config.max_steps)
@@ -205,6 +219,11 @@ class _Training:
             self.log.message(f"[dqrm-train] {notice}")
         if self.start_step:
             self.log.message(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
+        if config.data_in_memory == "yes":
+            rows = self.train_reader.num_rows + sum(r.num_rows for r in self.eval_readers.values())
+            self.log.message(f"[dqrm-train] the training and evaluated splits are held in memory ({rows} rows, "
+                             f"{rows * ROW_BYTES / 2**20:.0f} MiB on each rank; --data-in-memory no reads them "
+                             f"from the shards)")
         if self.batches.dropped_per_epoch:
             self.log.message(f"[dqrm-train] {self.batches.dropped_per_epoch} of {self.train_reader.num_rows} "
                              f"training rows do not fill a global batch of {config.batch_size} and are left out "

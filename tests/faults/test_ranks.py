@@ -27,7 +27,8 @@ def test_nan_in_one_shard_stops_every_rank_before_the_update(dataset_copy, tmp_p
     shard = dataset_copy / "train" / "part-00001.h5"
     write_rows(shard, "dense", slice(ROW, ROW + 1), float("nan"))
     out = tmp_path / "run"
-    proc = run(on_ranks(2, train_args(dataset_copy, out, "--checkpoint-every", "1")))
+    # read from the shards, as a split too large to hold in memory: the bad row is met in mid-run
+    proc = run(on_ranks(2, train_args(dataset_copy, out, "--checkpoint-every", "1", "--data-in-memory", "no")))
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert str(shard) in proc.stdout + proc.stderr
     saved = torch.load(out / "checkpoint.pt")
@@ -48,10 +49,20 @@ def test_divergence_keeps_the_last_finite_checkpoint_and_names_lr(small_dataset,
 def test_error_on_one_rank_is_stated_by_that_rank_with_its_shard(dataset_copy, tmp_path):
     shard = dataset_copy / "train" / "part-00001.h5"
     write_rows(shard, "sparse", slice(ROW, ROW + 1), 10**6)
-    proc = run(on_ranks(2, train_args(dataset_copy, tmp_path / "run")))
+    proc = run(on_ranks(2, train_args(dataset_copy, tmp_path / "run", "--data-in-memory", "no")))
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert str(shard) in output and "Traceback" not in output, output[-3000:]
+
+
+def test_bad_row_of_a_split_held_in_memory_is_named_before_the_first_step(dataset_copy, tmp_path):
+    shard = dataset_copy / "train" / "part-00001.h5"
+    write_rows(shard, "sparse", slice(ROW, ROW + 1), 10**6)
+    out = tmp_path / "run"
+    proc = run(train_args(dataset_copy, out, "--data-in-memory", "yes"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{shard}: rows [0, " in proc.stderr and f"row {ROW}: C1 = 1000000" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint.pt").exists()  # no step was taken
 
 
 def _heartbeats(out: Path, size: int, proc, deadline: float) -> list[dict]:

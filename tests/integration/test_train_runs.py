@@ -23,9 +23,14 @@ def _train_args(data, out, *extra):
 
 def test_two_ranks_end_with_the_one_rank_parameters(small_dataset, tmp_path):
     run_cmd([TRAIN, *_train_args(small_dataset, tmp_path / "one", "--max-steps", "20")])
+    run_cmd([TRAIN, *_train_args(small_dataset, tmp_path / "disk", "--max-steps", "20", "--data-in-memory", "no")])
     horovodrun(2, [TRAIN, *_train_args(small_dataset, tmp_path / "two", "--max-steps", "20")])
     one = torch.load(tmp_path / "one" / "checkpoint.pt")["model"]
     two = torch.load(tmp_path / "two" / "checkpoint.pt")["model"]
+    # the small splits are held in memory by default; read from the shards, the same run
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["train"]["data_in_memory"] == "yes"
+    disk = torch.load(tmp_path / "disk" / "checkpoint.pt")["model"]
+    assert all(torch.equal(disk[n], one[n]) for n in one)
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from dqrm_mpi.data.reader import Prefetcher, SplitReader, TrainBatches, eval_batches
 from dqrm_mpi.data.schema import SchemaError, list_shards, read_meta, transform_dense, write_meta, write_shard
@@ -85,6 +86,22 @@ def test_eval_shares_cover_every_row_once(small_dataset, world):
     reader = SplitReader(small_dataset, "test")
     labels = np.concatenate([b.label.numpy() for r in range(world) for b in eval_batches(reader, 300, r, world)])
     assert np.array_equal(labels, reader.read(0, reader.num_rows).label.numpy())
+
+
+def test_split_in_memory_reads_what_the_shards_hold(small_dataset):
+    disk, memory = SplitReader(small_dataset, "train"), SplitReader(small_dataset, "train", in_memory=True)
+    assert len(disk.paths) > 1 and memory.rows is not None and disk.rows is None
+    for start, stop in [(0, 10), (4990, 5010), (0, disk.num_rows), (7, 7), (disk.num_rows - 3, disk.num_rows)]:
+        a, b = disk.read(start, stop), memory.read(start, stop)  # (4990, 5010) spans two shards
+        for x, y in zip((a.dense, a.sparse, a.label), (b.dense, b.sparse, b.label)):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+    batch = memory.read(0, 4)
+    batch.dense.add_(1.0)
+    batch.sparse.zero_()  # a batch is a copy: the rows kept do not change
+    assert torch.equal(memory.read(0, 4).dense, disk.read(0, 4).dense)
+    assert torch.equal(memory.read(0, 4).sparse, disk.read(0, 4).sparse)
+    with pytest.raises(IndexError):
+        memory.read(0, memory.num_rows + 1)
 
 
 def test_prefetch_hands_the_producer_error_to_the_consumer():

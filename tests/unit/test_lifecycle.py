@@ -9,7 +9,10 @@ import torch
 
 from dqrm_mpi.comm.backend import default_threads, fair_share, usable_cores
 from dqrm_mpi.comm.inprocess import run_ranks
-from dqrm_mpi.train.loop import batches_read_ahead
+from dqrm_mpi.data.reader import ROW_BYTES
+from dqrm_mpi.data.schema import DatasetMeta
+from dqrm_mpi.train.config import IN_MEMORY_AUTO_BYTES
+from dqrm_mpi.train.loop import batches_read_ahead, splits_in_memory
 from dqrm_mpi.train.preemption import AGREE_EVERY, CheckpointSchedule, StopSignals
 
 
@@ -88,3 +91,14 @@ def test_default_threads_from_the_affinity_unless_omp_num_threads(monkeypatch):
 ])
 def test_batches_read_ahead_by_default_only_with_a_spare_core(prefetch, threads, cores, device, expected):
     assert batches_read_ahead(prefetch, threads, cores, torch.device(device)) == expected
+    if prefetch is None:  # batches copied from memory: nothing to read ahead
+        assert batches_read_ahead(prefetch, threads, cores, torch.device(device), in_memory=True) == 0
+
+
+def test_splits_in_memory_when_small_or_asked():
+    meta = DatasetMeta(cardinalities=[10] * 26, rows={"train": 1000, "val": 100, "test": 100}, ctr=0.25)
+    assert splits_in_memory("auto", meta, ("train", "test", "val"))
+    assert not splits_in_memory("no", meta, ("train", "test"))
+    big = DatasetMeta(cardinalities=[10] * 26, rows={"train": IN_MEMORY_AUTO_BYTES // ROW_BYTES, "test": 1}, ctr=0.25)
+    assert splits_in_memory("auto", big, ("train",)) and not splits_in_memory("auto", big, ("train", "test"))
+    assert splits_in_memory("yes", big, ("train", "test"))
