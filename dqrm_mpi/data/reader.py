@@ -10,8 +10,9 @@ of steps and 1 rank with batch B sees exactly what W ranks see together.  The
 Evaluation: each rank reads a disjoint contiguous share of the split, every row once.
 
 Every batch is checked as it is read (labels 0/1, ids below their table's cardinality,
-finite dense values; vectorised, a few passes over the batch): bad data, an unreadable
-shard or a checksum mismatch raise DataError naming the shard file, rows and column.
+finite dense values; vectorised, a few passes over the batch), or every shard once when a
+split is held in memory: bad data, an unreadable shard or a checksum mismatch raise
+DataError naming the shard file, rows and column.
 """
 from __future__ import annotations
 
