@@ -63,28 +63,29 @@ def _fused_weights(layers: nn.Sequential, relu_last: bool) -> tuple[list[torch.T
     """The (weights, biases) that ``kernels.ops.mlp`` computes ``layers`` with, or None where it
     cannot: ``layers`` must be as ``_mlp`` built it (linear layers with biases, an in-place ReLU after
     each, or each but the last), every linear layer an ``nn.Linear`` or a ``QuantLinear`` whose
-    inputs are not quantized (its weight then the fake-quantized one, ``effective_weight``)."""
+    inputs are not quantized (its weight then the fake-quantized one, ``effective_weight``).  (Weights
+    of another dtype or device than a float32 CPU input fail there as in F.linear.)"""
     from ..quant.qat import QuantLinear  # (quant imports this module)
 
-    modules = list(layers)
+    modules = tuple(layers)
     linears, relus = modules[0::2], modules[1::2]
     if len(relus) != len(linears) - (0 if relu_last else 1) or not all(
             type(r) is nn.ReLU and r.inplace for r in relus):
         return None
-    for layer in linears:
-        if layer.bias is None or not (type(layer) is nn.Linear or (
-                type(layer) is QuantLinear and not (layer._enabled and layer.a_bits))):
-            return None
-    weights = [layer.effective_weight() if type(layer) is QuantLinear else layer.weight for layer in linears]
-    return weights, [layer.bias for layer in linears]
+    biases = [layer.bias for layer in linears]
+    if any(b is None for b in biases) or not all(
+            type(layer) is nn.Linear or (type(layer) is QuantLinear and not (layer._enabled and layer.a_bits))
+            for layer in linears):
+        return None
+    return [layer.effective_weight() if type(layer) is QuantLinear else layer.weight for layer in linears], biases
 
 
 def _mlp_forward(layers: nn.Sequential, relu_last: bool, x: torch.Tensor) -> torch.Tensor:
     """``layers(x)``; with the CPU kernels one autograd node for the whole MLP (the same bits)."""
     if kernels.enabled() and x.is_cpu and x.dtype == torch.float32:
         fused = _fused_weights(layers, relu_last)
-        if fused is not None and all(w.is_cpu and w.dtype == torch.float32 for w in fused[0] + fused[1]):
-            return kernels.ops.mlp(x, fused[0], fused[1], relu_last)
+        if fused is not None:
+            return kernels.ops.mlp(x, *fused, relu_last)
     return layers(x)
 
 
