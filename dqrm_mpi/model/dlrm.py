@@ -63,8 +63,8 @@ def _fused_weights(layers: nn.Sequential, relu_last: bool) -> tuple[list[torch.T
     """The (weights, biases) that ``kernels.ops.mlp`` computes ``layers`` with, or None where it
     cannot: ``layers`` must be as ``_mlp`` built it (linear layers with biases, an in-place ReLU after
     each, or each but the last), every linear layer an ``nn.Linear`` or a ``QuantLinear`` whose
-    inputs are not quantized (its weight then the fake-quantized one, ``effective_weight``).  (Weights
-    of another dtype or device than a float32 CPU input fail there as in F.linear.)"""
+    inputs are not quantized (its weight then the fake-quantized one, ``effective_weight``).  Weights
+    of another dtype or device than the float32 CPU input raise in the op, as F.linear would."""
     from ..quant.qat import QuantLinear  # (quant imports this module)
 
     modules = tuple(layers)
@@ -90,7 +90,8 @@ def _mlp_forward(layers: nn.Sequential, relu_last: bool, x: torch.Tensor) -> tor
 
 
 class BottomMLP(nn.Module):
-    """dense float32 [B, 13] -> [B, d]; ReLU after every layer (as the reference)."""
+    """dense float32 [B, 13] -> [B, d]; ReLU after every layer (as the reference).  With the CPU
+    kernels the layers run as one autograd node (``_mlp_forward``); ``layers`` stays the model."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
@@ -101,7 +102,7 @@ class BottomMLP(nn.Module):
 
 
 class TopMLP(nn.Module):
-    """interaction [B, F] -> logit [B]; ReLU between layers, none after the last."""
+    """interaction [B, F] -> logit [B]; ReLU between layers, none after the last (fused as BottomMLP's)."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()

@@ -229,7 +229,7 @@ class QuantLinear(nn.Linear, _ModeChecked):
         return F.linear(x, self.effective_weight(), self.bias)
 
     def effective_weight(self) -> torch.Tensor:
-        """float32 [out, in], the weight the layer multiplies by: fake-quantized (one autograd node, an
+        """[out, in], the weight the layer multiplies by: fake-quantized (one autograd node, an
         identity STE; the scales written to weight_scale on the way) while weight quantization is on,
         else ``weight`` itself.  The fused MLP kernel (``dqrm_mpi.model.dlrm``) takes it from here."""
         w = self.weight
