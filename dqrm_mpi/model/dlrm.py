@@ -59,26 +59,57 @@ def _mlp(widths: list[int], relu_last: bool, linear: LinearFactory) -> nn.Sequen
     return nn.Sequential(*layers)
 
 
+def _fused_weights(layers: nn.Sequential, relu_last: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The (weights, biases) that ``kernels.ops.mlp`` computes ``layers`` with, or None where it
+    cannot: ``layers`` must be as ``_mlp`` built it (linear layers with biases, an in-place ReLU after
+    each, or each but the last), every linear layer an ``nn.Linear`` or a ``QuantLinear`` whose
+    inputs are not quantized (its weight then the fake-quantized one, ``effective_weight``).  Weights
+    of another dtype or device than the float32 CPU input raise in the op, as F.linear would."""
+    from ..quant.qat import QuantLinear  # (quant imports this module)
+
+    modules = tuple(layers)
+    linears, relus = modules[0::2], modules[1::2]
+    if len(relus) != len(linears) - (0 if relu_last else 1) or not all(
+            type(r) is nn.ReLU and r.inplace for r in relus):
+        return None
+    biases = [layer.bias for layer in linears]
+    if any(b is None for b in biases) or not all(
+            type(layer) is nn.Linear or (type(layer) is QuantLinear and not (layer._enabled and layer.a_bits))
+            for layer in linears):
+        return None
+    return [layer.effective_weight() if type(layer) is QuantLinear else layer.weight for layer in linears], biases
+
+
+def _mlp_forward(layers: nn.Sequential, relu_last: bool, x: torch.Tensor) -> torch.Tensor:
+    """``layers(x)``; with the CPU kernels one autograd node for the whole MLP (the same bits)."""
+    if kernels.enabled() and x.is_cpu and x.dtype == torch.float32:
+        fused = _fused_weights(layers, relu_last)
+        if fused is not None:
+            return kernels.ops.mlp(x, *fused, relu_last)
+    return layers(x)
+
+
 class BottomMLP(nn.Module):
-    """dense float32 [B, 13] -> [B, d]; ReLU after every layer (as the reference)."""
+    """dense float32 [B, 13] -> [B, d]; ReLU after every layer (as the reference).  With the CPU
+    kernels the layers run as one autograd node (``_mlp_forward``); ``layers`` stays the model."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
         self.layers = _mlp([in_features, *widths], relu_last=True, linear=linear)
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
-        return self.layers(dense)
+        return _mlp_forward(self.layers, True, dense)
 
 
 class TopMLP(nn.Module):
-    """interaction [B, F] -> logit [B]; ReLU between layers, none after the last."""
+    """interaction [B, F] -> logit [B]; ReLU between layers, none after the last (fused as BottomMLP's)."""
 
     def __init__(self, in_features: int, widths: tuple[int, ...], linear: LinearFactory = nn.Linear) -> None:
         super().__init__()
         self.layers = _mlp([in_features, *widths], relu_last=False, linear=linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x).squeeze(-1)
+        return _mlp_forward(self.layers, False, x).squeeze(-1)
 
 
 class EmbeddingTables(nn.Module):

@@ -226,12 +226,18 @@ class QuantLinear(nn.Linear, _ModeChecked):
                 if not observed:
                     raise RuntimeError("activation scale never observed: train (or calibrate) before evaluating")
                 x = fake_quant(x, self.act_scale, self.a_bits)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+    def effective_weight(self) -> torch.Tensor:
+        """[out, in], the weight the layer multiplies by: fake-quantized (one autograd node, an
+        identity STE; the scales written to weight_scale on the way) while weight quantization is on,
+        else ``weight`` itself.  The fused MLP kernel (``dqrm_mpi.model.dlrm``) takes it from here."""
         w = self.weight
-        if self.w_bits:  # one autograd node; the scales are written to weight_scale on the way
+        if self._enabled and self.w_bits:
             if self._weight_workspace is None or self._weight_workspace.device != w.device:
                 self._weight_workspace = torch.empty(w.shape, device=w.device)
             w = fake_quant_own_scale(w, self.w_bits, self.is_per_channel, self.weight_scale, self._weight_workspace)
-        return F.linear(x, w, self.bias)
+        return w
 
 
 class QATState:
