@@ -102,7 +102,7 @@ def batches_read_ahead(prefetch: int | None, threads: int, cores: int, device: t
                        in_memory: bool = False) -> int:
     """--prefetch, else: 0 (each batch read in the training thread) from memory, and on a CPU
     rank whose torch threads fill its share of the cores, where a reading thread would take CPU
-    from them in mid-step (benchmarks/train_options_ab.py, batch 128 on 2 cores: steps 12 %
+    from them in mid-step (benchmarks/train_options_ab.py, batch 128 on 2 cores: steps 9 %
     slower with a reading thread than reading in line); 4 batches ahead when a core is left
     over or a GPU computes."""
     if prefetch is not None:
