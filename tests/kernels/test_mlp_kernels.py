@@ -17,9 +17,9 @@ from dqrm_mpi.quant import QuantConfig, prepare_qat
 from dqrm_mpi.quant.qat import QuantLinear
 
 from .bits import same_bits
+from .paths import PATHS, assert_same_states, states_after_training
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="the kernels are not built, or DQRM_KERNELS=0")
-PATHS = (kernels.disabled, contextlib.nullcontext)  # the PyTorch path, then the kernels
 NAN, INF = float("nan"), float("inf")
 KAGGLE_BOTTOM, KAGGLE_TOP = (13, (512, 256, 64, 16)), (367, (512, 256, 1))
 
@@ -246,20 +246,4 @@ def test_training_steps_give_the_same_parameters(quant, threads, set_threads):
     batches = [(torch.rand(64, 13, generator=gen), torch.stack([torch.randint(0, c, (64,), generator=gen)
                                                                    for c in cards], dim=1),
                 (torch.rand(64, generator=gen) < 0.3).float()) for _ in range(5)]
-    states = []
-    for context in PATHS:
-        with context():
-            torch.manual_seed(0)
-            model = DLRM(config)
-            qat = prepare_qat(model, quant) if quant is not None else None
-            opt = torch.optim.SGD(model.parameters(), lr=0.5)
-            for step, (dense, sparse, label) in enumerate(batches):
-                if qat is not None:
-                    qat.on_step(step)
-                opt.zero_grad()
-                F.binary_cross_entropy_with_logits(model(dense, sparse), label).backward()
-                opt.step()
-            states.append(model.state_dict())
-    assert states[0].keys() == states[1].keys()
-    for key in states[0]:
-        assert torch.equal(states[0][key], states[1][key]), key
+    assert_same_states(states_after_training(config, quant, batches, steps=len(batches)))

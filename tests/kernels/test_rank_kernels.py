@@ -1,22 +1,20 @@
 """The rank's fused CPU kernels (dqrm_mpi/csrc/embedding.cpp) give the PyTorch path's bits:
 the interaction's pair gather and backward, the sparse SGD row update, the finite check, and
 the parameters after training steps."""
-import contextlib
-
 import pytest
 import torch
 
 from dqrm_mpi import kernels
-from dqrm_mpi.model import DLRM, model_config_from_preset
+from dqrm_mpi.model import model_config_from_preset
 from dqrm_mpi.model.dlrm import PairwiseDotInteraction
-from dqrm_mpi.quant import QuantConfig, prepare_qat
+from dqrm_mpi.quant import QuantConfig
 from dqrm_mpi.train.agreement import local_flags
 from dqrm_mpi.train.sgd import PlainSGD
 
 from .bits import same_bits
+from .paths import PATHS, assert_same_states, states_after_training
 
 pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="the kernels are not built, or DQRM_KERNELS=0")
-PATHS = (kernels.disabled, contextlib.nullcontext)  # the PyTorch path, then the kernels
 
 SPECIAL = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1e-38, 3e38, -3e38, 0.5, -2.5, 1.0])
 
@@ -184,23 +182,9 @@ def test_training_steps_give_the_same_parameters(qat):
     batches = [(torch.rand(16, 13, generator=gen),
                 torch.stack([torch.randint(0, c, (16,), generator=gen) for c in cards], dim=1),
                 (torch.rand(16, generator=gen) < 0.3).float()) for _ in range(4)]
-    states = []
-    for context in PATHS:
-        with context():
-            torch.manual_seed(0)
-            model = DLRM(config)
-            state = prepare_qat(model, QuantConfig(emb_bits=4, mlp_bits=4, scale_period=3)) if qat else None
-            opt = PlainSGD(model.parameters(), lr=0.5)
-            for step in range(6):
-                dense, sparse, label = batches[step % len(batches)]
-                if state is not None:
-                    state.on_step(step)
-                opt.zero_grad()
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(model(dense, sparse), label)
-                loss.backward()
-                assert local_flags(loss, model.parameters(), dense).tolist() == [0.0, 0.0, 0.0]
-                opt.step()
-            states.append(model.state_dict())
-    assert states[0].keys() == states[1].keys()
-    for key in states[0]:
-        assert torch.equal(states[0][key], states[1][key]), key
+    quant = QuantConfig(emb_bits=4, mlp_bits=4, scale_period=3) if qat else None
+
+    def finite(loss, model, dense):
+        assert local_flags(loss, model.parameters(), dense).tolist() == [0.0, 0.0, 0.0]
+    assert_same_states(states_after_training(config, quant, batches, steps=6, optimizer=PlainSGD,
+                                             after_backward=finite))
