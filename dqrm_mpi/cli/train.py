@@ -63,10 +63,9 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--prefetch", type=click.IntRange(min=0), default=None,
               help="Training batches a background thread reads ahead; 0: each batch is read in the training "
                    "thread [default: 0 for splits in memory, and on a CPU rank whose torch threads use its whole "
-                   "share of the cores (a "
-                   "reading thread would take CPU from them in mid-step: 9 % slower steps at batch 128 on 2 "
-                   "cores), else 4 (--threads below that share, or a GPU rank)].  Raise it when the data sits "
-                   "on slow storage and a core is free.")
+                   "share of the cores (a reading thread would take CPU from them in mid-step: 9 % slower "
+                   "steps at batch 128 on 2 cores), else 4 (--threads below that share, or a GPU rank)].  "
+                   "Raise it when the data sits on slow storage and a core is free.")
 @qat_options
 @compression_options
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=600.0,
