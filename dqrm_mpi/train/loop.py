@@ -181,8 +181,7 @@ class _Training:
         self.model_config, self.model, self.qat = model_config, model, qat
         self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
-        self.params = [p for p in model.parameters() if p.requires_grad]  # walked once, not every step
-        self.optimizer = PlainSGD(self.params, lr=config.lr)
+        self.optimizer = PlainSGD(model.parameters(), lr=config.lr)  # its params: walked once, not every step
         self.loss_fn = nn.BCEWithLogitsLoss()
         in_memory = config.data_in_memory == "yes"
         self.train_reader = SplitReader(config.data, "train", in_memory)
@@ -273,7 +272,7 @@ class _Training:
             raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
                               f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e
         self.timer.lap("forward_backward")
-        agree_finite(self.backend, loss, self.params, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
+        agree_finite(self.backend, loss, self.optimizer.params, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
         self.sync.synchronize(self.step)  # the global step: a top-k warm-up continues after --resume
         self.timer.lap("exchange")
         self.optimizer.step()
