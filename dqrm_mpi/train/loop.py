@@ -272,7 +272,8 @@ class _Training:
             raise RankFailure(f"rank {self.backend.rank}: step {self.step + 1} failed on its batch "
                               f"({self._batch_rows(0, len(batch.label) - 1)}): {type(e).__name__}: {e}") from e
         self.timer.lap("forward_backward")
-        agree_finite(self.backend, loss, self.optimizer.params, batch.dense, self._batch_rows, self.step + 1, self.config.lr)
+        agree_finite(self.backend, loss, self.optimizer.params, batch.dense, self._batch_rows, self.step + 1,
+                     self.config.lr)
         self.sync.synchronize(self.step)  # the global step: a top-k warm-up continues after --resume
         self.timer.lap("exchange")
         self.optimizer.step()
