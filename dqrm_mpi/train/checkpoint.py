@@ -2,18 +2,21 @@
 cycle: fresh, overwritten or resumed."""
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..model import DLRM, ModelConfig
 from ..quant import QATState, QuantConfig, prepare_qat
 from .config import TrainConfig
-from .run_dir import CHECKPOINT, json_safe
+from .checkpoint_file import CheckpointError, read_checkpoint
+from .run_dir import CHECKPOINT, DAMAGED_CHECKPOINT, METRICS, PREV_CHECKPOINT, json_safe
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CHECKPOINT, DAMAGED_CHECKPOINT)
 # Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
 # max_steps, evaluation and compression settings, may change on resume).
 RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")
@@ -27,13 +30,10 @@ def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: Tra
 
 
 def load_checkpoint(path: str | Path) -> tuple[DLRM, QuantConfig, QATState | None]:
-    """A ``dqrm-train`` checkpoint as (model in eval mode, its QuantConfig, its QATState or None)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a file that is not a checkpoint
-        raise ValueError(f"{path}: not a dqrm-train checkpoint or packed model ({e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path}: not a dqrm-train checkpoint (no model / model_config)")
+    """A ``dqrm-train`` checkpoint as (model in eval mode, its QuantConfig, its QATState or None),
+    verified (``checkpoint_file.read_checkpoint``: CheckpointError, a ValueError, naming the
+    file and what is wrong)."""
+    ckpt = read_checkpoint(path)
     config = ModelConfig(**ckpt["model_config"])
     quant = QuantConfig.from_dict((ckpt.get("train_config") or {}).get("quant"))
     model = DLRM(config)
@@ -48,25 +48,25 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
 
     Returns the checkpoint to resume from, or None for a fresh run.  Raises ValueError
     when a previous run would be mixed with this one or cannot be resumed.  ``--resume
-    auto`` resumes when ``checkpoint.pt`` exists and otherwise starts afresh, replacing
-    what a run stopped before its first checkpoint left (config.json, metrics.jsonl).
+    auto`` resumes when ``checkpoint.pt`` (or ``checkpoint-prev.pt``) exists and otherwise
+    starts afresh, replacing what a run stopped before its first checkpoint left
+    (config.json, metrics.jsonl); a damaged or missing ``checkpoint.pt`` makes it resume
+    from ``checkpoint-prev.pt`` (``resume_state``).
     """
     out = Path(config.out)
     previous = [name for name in RUN_FILES if (out / name).exists()]
     path = out / CHECKPOINT
-    if config.overwrite or (config.resume == "auto" and not path.exists()):
+    checkpointed = path.exists() or (out / PREV_CHECKPOINT).exists()
+    if config.overwrite or (config.resume == "auto" and not checkpointed):
         for name in previous:
             (out / name).unlink()
         return None
     if config.resume != "no":
-        if not path.exists():
+        if not checkpointed:
             raise ValueError(f"--resume: {path} does not exist (nothing to resume; --resume auto starts afresh "
                              "then)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            saved = state["train_config"]
-        except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, unpicklable
-            raise ValueError(f"--resume: cannot read {path} ({type(e).__name__}: {e})") from None
+        state = resume_state(out, fall_back=config.resume == "auto")
+        saved = state["train_config"]
         now = json_safe(config.to_dict())
         changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
         if changed:
@@ -77,3 +77,52 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
         raise ValueError(f"--out {out} already holds a run ({', '.join(previous)}): pass --resume to continue "
                          f"it from its checkpoint or --overwrite to start afresh")
     return None
+
+
+def resume_state(out: Path, fall_back: bool) -> dict[str, Any]:
+    """The verified checkpoint to resume ``out``'s run from: ``checkpoint.pt``; when that is
+    damaged or missing and ``fall_back`` (--resume auto), ``checkpoint-prev.pt``, saying
+    which step is lost, and moving the unusable file to ``checkpoint-damaged.pt`` (so it is
+    not kept as the previous checkpoint at the next save).  ValueError otherwise."""
+    path, prev = out / CHECKPOINT, out / PREV_CHECKPOINT
+    try:
+        return read_checkpoint(path)
+    except (CheckpointError, OSError) as e:
+        problem = str(e) if isinstance(e, CheckpointError) else f"{path}: cannot be read ({e.strerror or e})"
+        if isinstance(e, FileNotFoundError):
+            problem = f"{path} is missing (the run was stopped while replacing it)"
+    if not fall_back or not prev.exists():
+        hint = f"; --resume auto resumes from the previous checkpoint, {prev}" if prev.exists() else ""
+        raise ValueError(f"--resume: {problem}{hint}")
+    try:
+        state = read_checkpoint(prev)
+    except (CheckpointError, OSError) as e:
+        raise ValueError(f"--resume auto: {problem}; the previous checkpoint cannot be used either: {e}") from None
+    lost = last_checkpoint_step(out / METRICS)
+    if lost is not None and lost > state["step"]:
+        what = f"the checkpoint of step {lost} is lost: steps {state['step'] + 1}..{lost} are trained again"
+    else:
+        what = "no later step is lost"
+    if path.exists():
+        os.replace(path, out / DAMAGED_CHECKPOINT)
+        what += f"; the unusable file is kept as {out / DAMAGED_CHECKPOINT}"
+    print(f"[dqrm-train] --resume auto: {problem}; resuming from {prev} at step {state['step']} instead ({what})",
+          file=sys.stderr, flush=True)
+    return state
+
+
+def last_checkpoint_step(metrics: Path) -> int | None:
+    """The step of the last ``checkpoint`` line in ``metrics.jsonl`` (None without one)."""
+    step = None
+    try:
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut off by a crash
+                if isinstance(record, dict) and record.get("event") == "checkpoint":
+                    step = record.get("step")
+    except OSError:
+        return None
+    return step

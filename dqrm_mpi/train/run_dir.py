@@ -1,4 +1,5 @@
-"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt.
+"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt (and
+checkpoint-prev.pt, the one before).
 
 Every file is written whole or not at all (JSON and checkpoint through a temporary name,
 metrics one whole line at a time), readable like any file the user creates, and a full
@@ -13,9 +14,13 @@ from typing import Any
 
 import torch
 
-from ..files import append_line, write_atomic, write_atomic_bytes
+from ..files import append_line, write_atomic_bytes
+from .checkpoint_file import write_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint-prev.pt"  # the checkpoint before checkpoint.pt
+# where --resume auto puts a checkpoint.pt it could not use (out of the rotation, for a look)
+DAMAGED_CHECKPOINT = "checkpoint-damaged.pt"
 METRICS = "metrics.jsonl"
 
 
@@ -58,16 +63,15 @@ class RunDir:
         append_line(self._metrics, self._metrics_path, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode())
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        """Write ``checkpoint.pt`` in place of the previous one, refusing non-finite weights
-        (FloatingPointError naming the tensor: the previous checkpoint stays)."""
+        """Write ``checkpoint.pt`` (with digests, verified by reading it back) and keep the one
+        it replaces as ``checkpoint-prev.pt`` (renamed, once the new file is complete).
+        Non-finite weights are refused (FloatingPointError naming the tensor: the previous
+        checkpoint stays)."""
         for name, value in state["model"].items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise FloatingPointError(f"step {state['step']}: {name} holds NaN/inf values; the checkpoint "
                                          f"{self.path / CHECKPOINT} was not overwritten (lower --lr)")
-        final = self.path / CHECKPOINT
-        needed = sum(v.numel() * v.element_size() for v in state["model"].values()) + 1_000_000
-        write_atomic(final, lambda f: torch.save(state, f), needed)
-        return final
+        return write_checkpoint(self.path / CHECKPOINT, state, previous=self.path / PREV_CHECKPOINT)
 
     def close(self) -> None:
         if self._metrics is not None:
