@@ -20,6 +20,7 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CH
 # Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
 # max_steps, evaluation and compression settings, may change on resume).
 RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")
+NOT_SETTINGS = ("resume", "overwrite")  # how this run treats --out, not how it trains
 
 
 def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: TrainConfig, step: int,
@@ -72,6 +73,12 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
         if changed:
             details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
             raise ValueError(f"--resume: {path} was trained with other settings ({details})")
+        allowed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_KEYS and k not in NOT_SETTINGS
+                   and saved.get(k) != now.get(k)]
+        if allowed:
+            print("[dqrm-train] --resume: settings changed since the checkpoint (allowed; config.json holds the "
+                  "new ones): " + ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in allowed),
+                  file=sys.stderr, flush=True)
         return state
     if previous:
         raise ValueError(f"--out {out} already holds a run ({', '.join(previous)}): pass --resume to continue "
