@@ -20,6 +20,16 @@ from typing import Callable
 from .plan import Plan, Step, cluster_reason
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the suite in the middle of step ``key``: nothing of that step
+    counts (it has no record; a re-run redoes it)."""
+
+    def __init__(self, key: str, log: str) -> None:
+        super().__init__(f"interrupted during step {key} (its log: {log}); nothing of it is used: run the same "
+                         "command again to continue (finished steps are skipped, this one is redone)")
+        self.key = key
+
+
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -68,7 +78,10 @@ def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] 
             continue
         echo(f"{head}: {step.shell()}")
         start = time.perf_counter()
-        rc, error = _run(out, step)
+        try:
+            rc, error = _run(out, step)
+        except KeyboardInterrupt:
+            raise Interrupted(step.key, step.log) from None
         seconds = time.perf_counter() - start
         if rc == 0:
             failure_path(out, step).unlink(missing_ok=True)
@@ -95,8 +108,13 @@ def _run(out: Path, step: Step) -> tuple[int, str]:
         err.write(f"$ {step.shell()}\n")
         err.flush()
         with open(stdout_tmp, "w") if stdout_tmp else open(os.devnull, "w") as stdout:
-            proc = subprocess.run(step.argv, cwd=out, stdin=subprocess.DEVNULL, env=_env(step),
-                                  stdout=stdout if stdout_tmp else err, stderr=err)
+            try:
+                proc = subprocess.run(step.argv, cwd=out, stdin=subprocess.DEVNULL, env=_env(step),
+                                      stdout=stdout if stdout_tmp else err, stderr=err)
+            except KeyboardInterrupt:  # the step ended with the signal too: what it printed is not kept
+                if stdout_tmp:
+                    stdout_tmp.unlink(missing_ok=True)
+                raise
     if proc.returncode == 0:
         if stdout_tmp:
             os.replace(stdout_tmp, out / step.stdout)
