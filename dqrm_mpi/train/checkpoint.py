@@ -55,6 +55,8 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
     from ``checkpoint-prev.pt`` (``resume_state``).
     """
     out = Path(config.out)
+    for tmp in out.glob(f".{CHECKPOINT}.*.tmp"):  # a write cut off by a kill (the lock is ours: no writer now)
+        tmp.unlink(missing_ok=True)
     previous = [name for name in RUN_FILES if (out / name).exists()]
     path = out / CHECKPOINT
     checkpointed = path.exists() or (out / PREV_CHECKPOINT).exists()

@@ -207,7 +207,9 @@ def test_sigkill_while_checkpointing_every_step_always_leaves_a_checkpoint_to_re
                 print(f"try {attempt}: {e}")
         assert usable, f"try {attempt}: neither checkpoint verifies"
         steps.append(max(usable))
-    assert steps == sorted(steps) and steps[-1] > steps[0], steps  # every try went on from the last
+        if attempt:  # a resumed run removes what the write the last kill cut off left
+            assert len(list(out.glob(".checkpoint.pt.*.tmp"))) <= 1
+    assert steps == sorted(set(steps)), steps  # every try went on from the last
 
 
 def _has_checkpoint(out: Path, after: int) -> bool:
