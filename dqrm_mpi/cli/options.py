@@ -70,7 +70,8 @@ def in_flags(message: str) -> str:
     """A library error in the words of the command line: each parameter name of the current
     command (``pretrain_epochs``) becomes its option (``--pretrain-epochs``)."""
     params = click.get_current_context().command.params
-    flags = {p.name: max(p.opts, key=len) for p in params if isinstance(p, click.Option) and p.expose_value}
+    flags = {p.name: next((o for o in p.opts if o.startswith("--")), max(p.opts, key=len))
+             for p in params if isinstance(p, click.Option) and p.expose_value}
     if not flags:
         return message
     pattern = re.compile(r"(?<![\w-])(" + "|".join(map(re.escape, sorted(flags, key=len, reverse=True))) + r")(?![\w-])")

@@ -8,6 +8,7 @@ from ..model.config import NUM_DENSE, PRESETS
 from ..train.config import DEVICES, FLOAT32_MAX, IN_MEMORY_AUTO_BYTES, IN_MEMORY_MODES, RESUME_MODES, TrainConfig
 from .compression_options import compression_options, pop_compression_config
 from .log_options import log_options, pop_log_config
+from .optim_options import optim_options, pop_optim_config
 from .options import LayerWidths, in_flags, version_option
 from .quant_options import pop_quant_config, qat_options
 
@@ -30,7 +31,8 @@ from .quant_options import pop_quant_config, qat_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=128,
               help="GLOBAL batch, split evenly across ranks (must be divisible by the number of ranks).")
 @click.option("--lr", type=click.FloatRange(min=0, max=FLOAT32_MAX, min_open=True), default=0.1,
-              help="Plain SGD learning rate (a float32: > 0 and at most 3.4e38).")
+              help="Learning rate of both optimizers (a float32: > 0 and at most 3.4e38); --emb-lr / --mlp-lr "
+                   "set their own, --lr-scaling, --lr-warmup-steps and --lr-decay-steps shape it.")
 @click.option("--eval-every", type=click.IntRange(min=0), default=0,
               help="Evaluate on test and val every N steps (0: only at the end of each epoch).")
 @click.option("--eval-batch-size", type=click.IntRange(min=1), default=16384, help="Rows per evaluation batch per rank.")
@@ -66,6 +68,7 @@ from .quant_options import pop_quant_config, qat_options
                    "share of the cores (a reading thread would take CPU from them in mid-step: 9 % slower "
                    "steps at batch 128 on 2 cores), else 4 (--threads below that share, or a GPU rank)].  "
                    "Raise it when the data sits on slow storage and a core is free.")
+@optim_options
 @qat_options
 @compression_options
 @click.option("--stall-timeout", type=click.FloatRange(min=0), default=600.0,
@@ -95,7 +98,8 @@ def main(**options) -> None:
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     try:
-        config = TrainConfig(**options, quant=quant, compression=compression, log=log)
+        optim = pop_optim_config(options)
+        config = TrainConfig(**options, quant=quant, compression=compression, log=log, optim=optim)
     except ValueError as e:
         raise click.UsageError(in_flags(str(e))) from None
     # imports Horovod: after the options are known to be good

@@ -1,9 +1,9 @@
 // One rank's FP32 step outside the matmuls: the pairwise interaction's pair gather and its
-// backward, the sparse SGD row update of the flat embedding table and the finite check.  Each
-// op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
-// dqrm_mpi/train/sgd.py, dqrm_mpi/train/agreement.py) bit for bit.  The interaction's ops (each
-// sample on its own) and the finite check (an any) split over torch's intra-op threads; the
-// sparse SGD stays on one thread (a row's repeated updates in the gradient's order).
+// backward, the sparse SGD and Adagrad row updates of the flat embedding table and the finite
+// check.  Each op gives the numbers of the PyTorch path it replaces (dqrm_mpi/model/dlrm.py,
+// dqrm_mpi/train/sgd.py, dqrm_mpi/train/optimizers.py, dqrm_mpi/train/agreement.py) bit for
+// bit.  The interaction's ops (each sample on its own) and the finite check (an any) split over torch's intra-op threads; the
+// sparse updates stay on one thread (a row's repeated updates in the gradient's order).
 #include "common.h"
 
 #include <torch/library.h>
@@ -176,6 +176,73 @@ void emb_sgd_sparse_(at::Tensor& weight, const at::Tensor& indices, const at::Te
   axpy_rows(weight.data_ptr<float>(), dim, id, v.data_ptr<float>(), nnz, static_cast<float>(alpha));
 }
 
+DQRM_CLONES void adagrad_rows(float* weight, float* state, bool rowwise, int64_t dim, const int64_t* ids,
+                              const float* values, int64_t n, float lr, float eps) {
+  // the arithmetic of adagrad_rows_ (dqrm_mpi/train/optimizers.py) row after row, in float
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kAhead < n) {
+      __builtin_prefetch(weight + ids[k + kAhead] * dim, 1);
+      __builtin_prefetch(state + ids[k + kAhead] * (rowwise ? 1 : dim), 1);
+    }
+    float* row = weight + ids[k] * dim;
+    const float* v = values + k * dim;
+    if (rowwise) {
+      float squares = v[0] * v[0];
+      for (int64_t j = 1; j < dim; ++j) {
+        squares = squares + v[j] * v[j];
+      }
+      float& acc = state[ids[k]];
+      acc = acc + squares / static_cast<float>(dim);
+      const float mult = lr / (std::sqrt(acc) + eps);
+      for (int64_t j = 0; j < dim; ++j) {
+        row[j] = row[j] - mult * v[j];
+      }
+    } else {
+      float* acc = state + ids[k] * dim;
+      for (int64_t j = 0; j < dim; ++j) {
+        acc[j] = acc[j] + v[j] * v[j];
+        row[j] = row[j] - (v[j] / (std::sqrt(acc[j]) + eps)) * lr;
+      }
+    }
+  }
+}
+
+// weight float32 [rows, d] and state float32 [rows] (row-wise: one accumulator per row) or
+// [rows, d] (element-wise), both contiguous and updated in place; ids int64 [n], strictly
+// increasing (a coalesced gradient's rows); values float32 [n, d], the summed gradient of each.
+// Adagrad on those rows only: see adagrad_rows_ in dqrm_mpi/train/optimizers.py (same bits).
+void emb_adagrad_sparse_(at::Tensor& weight, at::Tensor& state, const at::Tensor& ids, const at::Tensor& values,
+                         double lr, double eps) {
+  check_cpu_float(weight, "emb_adagrad_sparse_ weight");
+  check_cpu_float(state, "emb_adagrad_sparse_ state");
+  check_cpu_float(values, "emb_adagrad_sparse_ values");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "emb_adagrad_sparse_: weight must be contiguous [rows, d]");
+  const int64_t rows = weight.size(0), dim = weight.size(1);
+  const bool rowwise = state.dim() == 1;
+  TORCH_CHECK(state.is_contiguous() && state.size(0) == rows && (rowwise || (state.dim() == 2 && state.size(1) == dim)),
+              "emb_adagrad_sparse_: state must be contiguous [", rows, "] or [", rows, ", ", dim, "], got ",
+              state.sizes());
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 1, "emb_adagrad_sparse_: ids must be int64 [n], got ",
+              ids.sizes());
+  const int64_t n = ids.size(0);
+  TORCH_CHECK(values.dim() == 2 && values.size(0) == n && values.size(1) == dim,
+              "emb_adagrad_sparse_: values must be [", n, ", ", dim, "], got ", values.sizes());
+  const auto id_c = ids.contiguous();
+  const auto v = values.contiguous();
+  const int64_t* id = id_c.data_ptr<int64_t>();
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK_INDEX(id[k] >= 0 && id[k] < rows, "emb_adagrad_sparse_: row ", id[k], " out of range for ", rows,
+                      " rows");
+    TORCH_CHECK(k == 0 || id[k] > id[k - 1], "emb_adagrad_sparse_: ids must be strictly increasing (a coalesced "
+                "gradient), got ", id[k - 1], " then ", id[k]);
+  }
+  if (dim == 0) {
+    return;
+  }
+  adagrad_rows(weight.data_ptr<float>(), state.data_ptr<float>(), rowwise, dim, id, v.data_ptr<float>(), n,
+               static_cast<float>(lr), static_cast<float>(eps));
+}
+
 DQRM_CLONES bool any_nonfinite(const float* x, int64_t n) {
   // a float is NaN/inf exactly when its exponent bits are all ones: an integer max, no overflow
   uint32_t top = 0;
@@ -217,6 +284,7 @@ TORCH_LIBRARY_FRAGMENT(dqrm, m) {
   m.def("emb_pairs_backward(Tensor grad, Tensor pairs, Tensor(a!) out) -> ()");
   m.def("emb_interaction_grads(Tensor grad, Tensor g1, Tensor g2) -> (Tensor, Tensor)");
   m.def("emb_sgd_sparse_(Tensor(a!) weight, Tensor indices, Tensor values, float alpha) -> ()");
+  m.def("emb_adagrad_sparse_(Tensor(a!) weight, Tensor(b!) state, Tensor ids, Tensor values, float lr, float eps) -> ()");
   m.def("emb_nonfinite(Tensor[] tensors) -> Tensor");
 }
 
@@ -225,5 +293,6 @@ TORCH_LIBRARY_IMPL(dqrm, CPU, m) {
   m.impl("emb_pairs_backward", emb_pairs_backward);
   m.impl("emb_interaction_grads", emb_interaction_grads);
   m.impl("emb_sgd_sparse_", emb_sgd_sparse_);
+  m.impl("emb_adagrad_sparse_", emb_adagrad_sparse_);
   m.impl("emb_nonfinite", emb_nonfinite);
 }

@@ -14,6 +14,7 @@ from ..model import DLRM, ModelConfig
 from ..quant import QATState, QuantConfig, prepare_qat
 from .config import TrainConfig
 from .checkpoint_file import CheckpointError, read_checkpoint
+from .optimizers import OptimConfig
 from .run_dir import CHECKPOINT, DAMAGED_CHECKPOINT, METRICS, PREV_CHECKPOINT, json_safe
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CHECKPOINT, DAMAGED_CHECKPOINT)
@@ -21,13 +22,16 @@ RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CH
 # max_steps, evaluation and compression settings, may change on resume).
 RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")
 NOT_SETTINGS = ("resume", "overwrite")  # how this run treats --out, not how it trains
+# and the optimizers (their state belongs to them; rates and schedule may change)
+OPTIMIZER_KEYS = ("emb_optimizer", "mlp_optimizer")
 
 
 def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: TrainConfig, step: int,
-                     epoch: int) -> dict[str, Any]:
-    """What ``checkpoint.pt`` holds: weights and QAT buffers, configurations, global step."""
+                     epoch: int, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds: weights and QAT buffers, configurations, global step and
+    the optimizers' state (``TrainingOptimizer.state_dict``: empty for plain SGD)."""
     return {"model": model.state_dict(), "model_config": model_config, "train_config": json_safe(config.to_dict()),
-            "step": step, "epoch": epoch}
+            "step": step, "epoch": epoch, "optimizer": optimizer or {}}
 
 
 def load_checkpoint(path: str | Path) -> tuple[DLRM, QuantConfig, QATState | None]:
@@ -72,8 +76,10 @@ def prepare_out_dir(config: TrainConfig) -> dict[str, Any] | None:
         saved = state["train_config"]
         now = json_safe(config.to_dict())
         changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+        before = OptimConfig.from_dict(saved.get("optim"))  # a checkpoint from before the option: SGD
+        changed += [f"optim.{k}" for k in OPTIMIZER_KEYS if getattr(before, k) != getattr(config.optim, k)]
         if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            details = ", ".join(f"{k}: {_setting(saved, k)!r} -> {_setting(now, k)!r}" for k in changed)
             raise ValueError(f"--resume: {path} was trained with other settings ({details})")
         allowed = [k for k in sorted(set(saved) | set(now)) if k not in RESUME_KEYS and k not in NOT_SETTINGS
                    and saved.get(k) != now.get(k)]
@@ -135,3 +141,11 @@ def last_checkpoint_step(metrics: Path) -> int | None:
     except OSError:
         return None
     return step
+
+
+def _setting(train_config: dict[str, Any], key: str) -> Any:
+    """A training setting by its RESUME_KEYS / ``optim.``-prefixed name (the optimizers: sgd
+    for a checkpoint from before they could be chosen)."""
+    if key.startswith("optim."):
+        return OptimConfig.from_dict(train_config.get("optim")).to_dict()[key.split(".", 1)[1]]
+    return train_config.get(key)

@@ -10,6 +10,7 @@ from ..model.config import PRESETS, model_config_from_preset
 from ..quant.config import QuantConfig
 from ..compression.config import CompressionConfig
 from .log_config import LogConfig
+from .optimizers import OptimConfig
 
 FLOAT32_MAX = 3.4028234663852886e38  # the parameters are float32: a larger step size cannot be applied
 
@@ -37,6 +38,9 @@ class TrainConfig:
     last checkpoint is always written); resume is one of RESUME_MODES (True/False read as
     yes/no).
     keep_epoch_checkpoints also keeps the model of every epoch's end (``epoch_checkpoint.py``).
+    lr is the base learning rate of both optimizers unless ``optim`` sets their own; ``optim``
+    picks the tables' and MLPs' optimizers, the batch scaling and the schedule (default: plain
+    SGD at a constant ``lr``).
     """
 
     data: Path
@@ -63,6 +67,7 @@ class TrainConfig:
     overwrite: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)  # default: FP32, nothing quantized
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
+    optim: OptimConfig = field(default_factory=OptimConfig)  # default: plain SGD, constant lr
     keep_epoch_checkpoints: bool = False
     log: LogConfig = field(default_factory=LogConfig)  # progress, metrics.jsonl windows, TensorBoard
     stall_timeout: float = 600.0  # seconds one collective may wait before the job is ended; 0: never
@@ -95,6 +100,7 @@ class TrainConfig:
             (isinstance(self.compression, CompressionConfig),
              f"compression must be a CompressionConfig, got {type(self.compression).__name__}"),
             (isinstance(self.log, LogConfig), f"log must be a LogConfig, got {type(self.log).__name__}"),
+            (isinstance(self.optim, OptimConfig), f"optim must be an OptimConfig, got {type(self.optim).__name__}"),
             (getattr(self.quant, "pretrain_epochs", 0) < self.epochs,
              f"pretrain_epochs ({self.quant.pretrain_epochs}) must be below epochs ({self.epochs}): "
              "quantization-aware training starts after the FP32 pretraining"),

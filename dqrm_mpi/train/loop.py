@@ -30,7 +30,7 @@ from .launcher_watch import LauncherWatch
 from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .report import format_summary
 from .run_dir import RunDir
-from .sgd import PlainSGD
+from .optimizers import OptimConfig, TrainingOptimizer
 from .step_timer import StepTimer
 from .training_log import TrainingLog
 from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
@@ -71,8 +71,10 @@ def train(config: TrainConfig, backend: Collectives | None = None) -> dict[str, 
                 watchdog = StallWatchdog(backend.rank, backend.size, config.stall_timeout,
                                          config.out / HEARTBEAT_DIR).start()
                 backend = WatchedCollectives(backend, watchdog)
-            start_step = start_or_resume(config, model, backend)
+            start_step, optimizer_state = start_or_resume(config, model, backend)
             run = _Training(config, backend, device, meta, model_config, model, qat, start_step, signals, watchdog)
+            if optimizer_state:
+                run.optimizer.load_state_dict(optimizer_state)
             try:
                 last_epoch = run.train_epochs()
                 return run.finish(last_epoch)
@@ -140,10 +142,11 @@ def build_model(config: TrainConfig, meta: DatasetMeta, device: torch.device
     return model_config, model, qat
 
 
-def start_or_resume(config: TrainConfig, model: nn.Module, backend: Collectives) -> int:
+def start_or_resume(config: TrainConfig, model: nn.Module, backend: Collectives) -> tuple[int, dict[str, Any]]:
     """Rank 0 checks ``--out`` (fresh, --overwrite or --resume) and loads the checkpoint to
     resume from; every rank learns the outcome (an error is raised on every rank) and gets
-    rank 0's model (its initialisation or checkpoint).  Returns the step to start from."""
+    rank 0's model (its initialisation or checkpoint) and optimizer state.  Returns the step
+    to start from and the optimizer state to load (empty for a fresh run or plain SGD)."""
     error, resume = None, None
     if backend.rank == 0:
         try:
@@ -156,7 +159,10 @@ def start_or_resume(config: TrainConfig, model: nn.Module, backend: Collectives)
     if error:
         raise ValueError(error)
     backend.broadcast_module(model)
-    return start_step
+    optimizer_state = (resume or {}).get("optimizer") or {}
+    if start_step and backend.size > 1 and config.optim.stateful:
+        optimizer_state = backend.broadcast_object(optimizer_state, name="resume.optimizer")
+    return start_step, optimizer_state
 
 
 def average_activation_scales(qat: QATState | None, backend: Collectives) -> None:
@@ -181,7 +187,6 @@ class _Training:
         self.model_config, self.model, self.qat = model_config, model, qat
         self.watchdog = watchdog
         self.sync = GradientSynchronizer(backend, model, model.embedding_parameter_names(), config.compression)
-        self.optimizer = PlainSGD(model.parameters(), lr=config.lr)  # its params: walked once, not every step
         self.loss_fn = nn.BCEWithLogitsLoss()
         in_memory = config.data_in_memory == "yes"
         self.train_reader = SplitReader(config.data, "train", in_memory)
@@ -197,13 +202,18 @@ class _Training:
             raise ValueError(f"--resume: the checkpoint is at step {start_step}, the run asks for "
                              f"{self.total_steps} steps in all: raise --epochs or --max-steps")
         self.start_step = self.step = start_step
+        # its params: walked once, not every step; its rates follow the global step over the run's
+        # epochs (--max-steps stops a run early, as a resumed run may then continue it)
+        self.optimizer = TrainingOptimizer(model, model.embedding_parameter_names(), config.optim, config.lr,
+                                           config.batch_size, self.batches.steps_per_epoch * config.epochs)
         self.saved_step: int | None = None  # step of the last checkpoint written
         self.schedule = CheckpointSchedule(backend, signals, config.checkpoint_every, config.checkpoint_minutes * 60)
         self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         self.timer = StepTimer(device)  # where each step's time goes
+        # metrics.jsonl, progress, TensorBoard, summary fields
         self.log = TrainingLog(backend, self.run, config.log, self.timer, batch_size=config.batch_size,
                                steps_per_epoch=self.batches.steps_per_epoch, total_steps=self.total_steps,
-                               start_step=start_step)  # metrics.jsonl, progress, TensorBoard, summary fields
+                               start_step=start_step, learning_rates=self.optimizer.learning_rates)
         if self.run:
             self._write_config()
 
@@ -213,9 +223,15 @@ class _Training:
                                             "world_size": self.backend.size, "dataset": self.meta.to_dict(),
                                             "device": str(self.device), "threads": torch.get_num_threads(),
                                             "steps_per_epoch": self.batches.steps_per_epoch,
-                                            "total_steps": self.total_steps, "log_every": self.log.window_steps})
+                                            "total_steps": self.total_steps, "log_every": self.log.window_steps,
+                                            "optimizer": self.optimizer.describe()})
         if self.backend.size == 1 and (notice := config.compression.single_rank_notice()):
             self.log.message(f"[dqrm-train] {notice}")
+        if config.optim != OptimConfig():
+            self.log.message(f"[dqrm-train] {self.optimizer.summary_line()}")
+            if (end := self.optimizer.schedule_end) > self.total_steps:
+                self.log.message(f"[dqrm-train] the learning-rate schedule runs over the {config.epochs} epoch(s) "
+                                 f"(to step {end}); --max-steps stops this run at step {self.total_steps}")
         if self.start_step:
             self.log.message(f"[dqrm-train] resuming from {config.out / CHECKPOINT} at step {self.start_step}")
         if config.data_in_memory == "yes":
@@ -255,7 +271,7 @@ class _Training:
         return epoch
 
     def train_step(self, batch, epoch: int) -> None:
-        """One SGD step on this rank's share of the global batch, with gradients averaged over ranks."""
+        """One optimizer step on this rank's share of the global batch, with gradients averaged over ranks."""
         batch = batch.to(self.device)
         self.timer.lap("data")
         if self.qat is not None:
@@ -276,7 +292,7 @@ class _Training:
                      self.config.lr)
         self.sync.synchronize(self.step)  # the global step: a top-k warm-up continues after --resume
         self.timer.lap("exchange")
-        self.optimizer.step()
+        self.optimizer.step(self.step)
         self.timer.lap("optimizer")
         average_activation_scales(self.qat, self.backend)
         loss_value = float(loss.detach())
@@ -319,7 +335,7 @@ class _Training:
         self.log.end_window(epoch)  # collective; a no-op after the last step (finish: rank 0 only)
         if self.run:
             self.run.save_checkpoint(checkpoint_state(self.model, self.model_config.to_dict(), self.config,
-                                                      self.step, epoch))
+                                                      self.step, epoch, self.optimizer.state_dict()))
             self.log.record({"event": "checkpoint", "step": self.step, "epoch": epoch})
         self.saved_step = self.step
         self.schedule.saved()

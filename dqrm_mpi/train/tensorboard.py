@@ -4,6 +4,7 @@
   train/epoch_loss           per epoch, the same mean over the epoch
   train/samples_per_second   per window, wall clock with data wait
   comm/bytes_sent_per_step   per window, rank 0 (likewise bytes_received_per_step, ms_per_step)
+  lr/emb, lr/mlp             per window, the optimizers' rates at its last step
   {split}/auc, {split}/accuracy, {split}/log_loss   per evaluation
 """
 from __future__ import annotations
@@ -29,13 +30,15 @@ class TensorBoardLog:
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def window(self, step: int, loss: float, samples_per_second: float, bytes_sent: float, bytes_received: float,
-               comm_seconds: float) -> None:
+               comm_seconds: float, learning_rates: dict[str, float] | None = None) -> None:
         w = self.writer
         w.add_scalar("train/loss", loss, step)
         w.add_scalar("train/samples_per_second", samples_per_second, step)
         w.add_scalar("comm/bytes_sent_per_step", bytes_sent, step)
         w.add_scalar("comm/bytes_received_per_step", bytes_received, step)
         w.add_scalar("comm/ms_per_step", comm_seconds * 1e3, step)
+        for part, rate in (learning_rates or {}).items():
+            w.add_scalar(f"lr/{part}", rate, step)
 
     def epoch(self, step: int, loss: float) -> None:
         self.writer.add_scalar("train/epoch_loss", loss, step)

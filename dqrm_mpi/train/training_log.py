@@ -10,7 +10,8 @@ Rank 0 then writes, all with ``time`` (Unix seconds):
   {"event": "step", "step": last, "first_step", "steps", "epoch", "loss" (all ranks),
    "seconds" and "step_time" {part: seconds} (rank 0, per step, data wait included),
    "samples_per_second", "comm_bytes_sent", "comm_bytes_received", "comm_seconds",
-   "codec_seconds", "exchange_seconds", "waited_seconds", "comm_breakdown" (rank 0, per step)}
+   "codec_seconds", "exchange_seconds", "waited_seconds", "comm_breakdown" (rank 0, per step),
+   "lr": {"emb": rate, "mlp": rate} (the optimizers' rates at the window's last step)}
   (exchange_seconds: the gradient exchange from its first collective started, inside backward
    with --overlap, else the end of backward, to its last result decoded; waited_seconds: the
    part of the step spent on it on the training thread, encoding in backward's hooks plus the
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 from ..comm.collectives import Collectives
 from ..comm.overhead import CommOverheadLog, CommWindow
@@ -50,8 +51,10 @@ class TrainingLog:
     """
 
     def __init__(self, backend: Collectives, run: RunDir | None, config: LogConfig, timer: StepTimer, *,
-                 batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int) -> None:
+                 batch_size: int, steps_per_epoch: int, total_steps: int, start_step: int,
+                 learning_rates: Callable[[int], dict[str, float]] | None = None) -> None:
         self.backend, self.run, self.timer, self.batch_size = backend, run, timer, batch_size
+        self.learning_rates = learning_rates  # global step (from 0) -> {"emb": rate, "mlp": rate}
         self.steps_per_epoch = steps_per_epoch
         self.window_steps = config.window_steps(steps_per_epoch)
         self.comm = CommOverheadLog(backend)
@@ -141,16 +144,19 @@ class TrainingLog:
         self._epoch["steps"] += n
         own = window.ranks[0]
         rate = n * self.batch_size / seconds if seconds else 0.0
+        # the rates of the window's last step (global step window.step - 1, from 0)
+        lr = {"lr": self.learning_rates(window.step - 1)} if self.learning_rates else {}
         self.record({"event": "step", "step": window.step, "first_step": window.first_step, "steps": n,
                      "epoch": epoch, "loss": loss, "seconds": seconds / n, "samples_per_second": rate,
                      "step_time": {p: s / n for p, s in parts.items()},
                      "comm_bytes_sent": own["sent"], "comm_bytes_received": own["received"],
                      "comm_seconds": own["seconds"], "codec_seconds": own["codec_seconds"],
                      "exchange_seconds": own["exchange_seconds"], "waited_seconds": own["waited_seconds"],
-                     "comm_breakdown": own["by_collective"]})
+                     "comm_breakdown": own["by_collective"], **lr})
         self.last_window = {"step": window.step, "steps": n, "loss": loss}
         if self.tensorboard:
-            self.tensorboard.window(window.step, loss, rate, own["sent"], own["received"], own["seconds"])
+            self.tensorboard.window(window.step, loss, rate, own["sent"], own["received"], own["seconds"],
+                                    lr.get("lr", {}))
 
     def evaluated(self, step: int, epoch: int, split: str, result: dict[str, float] | None) -> None:
         """Rank 0 (``result`` None elsewhere): the eval line, best values, TensorBoard, a message."""

@@ -21,6 +21,14 @@ def invoke(*args):
     (["--eval-splits", "train"], "Invalid value for '--eval-splits'"),
     (["--prefetch", "-1"], "Invalid value for '--prefetch'"),
     (["--bottom-mlp", "64-8"], "bottom MLP output width 8 must equal the embedding dim 16"),
+    (["--emb-optimizer", "adam"], "Invalid value for '--emb-optimizer'"),
+    (["--mlp-optimizer", "rowwise-adagrad"], "Invalid value for '--mlp-optimizer'"),
+    (["--lr-end", "0.5"], "--lr-end (0.5) must not exceed --lr (0.1)"),
+    (["--lr-end", "-0.1"], "Invalid value for '--lr-end'"),
+    (["--lr-decay-start", "5"], "--lr-decay-start needs --lr-decay-steps"),
+    (["--lr-decay-start-step", "5"], "--lr-decay-start needs --lr-decay-steps"),  # the reference DLRM's spelling
+    (["--lr-decay-power", "0"], "Invalid value for '--lr-decay-power'"),
+    (["--lr-scaling", "cubic"], "Invalid value for '--lr-scaling'"),
 ])
 def test_bad_options_are_clear_errors(small_dataset, tmp_path, args, message):
     result = invoke("--data", str(small_dataset), "--out", str(tmp_path / "r"), *args)
