@@ -222,3 +222,23 @@ def _has_checkpoint(out: Path, after: int) -> bool:
 
 def _no_note(text: str) -> None:
     raise AssertionError(f"a checkpoint without digests: {text}")
+
+
+def test_damaged_optimizer_state_is_refused_naming_its_tensor(small_dataset, tmp_path):
+    """The digests cover every tensor of the checkpoint, the optimizers' state as much as the model."""
+    out = tmp_path / "run"
+    optimizers = ("--emb-optimizer", "rowwise-adagrad", "--mlp-optimizer", "adam")
+    run_cmd(train_args(small_dataset, out, "--max-steps", "2", *optimizers))
+    ckpt = out / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=True)
+    assert "optimizer/emb/sum" in state["digest"]["tensors"]
+    data = bytearray(ckpt.read_bytes())
+    at = data.index(state["optimizer"]["emb"]["sum"].contiguous().numpy().tobytes())
+    data[at + 1] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    for args in ([EXPORT, str(ckpt), str(tmp_path / "m.dqrm")],
+                 train_args(small_dataset, out, "--max-steps", "4", "--resume", *optimizers)):
+        proc = run(args)
+        assert proc.returncode == 1, proc.stdout[-2000:]
+        assert f"{ckpt}: damaged: tensor optimizer/emb/sum does not match its CRC-32" in proc.stderr, \
+            proc.stderr[-2000:]
