@@ -1,0 +1,65 @@
+"""A packed model as a file a stock PyTorch loads without this package: TorchScript
+(``torch.jit.load``) or ``torch.export`` (``torch.export.load``).
+
+The module is the packed ``DLRM`` itself (``load_packed``: tables packed in uint8, unpacked and
+scaled at lookup; MLP weights dequantized) traced through its PyTorch path, then a sigmoid:
+    dense float32 [B, 13], ids int64 [B, 26] (0 <= id < cardinality) -> probabilities float32 [B]
+The batch size is free.  The input map (when the packed model has one) rides along as the extra
+file ``input_map.npz`` (``data_prep.input_map``'s format), for a server that maps raw rows.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..model import DLRM
+from ..model.config import NUM_DENSE, NUM_SPARSE
+
+FORMATS = ("torchscript", "export")
+INPUT_MAP_EXTRA = "input_map.npz"
+
+
+class Probabilities(nn.Module):
+    """(dense, ids) -> sigmoid(model(dense, ids))."""
+
+    def __init__(self, model: DLRM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model(dense, ids))
+
+
+def example_inputs(model: DLRM, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of valid inputs (id 0 of every table, dense zeros) to trace with."""
+    return torch.zeros(batch, NUM_DENSE), torch.zeros(batch, NUM_SPARSE, dtype=torch.int64)
+
+
+@torch.no_grad()
+def export_serving(model: DLRM, path: str | Path, fmt: str, input_map: bytes | None = None) -> int:
+    """Write ``model`` (a ``load_packed`` model) to ``path`` as ``fmt`` ("torchscript" or
+    "export") through a temporary name; returns the file size in bytes."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    module = Probabilities(model.eval()).eval()
+    extra = {INPUT_MAP_EXTRA: input_map} if input_map is not None else {}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with kernels.disabled():  # the PyTorch path: plain aten operators
+            if fmt == "torchscript":
+                traced = torch.jit.trace(module, example_inputs(model), check_trace=False)
+                torch.jit.save(traced, str(tmp), _extra_files=extra)
+            else:
+                batch = torch.export.Dim("batch", min=1)
+                program = torch.export.export(module, example_inputs(model),
+                                              dynamic_shapes={"dense": {0: batch}, "ids": {0: batch}}, strict=False)
+                torch.export.save(program, str(tmp), extra_files={k: v.decode("latin-1") for k, v in extra.items()})
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
