@@ -9,6 +9,9 @@ file ``input_map.npz`` (``data_prep.input_map``'s format), for a server that map
 """
 from __future__ import annotations
 
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,10 +49,16 @@ def export_serving(model: DLRM, path: str | Path, fmt: str, input_map: bytes | N
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)
     module = Probabilities(model.eval()).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
     extra = {INPUT_MAP_EXTRA: input_map} if input_map is not None else {}
-    tmp = path.with_name(f".{path.name}.tmp")
+    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = folder / path.name  # the archive is named after its file: the final name
     try:
-        with kernels.disabled():  # the PyTorch path: plain aten operators
+        with kernels.disabled(), warnings.catch_warnings():  # the PyTorch path: plain aten operators
+            # the tracer's note on the shape checks of packed rows and scales: constants of the model
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit's own, asked for by --format torchscript
             if fmt == "torchscript":
                 traced = torch.jit.trace(module, example_inputs(model), check_trace=False)
                 torch.jit.save(traced, str(tmp), _extra_files=extra)
@@ -59,7 +68,6 @@ def export_serving(model: DLRM, path: str | Path, fmt: str, input_map: bytes | N
                                               dynamic_shapes={"dense": {0: batch}, "ids": {0: batch}}, strict=False)
                 torch.export.save(program, str(tmp), extra_files={k: v.decode("latin-1") for k, v in extra.items()})
         tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path.stat().st_size
