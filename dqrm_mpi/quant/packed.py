@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import kernels
 from ..model import DLRM, EmbeddingTables, ModelConfig
 from ..model.config import NUM_SPARSE
 from ..qcore import CHANNEL, ROW, TENSOR, dequantize, pack, quantize, row_scales, unpack
@@ -158,8 +159,12 @@ def export_packed(model: DLRM, quant: QuantConfig, path: str | Path, input_map: 
     return packfile.write(path, meta, entries, tensors)
 
 
+KERNEL_BITS = (2, 4, 8)  # the widths dqrm_mpi/csrc/packed_embedding.cpp reads
+
+
 class PackedEmbeddingTables(nn.Module):
-    """sparse int [B, 26] -> float32 [B, 26, d] from packed tables, dequantized at lookup.
+    """sparse int [B, 26] -> float32 [B, 26, d] from packed tables, dequantized at lookup
+    (with the CPU kernels, INT8 / INT4 / INT2 tables in one fused pass; no FP32 copy of a table).
 
     packed: uint8 [n_t, row bytes] per table; scales: float32 [n_t] per row (``per_row``)
     or [1] per table.
@@ -174,6 +179,11 @@ class PackedEmbeddingTables(nn.Module):
             self.register_buffer(f"scale_{t}", s)
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled() and sparse.is_cpu and self.bits in KERNEL_BITS:
+            # gather + unpack + scale in one pass of the CPU kernel (the same bits as below)
+            return kernels.ops.packed_embedding_lookup(
+                [getattr(self, f"q_{t}") for t in range(self.num_tables)],
+                [getattr(self, f"scale_{t}") for t in range(self.num_tables)], sparse, self.bits, self.dim)
         out = []
         for t in range(self.num_tables):
             ids = sparse[:, t]
