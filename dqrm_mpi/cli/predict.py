@@ -18,11 +18,14 @@ from .options import version_option
 @click.option("--format", "out_format", type=click.Choice(["auto", "text", "npy"]), default="auto",
               help="auto: npy when --out ends in .npy, else text.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16384, help="Rows per model call.")
+@click.option("--mlp", type=click.Choice(["fp32", "int8-dynamic"]), default="fp32",
+              help="fp32: the MLPs from the dequantized weights (dqrm-eval's scores); int8-dynamic: torch's "
+                   "INT8 dynamic quantized linear layers (faster on x86, scores change slightly).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch threads [default: torch's].")
 @click.option("--progress/--no-progress", default=True, help="A progress line on stderr.")
 @version_option
-def main(model: str, raw: tuple[str, ...], out: str, out_format: str, batch_size: int, threads: int | None,
-         progress: bool) -> None:
+def main(model: str, raw: tuple[str, ...], out: str, out_format: str, batch_size: int, mlp: str,
+         threads: int | None, progress: bool) -> None:
     """Score the raw Criteo rows of RAW... (plain or .gz; - for standard input) with MODEL.
 
     MODEL is a packed file written by `dqrm-export --data DATA`: it carries the input
@@ -45,6 +48,7 @@ def main(model: str, raw: tuple[str, ...], out: str, out_format: str, batch_size
 
     from ..quant.packed import load_packed_with_map
     from ..quant.packfile import is_packed_file
+    from ..quant.serving import set_mlp_mode
     from ..serve.predict import PredictConfig, predict_raw
 
     if threads:
@@ -61,11 +65,12 @@ def main(model: str, raw: tuple[str, ...], out: str, out_format: str, batch_size
         if imap.cardinalities != list(net.config.cardinalities):
             raise ValueError(f"{model}: its input map has tables of {imap.cardinalities} rows, the model "
                              f"{list(net.config.cardinalities)}")
+        set_mlp_mode(net, mlp)
         config = PredictConfig(tuple(raw), out, fmt, batch_size, progress)
         summary = predict_raw(net, imap, config)
     except (PrepError, ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
-    report = {"model": model, "out": out, "rows": summary.rows, "files": summary.files,
+    report = {"model": model, "out": out, "mlp": mlp, "rows": summary.rows, "files": summary.files,
               "unseen_values": sum(summary.unseen), "unseen_per_column": summary.unseen,
               **(summary.metrics or {}), "seconds": summary.seconds}
     click.echo(json.dumps(report), err=out == "-")

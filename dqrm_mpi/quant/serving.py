@@ -22,6 +22,10 @@ from ..model import DLRM
 from ..model.config import NUM_DENSE, NUM_SPARSE
 
 FORMATS = ("torchscript", "export")
+# How the MLPs of a loaded packed model run: FP32 from the dequantized weights (the numbers of
+# dqrm-eval), or torch's INT8 dynamic quantized linear layers (fbgemm / oneDNN on x86: weights
+# requantized to INT8 per tensor, activations per batch; scores change slightly).
+MLP_MODES = ("fp32", "int8-dynamic")
 INPUT_MAP_EXTRA = "input_map.npz"
 
 
@@ -71,3 +75,15 @@ def export_serving(model: DLRM, path: str | Path, fmt: str, input_map: bytes | N
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path.stat().st_size
+
+
+def set_mlp_mode(model: DLRM, mode: str) -> DLRM:
+    """``model`` (a loaded packed model) with its MLPs run as ``mode`` says (``MLP_MODES``), in place."""
+    if mode not in MLP_MODES:
+        raise ValueError(f"MLP mode must be one of {MLP_MODES}, got {mode!r}")
+    if mode == "int8-dynamic":
+        with warnings.catch_warnings():  # torch's note that quantized tensors are deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            for part in (model.bottom, model.top):
+                torch.ao.quantization.quantize_dynamic(part, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model

@@ -176,6 +176,10 @@ def test_predict_on_the_raw_test_day_equals_eval_on_the_prepared_split(packed, k
     evaluated = json.loads(_ok(eval_main, [str(packed), "--data", str(ds), "--batch-size", "64"]))
     assert report["rows"] == len(expected) and report["auc"] == evaluated["auc"]
     assert report["log_loss"] == evaluated["log_loss"]
+    _ok(predict_main, [str(packed), str(tmp_path / "test.tsv"), "--out", str(tmp_path / "q.npy"), "--mlp",
+                       "int8-dynamic", "--no-progress"])
+    int8 = np.load(tmp_path / "q.npy")  # torch's INT8 dynamic linear layers: close, not the same
+    assert not np.array_equal(int8, expected) and np.abs(int8 - expected).max() < 0.02
     # without the label column, gzip, from standard input, as text: the same scores
     unlabeled = b"\n".join(line.split(b"\t", 1)[1] for line in lines) + b"\n"
     with gzip.open(tmp_path / "test.gz", "wb") as f:
