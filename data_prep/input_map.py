@@ -115,9 +115,16 @@ class InputMap:
         return imap
 
     def to_bytes(self) -> bytes:
+        """The ``.npz`` (what ``np.load`` reads), the same bytes for the same map: members stored
+        uncompressed with a fixed time stamp (``np.savez`` stamps the current time)."""
+        members = {"options": np.frombuffer(json.dumps(self.options(), sort_keys=True).encode(), np.uint8),
+                   **{f"vocab_{j:02d}": v for j, v in enumerate(self.vocabs)}}
         buf = io.BytesIO()
-        np.savez(buf, options=np.frombuffer(json.dumps(self.options(), sort_keys=True).encode(), np.uint8),
-                 **{f"vocab_{j:02d}": v for j, v in enumerate(self.vocabs)})
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, arr in members.items():
+                with z.open(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), "w",
+                            force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
         return buf.getvalue()
 
     @classmethod

@@ -21,6 +21,7 @@ from data_prep.input_map import INPUT_MAP_FILE, InputMap, load_input_map, read_i
 from data_prep.options import PrepOptions
 from data_prep.pipeline import run_prep
 from data_prep.sources import kaggle_bounds
+from data_prep.verify import verify_dataset
 from dqrm_mpi import kernels
 from dqrm_mpi.cli.evaluate import main as eval_main
 from dqrm_mpi.cli.export import main as export_main
@@ -119,6 +120,7 @@ def test_input_map_gives_prep_ids_for_every_row(raw, options, tmp_path):
     prepped = _rows(*(np.concatenate([splits[s][k] for s in SPLITS]) for k in ("label", "dense", "sparse")))
     np.testing.assert_array_equal(_mapped_rows(tmp_path / "train.txt", imap), prepped)
     assert json.loads((ds / "meta.json").read_text())["extra"]["input_map"]["sha256"] == imap.digest
+    assert (ds / INPUT_MAP_FILE).read_bytes() == imap.to_bytes()  # the same bytes for the same map
 
 
 @pytest.mark.parametrize("threshold", [0, 2])
@@ -146,6 +148,8 @@ def test_changed_vocabulary_is_refused_with_its_digest(kaggle, checkpoint, tmp_p
     out = _fails(export_main, [str(checkpoint), str(tmp_path / "m.dqrm"), "--data", str(ds)])
     assert changed.digest[:16] in out and imap.digest[:16] in out and INPUT_MAP_FILE in out
     assert not (tmp_path / "m.dqrm").exists()
+    problems = verify_dataset(ds)
+    assert len(problems) == 1 and changed.digest[:16] in problems[0]
 
 
 def test_export_ships_the_map_of_the_checkpoints_dataset(packed, checkpoint, kaggle, tmp_path):
