@@ -18,6 +18,8 @@ namespace {
 
 using dqrm::check_cpu_float;
 
+// random rows of large tables: ask for the rows of the sample this many ahead while reading the current one
+constexpr int64_t kAhead = 4;
 // samples per thread's share of a parallel_for: below this a second thread costs more than it saves
 constexpr int64_t kGrainSamples = 64;
 
@@ -85,6 +87,11 @@ at::Tensor packed_embedding_lookup(at::TensorList packed, at::TensorList scales,
   float* o = out.data_ptr<float>();
   at::parallel_for(0, batch, kGrainSamples, [&](int64_t lo, int64_t hi) {
     for (int64_t b = lo; b < hi; ++b) {
+      if (b + kAhead < hi) {
+        for (int64_t t = 0; t < tables; ++t) {
+          __builtin_prefetch(base[t] + id[(b + kAhead) * tables + t] * row_bytes);
+        }
+      }
       for (int64_t t = 0; t < tables; ++t) {
         const int64_t r = id[b * tables + t];
         dequantize_row(base[t] + r * row_bytes, dim, bits, scale[t][r * per_row[t]], o + (b * tables + t) * dim);

@@ -278,3 +278,18 @@ def test_exported_modules_run_in_a_python_without_dqrm_mpi(checkpoint, packed, k
     import zipfile
     with zipfile.ZipFile(tmp_path / "m.pt") as z:  # the input map rides along
         assert any(n.endswith("extra/" + "input_map.npz") for n in z.namelist())
+
+
+def test_a_loaded_packed_model_holds_its_tables_packed(packed):
+    """No FP32 copy of a table: the model's tensors take about the file's bytes (the MLP
+    dequantized to FP32 is the only growth) and its tables are the file's packed bytes."""
+    model, parts = load_packed_with_map(packed)
+    d = model.config.embedding_dim
+    tensors = list(model.parameters()) + list(model.buffers())
+    assert not any(t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == d and t.shape[0] == n
+                   for t in tensors for n in model.config.cardinalities if n > d)
+    table_bytes = sum(t.nbytes for name, t in model.named_buffers() if name.startswith("embeddings.q_"))
+    assert table_bytes == sum(n * ((d * QUANT.emb_bits + 7) // 8) for n in model.config.cardinalities)
+    mlp_fp32 = sum(p.nbytes for p in model.parameters())
+    held = sum(t.nbytes for t in tensors) + sum(v.nbytes for v in parts.vocabs)
+    assert held <= packed.stat().st_size + mlp_fp32
