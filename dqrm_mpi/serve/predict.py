@@ -23,8 +23,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -91,13 +90,12 @@ class _Rows:
     label: np.ndarray | None
 
 
-def predict_raw(model: DLRM, imap: InputMap, config: PredictConfig,
-                log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> PredictSummary:
+def predict_raw(model: DLRM, imap: InputMap, config: PredictConfig) -> PredictSummary:
     """Score every row of ``config.inputs`` with ``model`` (see the module doc).  Raises
     InputError (a BadLineError for a bad line) or OSError; nothing is then written at ``config.out``."""
     summary = PredictSummary()
     start = time.time()
-    progress = _Progress(log if config.progress else None, start)
+    progress = _Progress(config.progress, start)
     labels: list[np.ndarray] = []
     scores: list[np.ndarray] = []
     all_labeled = [True]
@@ -303,19 +301,19 @@ class _NpyWriter:
 
 
 class _Progress:
-    """``ROWS rows, RATE rows/s`` on one line of stderr, at most once a second."""
+    """``ROWS rows, RATE rows/s`` on one line of stderr (rewritten at most once a second) when enabled."""
 
-    def __init__(self, log: Callable[[str], None] | None, start: float) -> None:
-        self.log, self.start, self.last = log, start, start
+    def __init__(self, enabled: bool, start: float) -> None:
+        self.enabled, self.start, self.last = enabled, start, start
 
     def update(self, rows: int) -> None:
         now = time.time()
-        if self.log is not None and now - self.last >= 1.0:
+        if self.enabled and now - self.last >= 1.0:
             self.last = now
             print(f"\rdqrm-predict: {rows:,} rows, {rows / (now - self.start):,.0f} rows/s", end="",
                   file=sys.stderr, flush=True)
 
     def done(self, rows: int) -> None:
-        if self.log is not None:
+        if self.enabled:
             dt = max(time.time() - self.start, 1e-9)
             print(f"\rdqrm-predict: {rows:,} rows in {dt:.1f} s, {rows / dt:,.0f} rows/s", file=sys.stderr)
