@@ -31,8 +31,9 @@ def main(checkpoint: str, out: str, bits: int | None, data: str | None, fmt: str
     A QAT checkpoint is written at the bit widths it was trained with: embedding rows
     and MLP weights as packed integers (INT4 two per byte, INT2 four) with their
     scales.  An FP32 checkpoint is written as FP32, or, given bit widths, quantized
-    after training first (vanilla post-training quantization, PTQ).  Prints the file
-    size and its ratio to the FP32 model in the same format.
+    after training first (vanilla post-training quantization, PTQ).  Prints the model's
+    size ("bytes", without the input map; "file_bytes" with it) and its ratio to the
+    FP32 model in the same format.
 
     \b
     With the input map of the dataset (--data, or the checkpoint's own dataset) the
@@ -49,7 +50,7 @@ def main(checkpoint: str, out: str, bits: int | None, data: str | None, fmt: str
       dqrm-export runs/int4/checkpoint.pt int4.pt --format torchscript
     """
     from ..quant.config import QuantConfig
-    from ..quant.packed import export_packed, packed_size
+    from ..quant.packed import export_packed, model_bytes, packed_size
     from ..quant.ptq import post_training_quantize
     from ..train.checkpoint import model_from_checkpoint, read_checkpoint
 
@@ -73,14 +74,15 @@ def main(checkpoint: str, out: str, bits: int | None, data: str | None, fmt: str
             quant, mode = QuantConfig(), "fp32"
         parts = imap.parts() if imap is not None else None
         if fmt == "packed":
-            size = export_packed(model, quant, out, parts)
+            file_bytes = export_packed(model, quant, out, parts)
+            size = model_bytes(out)
         else:
-            size = _export_serving(model, quant, out, fmt, imap)
+            file_bytes = size = _export_serving(model, quant, out, fmt, imap)
     except (ValueError, OSError, RuntimeError) as e:
         raise click.ClickException(str(e)) from None
     fp32 = packed_size(model.config, QuantConfig())
     click.echo(json.dumps({"out": out, "format": fmt, "mode": mode, "quant": _describe(quant), "bytes": size,
-                           "fp32_bytes": fp32, "ratio_to_fp32": size / fp32,
+                           "fp32_bytes": fp32, "ratio_to_fp32": size / fp32, "file_bytes": file_bytes,
                            "input_map": imap.digest[:16] if imap is not None else None}))
 
 

@@ -143,6 +143,18 @@ class InputMapParts:
     vocabs: tuple[np.ndarray, ...]
 
 
+def model_bytes(path: str | Path) -> int:
+    """Bytes of the packed model in ``path`` without its input map: the file's size when it has
+    none, else what the file would take without it (the model's size, as the FP32 ratio counts it)."""
+    header, _ = packfile.read_header(path)
+    if "input_map" not in header:
+        return Path(path).stat().st_size
+    try:
+        return packed_size(ModelConfig(**header["architecture"]), QuantConfig.from_dict(header["quant"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the header does not describe a model ({type(e).__name__}: {e})") from None
+
+
 def _map_entries(parts: InputMapParts) -> list[TensorEntry]:
     return [TensorEntry(f"input_map.vocab_{j:02d}", "uint32", (len(v),)) for j, v in enumerate(parts.vocabs)]
 

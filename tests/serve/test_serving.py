@@ -30,7 +30,7 @@ from dqrm_mpi.data.schema import SPLITS, read_meta
 from dqrm_mpi.model import DLRM
 from dqrm_mpi.model.config import model_config_from_preset
 from dqrm_mpi.quant import QuantConfig, prepare_qat
-from dqrm_mpi.quant.packed import load_packed_with_map
+from dqrm_mpi.quant.packed import load_packed_with_map, packed_size
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 KAGGLE = DATA / "criteo_kaggle_train_head1999.tsv"
@@ -156,6 +156,10 @@ def test_export_ships_the_map_of_the_checkpoints_dataset(packed, checkpoint, kag
     info = json.loads(_ok(export_main, [str(checkpoint), str(tmp_path / "m.dqrm")]))  # no --data: the recorded one
     assert info["input_map"] == load_input_map(kaggle[1]).digest[:16]
     assert (tmp_path / "m.dqrm").read_bytes() == packed.read_bytes()
+    model, _ = load_packed_with_map(packed)  # sizes: the model's without the map, as dqrm-eval reports it
+    assert info["bytes"] == packed_size(model.config, QUANT) < info["file_bytes"] == packed.stat().st_size
+    evaluated = json.loads(_ok(eval_main, [str(packed), "--data", str(kaggle[1])]))
+    assert evaluated["model_bytes"] == info["bytes"]
     _, parts = load_packed_with_map(packed)
     assert InputMap.from_parts(parts, str(packed)).digest == load_input_map(kaggle[1]).digest
 
