@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import kernels
 from ..model import DLRM
 from ..model.config import NUM_DENSE, NUM_SPARSE
+from ..qcore import dequantize, quantize
+from .qat import QuantLinear
 
 FORMATS = ("torchscript", "export")
 # How the MLPs of a loaded packed model run: FP32 from the dequantized weights (the numbers of
@@ -40,6 +43,31 @@ class Probabilities(nn.Module):
         return torch.sigmoid(self.model(dense, ids))
 
 
+class _ActQuantLinear(nn.Module):
+    """A ``QuantLinear`` of a loaded packed model whose inputs are fake-quantized with its trained
+    scale, in its inference form: the integers and back (``quantize``, ``dequantize``: the values of
+    ``fake_quant``, in operators torch.export has) and the linear, without the training-time branch
+    on whether the scale was observed (a data-dependent branch torch.export cannot take)."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        if float(layer.act_scale[0]) <= 0:
+            raise ValueError("activation scale never observed: train (or calibrate) before exporting")
+        self.weight, self.bias, self.bits = layer.weight, layer.bias, layer.a_bits
+        self.register_buffer("act_scale", layer.act_scale.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(dequantize(quantize(x, self.act_scale, self.bits), self.act_scale), self.weight, self.bias)
+
+
+def _inference_form(model: DLRM) -> DLRM:
+    """``model`` with its activation-quantized layers in their inference form (in place)."""
+    for part in (model.bottom, model.top):
+        part.layers = nn.Sequential(*(_ActQuantLinear(m) if isinstance(m, QuantLinear) and m.a_bits else m
+                                      for m in part.layers))
+    return model
+
+
 def example_inputs(model: DLRM, batch: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch of valid inputs (id 0 of every table, dense zeros) to trace with."""
     return torch.zeros(batch, NUM_DENSE), torch.zeros(batch, NUM_SPARSE, dtype=torch.int64)
@@ -47,12 +75,13 @@ def example_inputs(model: DLRM, batch: int = 4) -> tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def export_serving(model: DLRM, path: str | Path, fmt: str, input_map: bytes | None = None) -> int:
-    """Write ``model`` (a ``load_packed`` model) to ``path`` as ``fmt`` ("torchscript" or
-    "export") through a temporary name; returns the file size in bytes."""
+    """Write ``model`` (a ``load_packed`` model; its activation-quantized layers are put in their
+    inference form) to ``path`` as ``fmt`` ("torchscript" or "export") through a temporary name;
+    returns the file size in bytes."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     path = Path(path)
-    module = Probabilities(model.eval()).eval()
+    module = Probabilities(_inference_form(model.eval())).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     extra = {INPUT_MAP_EXTRA: input_map} if input_map is not None else {}

@@ -297,3 +297,28 @@ def test_a_loaded_packed_model_holds_its_tables_packed(packed):
     mlp_fp32 = sum(p.nbytes for p in model.parameters())
     held = sum(t.nbytes for t in tensors) + sum(v.nbytes for v in parts.vocabs)
     assert held <= packed.stat().st_size + mlp_fp32
+
+
+@pytest.mark.parametrize("quant", [QuantConfig(emb_bits=8, emb_scale="row", mlp_bits=8, mlp_scale="tensor", act_bits=8),
+                                   QuantConfig()], ids=["int8-rowwise-act8", "fp32"])
+def test_exported_modules_of_other_modes_score_as_the_packed_model(quant, kaggle, tmp_path):
+    from dqrm_mpi.quant.packed import export_packed, load_packed
+    from dqrm_mpi.quant.serving import export_serving
+
+    torch.manual_seed(0)
+    model = DLRM(model_config_from_preset("tiny", read_meta(kaggle[1]).cardinalities))
+    qat = prepare_qat(model, quant) if quant.enabled else None
+    for step in range(2):  # activation scales observed
+        if qat is not None:
+            qat.on_step(step)
+        model(torch.rand(64, 13), torch.zeros(64, 26, dtype=torch.long))
+    export_packed(model, quant, tmp_path / "m.dqrm")
+    packed = load_packed(tmp_path / "m.dqrm")
+    dense = torch.rand(11, 13) * 3
+    ids = (torch.rand(11, 26) * torch.tensor(packed.config.cardinalities)).long()
+    with torch.no_grad():
+        want = torch.sigmoid(packed(dense, ids))
+    export_serving(packed, tmp_path / "m.pt", "torchscript")
+    export_serving(load_packed(tmp_path / "m.dqrm"), tmp_path / "m.pt2", "export")
+    assert torch.equal(torch.jit.load(str(tmp_path / "m.pt"))(dense, ids), want)
+    assert torch.equal(torch.export.load(str(tmp_path / "m.pt2")).module()(dense, ids), want)
