@@ -20,7 +20,7 @@ per model (so that each resident memory is its own), the same random batches:
 Per model: samples/s at batch 1, 64 and 4,096 (wall clock over --seconds after a warm-up),
 p50 / p99 latency of one call at batch 1 and 64, resident memory after loading and at its
 peak, the file size.  Accuracy (in the main process): AUC and log loss of the INT4 model on
-a planted-model test split at the same cardinalities, through dqrm-eval's ``predict`` with
+a planted-model test split (ids in the first 100,000 rows of each table), through dqrm-eval's ``predict`` with
 the kernels and through the PyTorch path (the difference must stay within 1e-6), and with the
 INT8 dynamic MLP (the change it costs; the model is untrained, so the AUC itself is near
 0.5: pass --model INT4.dqrm --data DATA to measure a trained model instead).  Prints JSON with
@@ -48,6 +48,7 @@ PEER_WORKER = HERE / "peer_inference_worker.py"
 BATCHES = (1, 64, 4096)
 LATENCY_BATCHES = (1, 64)
 VARIANTS = ("fp32", "int4", "int4_int8mlp")
+PLANTED_ROWS = 100_000
 
 
 def rss_bytes() -> int:
@@ -148,10 +149,11 @@ def accuracy(int4_file: Path, data: Path | None, work: Path, cards: tuple[int, .
     from dqrm_mpi.train.evaluation import predict
     from dqrm_mpi.train.metrics import binary_metrics
 
-    if data is None:
+    if data is None:  # ids of a planted model over the first 100,000 rows of each table (light to draw)
         data = work / "planted"
         if not (data / "meta.json").exists():
-            write_synthetic_dataset(data, {"train": 16, "val": 16, "test": 20_000}, PlantedClickModel(cards, seed=0))
+            write_synthetic_dataset(data, {"train": 16, "val": 16, "test": 20_000},
+                                    PlantedClickModel(tuple(min(c, PLANTED_ROWS) for c in cards), seed=0))
     model = load_packed(int4_file)
     prob, label = predict(model, data, "test")
     with kernels.disabled():
