@@ -239,9 +239,10 @@ def _prefetch(items: Iterator[_Rows], depth: int = 2) -> Iterator[_Rows]:
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+    finally:  # let the thread end; one blocked reading (standard input) is a daemon, left behind
         stop.set()
-        while thread.is_alive():
+        deadline = time.time() + 1.0
+        while thread.is_alive() and time.time() < deadline:
             try:
                 q.get_nowait()
             except queue.Empty:
