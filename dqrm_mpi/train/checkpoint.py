@@ -32,12 +32,22 @@ def checkpoint_state(model: nn.Module, model_config: dict[str, Any], config: Tra
 
 def load_checkpoint(path: str | Path) -> tuple[DLRM, QuantConfig, QATState | None]:
     """A ``dqrm-train`` checkpoint as (model in eval mode, its QuantConfig, its QATState or None)."""
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict ``checkpoint_state`` saved; ValueError when ``path`` is not a checkpoint."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for a file that is not a checkpoint
         raise ValueError(f"{path}: not a dqrm-train checkpoint or packed model ({e})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ValueError(f"{path}: not a dqrm-train checkpoint (no model / model_config)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DLRM, QuantConfig, QATState | None]:
+    """``load_checkpoint`` of a dict ``read_checkpoint`` returned."""
     config = ModelConfig(**ckpt["model_config"])
     quant = QuantConfig.from_dict((ckpt.get("train_config") or {}).get("quant"))
     model = DLRM(config)
