@@ -207,6 +207,7 @@ class _Training:
         self.optimizer = TrainingOptimizer(model, model.embedding_parameter_names(), config.optim, config.lr,
                                            config.batch_size, self.batches.steps_per_epoch * config.epochs)
         self.saved_step: int | None = None  # step of the last checkpoint written
+        self.evaluated_step: int | None = None  # step of the last evaluation
         self.schedule = CheckpointSchedule(backend, signals, config.checkpoint_every, config.checkpoint_minutes * 60)
         self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         self.timer = StepTimer(device)  # where each step's time goes
@@ -309,7 +310,12 @@ class _Training:
         return shard_rows(self.train_reader, start + i, start + j)
 
     def evaluate(self, epoch: int) -> None:
-        """Every configured split (collective); rank 0 logs the metrics and tracks the best ones."""
+        """Every configured split (collective); rank 0 logs the metrics and tracks the best ones.
+        Nothing to do when this step is already evaluated (an --eval-every interval that ends
+        the epoch)."""
+        if self.evaluated_step == self.step:
+            return
+        self.evaluated_step = self.step
         for split, reader in self.eval_readers.items():
             result = evaluate(self.model, reader, self.backend, self.config.eval_batch_size, self.device,
                               show_bar=self.log.eval_bars)
