@@ -41,6 +41,12 @@ test-slurm: install
 repro: install
 	$(PY) -m dqrm_mpi.cli.repro run small --out reports/small
 
+# The overfitting finding at scale (10 M criteo-like rows, 4 epochs, evaluation every quarter epoch; runs one
+# after another, each about 45-50 min; an interrupted suite resumes run by run): reports/medium/report.md
+.PHONY: repro-medium
+repro-medium: install
+	$(PY) -m dqrm_mpi.cli.repro run medium --out reports/medium
+
 bench: install
 	$(PY) benchmarks/train_throughput.py
 

@@ -30,6 +30,7 @@ def main() -> None:
     Example:
       dqrm-repro run smoke --out reports/smoke          # minutes, tiny planted data
       dqrm-repro run small --out reports/small          # <= 2 h on 2 cores
+      dqrm-repro run medium --out reports/medium        # 10 M rows, 4 epochs: hours (make repro-medium)
       dqrm-repro run kaggle --out reports/kaggle --raw /data/criteo/train.txt --only T2 --only F2a
       dqrm-repro report reports/small                   # re-render from the finished runs
     """
@@ -40,7 +41,7 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report directory: data/, runs/<run>/, report.md, tables/*.csv, figures/*.png.")
 @click.option("--only", multiple=True, help="Run only what these tables / figures need (T1..T8, F1a, F1cd, "
-                                            "F2a..F2d; repeat or comma-separate). The report shows every table.")
+                                            "F2a..F2d, F8; repeat or comma-separate). The report shows every table.")
 @click.option("--dry-run", is_flag=True, help="Print the commands (marking finished and blocked ones); run nothing.")
 @click.option("--np", "np_", type=click.IntRange(min=2), default=None,
               help="Ranks of the communication experiments [default: the profile's].")
