@@ -49,8 +49,11 @@ def main() -> None:
               help="Criteo input for the kaggle (train.txt) and terabyte (day_* folder) profiles.")
 @click.option("--hosts", default=None, help="horovodrun host list (e.g. a:4,b:4) for multi-rank runs; on the "
                                             "terabyte profile this runs the suite instead of writing scripts.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1,
+              help="Steps run at once, each with its share of the cores as OMP_NUM_THREADS (unless set): e.g. "
+                   "2 runs two one-rank trainings side by side on one core each instead of one after another.")
 def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int | None, raw: Path | None,
-        hosts: str | None) -> None:
+        hosts: str | None, jobs: int) -> None:
     """Run PROFILE's experiments (skipping finished runs) and write the report into OUT."""
     from ..repro.report import render
     from ..repro.runner import execute, is_finished, write_batch_script, write_json
@@ -85,7 +88,7 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
         click.echo(f"{profile} runs on a cluster: wrote {script} (sbatch it from {out}, or run it inside an "
                    f"allocation; then `dqrm-repro report {out}`)")
     start = time.perf_counter()
-    failed = execute(plan, out, todo, echo=click.echo)
+    failed = execute(plan, out, todo, echo=click.echo, jobs=jobs)
     counts = render(plan, out, TABLES, FIGURES)
     click.echo(f"wrote {out / 'report.md'} ({_counts(counts)}) in {time.perf_counter() - start:.0f} s")
     if failed:

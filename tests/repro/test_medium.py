@@ -1,6 +1,7 @@
 """The medium profile end to end on a tiny stand-in (its scope, flags and evaluation schedule on
 4,200 planted rows): real dqrm-prep / dqrm-train / dqrm-export / dqrm-eval / diagnose runs through
-the runner, the report with the model selection and the curve findings, a resumed suite."""
+the runner (two steps at once), the report with the model selection and the curve findings, a
+resumed suite."""
 from __future__ import annotations
 
 import csv
@@ -34,7 +35,7 @@ def medium(tmp_path_factory):
         for key, value in mpi_env().items():  # the runner's subprocesses inherit this environment
             mp.setenv(key, value)
         lines: list[str] = []
-        failed = execute(plan, out, steps_for(plan, ITEMS), echo=lines.append)
+        failed = execute(plan, out, steps_for(plan, ITEMS), echo=lines.append, jobs=2)  # two runs side by side
         render(plan, out, TABLES, FIGURES)
         again: list[str] = []
         execute(plan, out, steps_for(plan, ITEMS), echo=again.append)
@@ -73,6 +74,19 @@ def test_the_report_gives_the_selection_the_curve_findings_and_why_the_rest_is_n
     assert t4 and all(c["status"] == "n/a" and "run with the small profile" in c["value"] for c in t4)
     for key in ("F2a", "F2b", "F8"):
         assert (out / "figures" / f"{key}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_steps_ran_side_by_side_each_after_the_steps_it_needs(medium):
+    plan, _, _, lines, _ = medium
+    started, ended = {}, {}  # step -> index of its line: "[i/n] KEY: COMMAND", "[i/n] KEY: done in S s"
+    for i, line in enumerate(lines):
+        key, rest = line.split("] ", 1)[1].split(": ", 1)
+        (ended if rest.startswith("done in ") else started)[key] = i
+    assert set(started) == set(ended) == set(steps_for(plan, ITEMS))
+    for key in started:
+        assert all(ended[k] < started[key] for k in plan.steps[key].after), key
+    trains = sorted((k for k in started if k.startswith("train:")), key=started.get)
+    assert any(started[b] < ended[a] for a, b in zip(trains, trains[1:])), lines  # two trainings at once
 
 
 def test_a_resumed_suite_skips_every_finished_run(medium):
