@@ -203,12 +203,15 @@ def ptq_per_epoch(n: _Numbers) -> Finding:
         return Finding(title, None, _missing(n.plan, n.plan.names[FP32]) + f" Its step: diagnose:{n.plan.names[FP32]}.")
     epochs, bits = d["epochs"], d["bits"]
     losses, best = ptq_losses(epochs, bits)
+    curve = eval_curve(n.records(FP32) or [])
+    se = eval_standard_error(curve[-1]) if curve else None
+    noise = f", standard error of one test AUC {se:.4f}" if se is not None else ""
     return Finding(title, -losses[best] >= PTQ_LOSS,
                    f"PTQ INT{bits}'s test-AUC change on each epoch's FP32 model (`dqrm-repro diagnose`): "
                    + " / ".join(f"{x:+.4f}" for x in losses)
                    + f" after epochs 1-{len(losses)}; FP32's best epoch is {best + 1} (test AUC "
                      f"{epochs[best]['test_auc']:.4f}, PTQ {epochs[best][f'ptq{bits}_test_auc']:.4f}; "
-                     f"clear loss means <= -{PTQ_LOSS}).")
+                     f"clear loss means <= -{PTQ_LOSS}{noise}).")
 
 
 def overfitting(n: _Numbers) -> Finding:

@@ -83,7 +83,7 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
         name = run.name if n == 1 else f"{run.name}-np{n}"
         command = _train_command(run, profile, hosts)
         name = names[run] = by_command.setdefault(command, name)
-        reason = (f"not run on the {profile.name} profile: {profile.scope_note}" if command not in in_scope
+        reason = (f"outside the {profile.name} profile: {profile.scope_note}" if command not in in_scope
                   else _why_not(run, n, profile, hosts, train_options))
         if reason:
             blocked.setdefault(name, reason)

@@ -68,7 +68,7 @@ def test_the_report_gives_the_selection_the_curve_findings_and_why_the_rest_is_n
         assert "appear" in line and "not measured" not in line, line
     assert "FP32 peaks at" in findings and "Selected on the val split" in findings
     comm = next(ln for ln in findings.splitlines() if ln.startswith("- 3. "))
-    assert "not measured. Not run on the medium profile: it runs the tables and figures whose findings" in comm
+    assert "not measured. Outside the medium profile: it runs the tables and figures whose findings" in comm
     with open(out / "tables" / "cells.csv") as f:
         t4 = [c for c in csv.DictReader(f) if c["table"] == "T4"]
     assert t4 and all(c["status"] == "n/a" and "run with the small profile" in c["value"] for c in t4)
