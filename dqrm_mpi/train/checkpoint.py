@@ -12,9 +12,9 @@ from ..model import DLRM, ModelConfig
 from ..quant import QATState, QuantConfig, prepare_qat
 from .config import TrainConfig
 from .optimizers import OptimConfig
-from .run_dir import CHECKPOINT, json_safe
+from .run_dir import BEST_CHECKPOINT, CHECKPOINT, json_safe
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, BEST_CHECKPOINT)
 # Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
 # max_steps, evaluation and compression settings, may change on resume).
 RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")

@@ -16,6 +16,7 @@ import torch
 from ..files import append_line, write_atomic, write_atomic_bytes
 
 CHECKPOINT = "checkpoint.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"  # --keep-best (best_checkpoint.py)
 METRICS = "metrics.jsonl"
 
 
@@ -57,14 +58,14 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         append_line(self._metrics, self._metrics_path, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode())
 
-    def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        """Write ``checkpoint.pt`` in place of the previous one, refusing non-finite weights
-        (FloatingPointError naming the tensor: the previous checkpoint stays)."""
-        for name, value in state["model"].items():
+    def save_checkpoint(self, state: dict[str, Any], name: str = CHECKPOINT) -> Path:
+        """Write ``name`` (``checkpoint.pt``) in place of the previous one, refusing non-finite
+        weights (FloatingPointError naming the tensor: the previous checkpoint stays)."""
+        final = self.path / name
+        for tensor, value in state["model"].items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise FloatingPointError(f"step {state['step']}: {name} holds NaN/inf values; the checkpoint "
-                                         f"{self.path / CHECKPOINT} was not overwritten (lower --lr)")
-        final = self.path / CHECKPOINT
+                raise FloatingPointError(f"step {state['step']}: {tensor} holds NaN/inf values; the checkpoint "
+                                         f"{final} was not overwritten (lower --lr)")
         needed = sum(v.numel() * v.element_size() for v in state["model"].values()) + 1_000_000
         write_atomic(final, lambda f: torch.save(state, f), needed)
         return final
