@@ -28,10 +28,10 @@ from .epoch_checkpoint import keep_epoch_checkpoint
 from .evaluation import evaluate
 from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .launcher_watch import LauncherWatch
+from .optimizers import OptimConfig, TrainingOptimizer
 from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .report import format_summary
 from .run_dir import BEST_CHECKPOINT, RunDir
-from .optimizers import OptimConfig, TrainingOptimizer
 from .step_timer import StepTimer
 from .training_log import TrainingLog
 from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
