@@ -41,6 +41,14 @@ test-slurm: install
 repro: install
 	$(PY) -m dqrm_mpi.cli.repro run small --out reports/small
 
+# The overfitting finding at scale (10 M criteo-like rows, 4 epochs, evaluation every quarter epoch; 8 runs of
+# about 45-50 min each on one core; an interrupted suite resumes run by run): reports/medium/report.md
+# REPRO_JOBS=2: two runs side by side on one core each (benchmarks/in_memory_limit.py --side-by-side compares).
+REPRO_JOBS ?= 1
+.PHONY: repro-medium
+repro-medium: install
+	$(PY) -m dqrm_mpi.cli.repro run medium --out reports/medium --jobs $(REPRO_JOBS)
+
 bench: install
 	$(PY) benchmarks/train_throughput.py
 

@@ -21,16 +21,16 @@ class BadLineError(InputError):
     """
 
     def __init__(self, path: str, line: int, field: str | None, value: str, expected: str,
-                 found: str | None = None) -> None:
+                 found: str | None = None, labeled: bool = True) -> None:
         self.path, self.line, self.field, self.value, self.expected = str(path), int(line), field, value, expected
-        self.found = found
+        self.found, self.labeled = found, labeled
         where = f"{self.path}:{self.line}"
-        what = f"field {field} ({field_position(field)}): " if field else ""
+        what = f"field {field} ({field_position(field, labeled)}): " if field else ""
         got = f"{found}: {value!r}" if found else repr(value)
         super().__init__(f"{where}: {what}expected {expected}, got {got}")
 
     def __reduce__(self):  # picklable across worker processes
-        return (type(self), (self.path, self.line, self.field, self.value, self.expected, self.found))
+        return (type(self), (self.path, self.line, self.field, self.value, self.expected, self.found, self.labeled))
 
     def to_dict(self) -> dict:
         return {"path": self.path, "line": self.line, "field": self.field, "value": self.value,

@@ -10,8 +10,10 @@ NUM_FIELDS = len(FIELD_NAMES)  # 40
 MAX_HEX_DIGITS = 8  # a categorical is a 32-bit hash written as up to 8 hexadecimal digits
 
 
-def field_position(field: str | None) -> str:
-    """'I1' -> 'column 2 of 40' (1-based position among the tab-separated fields)."""
-    if field in FIELD_NAMES:
-        return f"column {FIELD_NAMES.index(field) + 1} of {NUM_FIELDS}"
+def field_position(field: str | None, labeled: bool = True) -> str:
+    """'I1' -> 'column 2 of 40' (1-based position among the tab-separated fields); of a line
+    without the label column (``labeled`` False, rows to score): 'column 1 of 39'."""
+    if field in FIELD_NAMES and (labeled or field != "label"):
+        skip = 0 if labeled else 1
+        return f"column {FIELD_NAMES.index(field) + 1 - skip} of {NUM_FIELDS - skip}"
     return "column ?"

@@ -39,7 +39,8 @@ class RunRecord:
 
 def build_meta(kind: str, sources: Sequence[Source], opts: PrepOptions, fp: dict[str, Any],
                summaries: Sequence[PieceSummary], vocab_infos: Sequence[dict], sparse_dtype: str,
-               buckets: int, run: RunRecord) -> DatasetMeta:
+               buckets: int, run: RunRecord, input_map: dict[str, Any] | None = None) -> DatasetMeta:
+    """input_map: what ``input_map.write_input_map`` returned (file, sha256, bytes)."""
     totals = split_totals([s.rows for s in summaries])
     positives = split_totals([s.positives for s in summaries])
     extra = {
@@ -64,6 +65,8 @@ def build_meta(kind: str, sources: Sequence[Source], opts: PrepOptions, fp: dict
         "stage_seconds": run.stage_seconds,
         "wall_time_s": run.wall_time_s,
     }
+    if input_map is not None:
+        extra["input_map"] = input_map
     planted = planted_metrics_for(kind, sources, totals)
     if planted is not None:
         extra["planted"] = planted

@@ -22,6 +22,7 @@ from dqrm_mpi.data.schema import META_FILE, SPLITS, SchemaError, read_meta, writ
 from dqrm_mpi.locking import DirectoryInUseError, DirectoryLock
 
 from .errors import OptionsMismatchError, OutputError
+from .input_map import INPUT_MAP_FILE
 from .options import PrepOptions
 from .plan import GZ_BYTES_PER_ROW_EST, PLAIN_BYTES_PER_ROW_EST
 from .sources import Source
@@ -114,7 +115,7 @@ def prepare_output(out: Path, fp: dict[str, Any], overwrite: bool, lock: Directo
     except OSError as e:
         raise OutputError(f"{lock.path}: cannot create the lock file ({e.strerror or e})") from None
     work = WorkDir(out)
-    ours = [out / META_FILE, work.root] + [out / s for s in SPLITS]
+    ours = [out / META_FILE, out / INPUT_MAP_FILE, work.root] + [out / s for s in SPLITS]
     existing = [p for p in ours if p.exists()]
     if overwrite:
         for p in existing:

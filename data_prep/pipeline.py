@@ -8,7 +8,8 @@
 4. ids (``map_ids.py``, one task per piece): each spilled run's dictionaries -> ids.
 5. shards (``shards.py``, in parallel): cut each split's stream into shards (a row's
    ids: its run's mapped dictionary at the row's indices).
-6. meta (``meta.py``): ``meta.json``, written last.
+6. meta (``meta.py``): the input mapping (``input_map.py``: the vocabularies and options
+   that map raw values to ids, for scoring new rows) and ``meta.json``, written last.
 
 Everything in progress lives in ``OUT/.prep`` (``workdir.py``); a rerun resumes
 (``output_dir.py`` decides whether it may).  Every pass is a function of the frozen
@@ -23,11 +24,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from dqrm_mpi.data.schema import DatasetMeta, read_meta, write_meta
+import numpy as np
+
+from dqrm_mpi.data.schema import NUM_SPARSE, DatasetMeta, read_meta, write_meta
 from dqrm_mpi.locking import DirectoryLock
 
 from .errors import InputError
 from .executor import Executor
+from .input_map import InputMap, write_input_map
 from .map_ids import map_all
 from .meta import RunRecord, build_meta, split_totals, summary_line
 from .options import PrepOptions
@@ -75,7 +79,9 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
         clock.lap("shards")
         record = RunRecord(mpi_ranks=ex.size, resumed=status == "resume", shards_written=written,
                            stage_seconds=clock.seconds, wall_time_s=clock.total())
-        meta = build_meta(kind, plan.sources, opts, fp, summaries, vocab_infos, sparse_dtype, plan.buckets, record)
+        map_record = ex.root_call(lambda: write_input_map(out, _input_map(work, opts)))
+        meta = build_meta(kind, plan.sources, opts, fp, summaries, vocab_infos, sparse_dtype, plan.buckets, record,
+                          map_record)
         if ex.is_root:
             write_meta(out, meta)
             if not opts.keep_temp:
@@ -91,6 +97,12 @@ def run_prep(raw: str | os.PathLike, out: str | os.PathLike, opts: PrepOptions,
     finally:
         ex.close()
         lock.release()
+
+
+def _input_map(work: WorkDir, opts: PrepOptions) -> InputMap:
+    """The run's vocabularies (pass 3) and the options that map raw values to ids."""
+    vocabs = tuple(np.load(work.column_vocab(j)) for j in range(NUM_SPARSE))
+    return InputMap(opts.max_ind_range, opts.freq_threshold, vocabs)
 
 
 class _StageClock:

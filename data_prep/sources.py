@@ -17,7 +17,7 @@ import re
 import zlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from .criteo_format import count_lines, count_newlines
 from .errors import InputError
@@ -193,22 +193,31 @@ def read_range(path: str, start: int, end: int) -> bytes:
 def iter_gzip_blocks(path: str, block_bytes: int) -> Iterator[bytes]:
     """Whole-line blocks of about ``block_bytes`` from a gzip file; InputError if it is
     truncated or corrupt."""
-    carry = b""
     try:
         with gzip.open(path, "rb") as f:
-            while True:
-                chunk = f.read(block_bytes)
-                if not chunk:
-                    break
-                buf = carry + chunk
-                nl = buf.rfind(b"\n")
-                if nl < 0:
-                    carry = buf
-                    continue
-                carry = buf[nl + 1:]
-                yield buf[:nl + 1]
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as e:
+            yield from iter_line_blocks(f, block_bytes)
+    except GZIP_ERRORS as e:
         raise InputError(f"{path}: truncated or corrupt gzip file ({e})") from None
+
+
+GZIP_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile, OSError)
+
+
+def iter_line_blocks(f: BinaryIO, block_bytes: int) -> Iterator[bytes]:
+    """Whole-line blocks of about ``block_bytes`` read from the binary stream ``f`` (the last
+    line may lack its newline)."""
+    carry = b""
+    while True:
+        chunk = f.read(block_bytes)
+        if not chunk:
+            break
+        buf = carry + chunk
+        nl = buf.rfind(b"\n")
+        if nl < 0:
+            carry = buf
+            continue
+        carry = buf[nl + 1:]
+        yield buf[:nl + 1]
     if carry:
         yield carry
 

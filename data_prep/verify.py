@@ -12,13 +12,16 @@ from dqrm_mpi.data.schema import (
     DENSE, LABEL, NUM_DENSE, NUM_SPARSE, SPARSE, SPLITS, SchemaError, find_bad_value, list_shards, read_meta,
 )
 
+from .input_map import load_input_map
+
 READ_ROWS = 1 << 18
 
 
 def verify_dataset(root: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None) -> list[str]:
     """Every problem found (empty list: the dataset follows the contract and meta.json).
     Reading checks each chunk's Fletcher-32 checksum: a flipped bit is a problem.  ``warn``
-    gets what is not a problem but worth saying (shards without checksums)."""
+    gets what is not a problem but worth saying (shards without checksums).  The input map, when
+    meta.json records one, must have the digest and table sizes it records."""
     root = Path(root)
     problems: list[str] = []
     try:
@@ -74,6 +77,11 @@ def verify_dataset(root: str | os.PathLike, warn: Callable[[str], None] = lambda
         expected_shards = meta.extra.get("shards", {}).get(split)
         if expected_shards is not None and expected_shards != len(shards):
             problems.append(f"{root}/{split}: {len(shards)} shards, meta.json says {expected_shards}")
+    if meta.extra.get("input_map"):
+        try:
+            load_input_map(root)  # its digest and tables against meta.json
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 

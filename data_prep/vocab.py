@@ -112,6 +112,17 @@ class Mapper:
         found = self.vocab[np.minimum(idx, k - 1)] == v
         return np.where(found, idx + 1, 0)
 
+    def with_unseen(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 as ``__call__`` gives them, bool: the value is not in the vocabulary).  Prep's
+        own values are all in it; new rows' may not be (``input_map``: they get its OOV id)."""
+        k = len(self.vocab)
+        if k == 0:
+            return np.zeros(len(v), dtype=np.int64), np.ones(len(v), dtype=bool)
+        idx = np.searchsorted(self.vocab, v)
+        missing = self.vocab[np.minimum(idx, k - 1)] != v
+        ids = idx + 1 if self.threshold > 0 else idx
+        return np.where(missing, 0, ids).astype(np.int64, copy=False), missing
+
 
 def merge_all(ex: Executor, work: WorkDir, opts: PrepOptions, n_pieces: int) -> list[dict]:
     """Pass 3 over every column; the columns' {"column", "cardinality", "distinct"}."""

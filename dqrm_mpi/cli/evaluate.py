@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
@@ -26,6 +25,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
     MODEL is a packed file from dqrm-export (inference from the packed integers,
     embedding rows dequantized at lookup) or a dqrm-train checkpoint.pt (the
     fake-quantized QAT model itself; the size reported is then its packed size).
+    The size is the model's: without the input map a packed file may carry.
 
     \b
     Example:
@@ -35,7 +35,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
     import numpy as np
     import torch
 
-    from ..quant.packed import load_packed, packed_size
+    from ..quant.packed import load_packed, model_bytes, packed_size
     from ..quant.packfile import is_packed_file
     from ..data.schema import read_meta
     from ..train.checkpoint import load_checkpoint
@@ -47,7 +47,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
         torch.set_num_threads(threads)
     try:
         if is_packed_file(model):
-            net, source, size = load_packed(model), "packed", os.path.getsize(model)
+            net, source, size = load_packed(model), "packed", model_bytes(model)
         else:
             net, quant, _ = load_checkpoint(model)
             source, size = "checkpoint", packed_size(net.config, quant)

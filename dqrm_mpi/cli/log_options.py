@@ -1,11 +1,12 @@
 """``dqrm-train`` options for what a run reports while it runs (progress, metrics.jsonl
-windows, TensorBoard) and the per-epoch checkpoints it keeps."""
+windows, TensorBoard) and the per-epoch and best checkpoints it keeps."""
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import click
 
+from ..train.best_checkpoint import KEEP_BEST
 from ..train.log_config import LogConfig
 from ..train.progress import MODES
 from .options import apply_options
@@ -29,6 +30,13 @@ _OPTIONS = [
     click.option("--keep-epoch-checkpoints", is_flag=True,
                  help="Also keep the model of every epoch's end as OUT/checkpoint-epoch{N}.pt (N as in "
                       "metrics.jsonl's epoch, from 0), e.g. to apply dqrm-export's PTQ to any epoch."),
+    click.option("--keep-best", type=click.Choice(KEEP_BEST), default="none",
+                 help="val: also keep the model of the evaluation with the best val AUC as "
+                      "OUT/checkpoint-best.pt (replaced at each new best), and give that evaluation's step and "
+                      "metrics on every evaluated split in summary.json's selected_by_val: a model chosen "
+                      "without looking at the test split (best_test is the best test value seen).  test: "
+                      "the same by test AUC.  The split must be among --eval-splits; on --resume the "
+                      "selection continues from checkpoint-best.pt."),
 ]
 
 
@@ -37,7 +45,7 @@ def log_options(fn: Callable) -> Callable:
 
 
 def pop_log_config(options: dict[str, Any]) -> LogConfig:
-    """Remove the reporting options from ``options`` (not --keep-epoch-checkpoints, a
-    TrainConfig field) and build the validated config (ValueError if bad)."""
+    """Remove the reporting options from ``options`` (not --keep-epoch-checkpoints and
+    --keep-best, TrainConfig fields) and build the validated config (ValueError if bad)."""
     return LogConfig(progress=options.pop("progress"), progress_seconds=options.pop("progress_seconds"),
                      log_every=options.pop("log_every"), tensorboard=options.pop("tensorboard"))

@@ -30,6 +30,7 @@ def main() -> None:
     Example:
       dqrm-repro run smoke --out reports/smoke          # minutes, tiny planted data
       dqrm-repro run small --out reports/small          # <= 2 h on 2 cores
+      dqrm-repro run medium --out reports/medium        # 10 M rows, 4 epochs: hours (make repro-medium)
       dqrm-repro run kaggle --out reports/kaggle --raw /data/criteo/train.txt --only T2 --only F2a
       dqrm-repro report reports/small                   # re-render from the finished runs
     """
@@ -40,7 +41,7 @@ def main() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Report directory: data/, runs/<run>/, report.md, tables/*.csv, figures/*.png.")
 @click.option("--only", multiple=True, help="Run only what these tables / figures need (T1..T8, F1a, F1cd, "
-                                            "F2a..F2d; repeat or comma-separate). The report shows every table.")
+                                            "F2a..F2d, F8; repeat or comma-separate). The report shows every table.")
 @click.option("--dry-run", is_flag=True, help="Print the commands (marking finished and blocked ones); run nothing.")
 @click.option("--np", "np_", type=click.IntRange(min=2), default=None,
               help="Ranks of the communication experiments [default: the profile's].")
@@ -48,8 +49,11 @@ def main() -> None:
               help="Criteo input for the kaggle (train.txt) and terabyte (day_* folder) profiles.")
 @click.option("--hosts", default=None, help="horovodrun host list (e.g. a:4,b:4) for multi-rank runs; on the "
                                             "terabyte profile this runs the suite instead of writing scripts.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1,
+              help="Steps run at once, each with its share of the cores as OMP_NUM_THREADS (unless set): e.g. "
+                   "2 runs two one-rank trainings side by side on one core each instead of one after another.")
 def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int | None, raw: Path | None,
-        hosts: str | None) -> None:
+        hosts: str | None, jobs: int) -> None:
     """Run PROFILE's experiments (skipping finished runs) and write the report into OUT."""
     from ..repro.report import render
     from ..repro.runner import Interrupted, execute, is_finished, write_batch_script, write_json
@@ -85,7 +89,7 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
                    f"allocation; then `dqrm-repro report {out}`)")
     start = time.perf_counter()
     try:
-        failed = execute(plan, out, todo, echo=click.echo)
+        failed = execute(plan, out, todo, echo=click.echo, jobs=jobs)
     except Interrupted as e:
         click.echo(f"dqrm-repro: {e}", err=True)
         sys.exit(130)

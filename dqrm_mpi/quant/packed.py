@@ -8,7 +8,10 @@ Tensors of the file (``packfile``), in this order:
                                               (channel); or {bottom|top}.{i}.weight float32
     {bottom|top}.{i}.bias                     float32 [out]
     {bottom|top}.{i}.act_scale                float32 [1] (only with act_bits)
-where i is the layer's index in the model's ``layers`` Sequential.  The header also holds
+    input_map.vocab_{j}                       uint32 [K_j] (only with an input map, j = 0..25)
+where i is the layer's index in the model's ``layers`` Sequential.  With an input map (the raw
+value -> id mapping of the model's dataset, ``data_prep.input_map``) the header's ``input_map``
+holds its options and ``sha256`` digest, and its vocabularies follow the model's tensors.  The header also holds
 ``architecture`` (ModelConfig fields) and ``quant`` (emb_bits, emb_scale "table" | "rowwise",
 mlp_bits, mlp_quant "none" | "matrix" | "channel", act_bits: format version 1's spelling).
 
@@ -17,13 +20,17 @@ load (they are small), so predictions equal the QAT model's fake-quantized ones.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
+from .. import kernels
 from ..model import DLRM, EmbeddingTables, ModelConfig
+from ..model.config import NUM_SPARSE
 from ..qcore import CHANNEL, ROW, TENSOR, dequantize, pack, quantize, row_scales, unpack
 from . import packfile
 from .config import QuantConfig
@@ -126,14 +133,50 @@ def _tensors(model: DLRM, quant: QuantConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_packed(model: DLRM, quant: QuantConfig, path: str | Path) -> int:
+@dataclass(frozen=True, eq=False)
+class InputMapParts:
+    """An input map as the packed file keeps it: its options, its SHA-256 digest and its 26
+    vocabularies (uint32 arrays); ``data_prep.input_map.InputMap`` gives and takes them."""
+
+    options: dict[str, Any]
+    sha256: str
+    vocabs: tuple[np.ndarray, ...]
+
+
+def model_bytes(path: str | Path) -> int:
+    """Bytes of the packed model in ``path`` without its input map: the file's size when it has
+    none, else what the file would take without it (the model's size, as the FP32 ratio counts it)."""
+    header, _ = packfile.read_header(path)
+    if "input_map" not in header:
+        return Path(path).stat().st_size
+    try:
+        return packed_size(ModelConfig(**header["architecture"]), QuantConfig.from_dict(header["quant"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the header does not describe a model ({type(e).__name__}: {e})") from None
+
+
+def _map_entries(parts: InputMapParts) -> list[TensorEntry]:
+    return [TensorEntry(f"input_map.vocab_{j:02d}", "uint32", (len(v),)) for j, v in enumerate(parts.vocabs)]
+
+
+def export_packed(model: DLRM, quant: QuantConfig, path: str | Path, input_map: InputMapParts | None = None) -> int:
     """Write ``model`` (prepared with ``quant``, or FP32 when quant quantizes nothing) to
-    ``path`` in the packed format; returns the file size in bytes."""
-    return packfile.write(path, _meta(model.config, quant), _layout(model.config, quant), _tensors(model, quant))
+    ``path`` in the packed format, with ``input_map`` when given; returns the file size in bytes."""
+    meta, entries, tensors = _meta(model.config, quant), _layout(model.config, quant), _tensors(model, quant)
+    if input_map is not None:
+        meta["input_map"] = {**input_map.options, "sha256": input_map.sha256}
+        entries += _map_entries(input_map)
+        tensors.update({e.name: torch.from_numpy(np.ascontiguousarray(v, dtype=np.uint32))
+                        for e, v in zip(_map_entries(input_map), input_map.vocabs)})
+    return packfile.write(path, meta, entries, tensors)
+
+
+KERNEL_BITS = (2, 4, 8)  # the widths dqrm_mpi/csrc/packed_embedding.cpp reads
 
 
 class PackedEmbeddingTables(nn.Module):
-    """sparse int [B, 26] -> float32 [B, 26, d] from packed tables, dequantized at lookup.
+    """sparse int [B, 26] -> float32 [B, 26, d] from packed tables, dequantized at lookup
+    (with the CPU kernels, INT8 / INT4 / INT2 tables in one fused pass; no FP32 copy of a table).
 
     packed: uint8 [n_t, row bytes] per table; scales: float32 [n_t] per row (``per_row``)
     or [1] per table.
@@ -148,6 +191,11 @@ class PackedEmbeddingTables(nn.Module):
             self.register_buffer(f"scale_{t}", s)
 
     def forward(self, sparse: torch.Tensor) -> torch.Tensor:
+        if kernels.enabled() and sparse.is_cpu and self.bits in KERNEL_BITS:
+            # gather + unpack + scale in one pass of the CPU kernel (the same bits as below)
+            return kernels.ops.packed_embedding_lookup(
+                [getattr(self, f"q_{t}") for t in range(self.num_tables)],
+                [getattr(self, f"scale_{t}") for t in range(self.num_tables)], sparse, self.bits, self.dim)
         out = []
         for t in range(self.num_tables):
             ids = sparse[:, t]
@@ -159,7 +207,24 @@ class PackedEmbeddingTables(nn.Module):
 
 def load_packed(path: str | Path) -> DLRM:
     """Read a packed file into a ``DLRM`` in eval mode (tables stay packed in memory)."""
+    return load_packed_with_map(path)[0]
+
+
+def load_packed_with_map(path: str | Path) -> tuple[DLRM, InputMapParts | None]:
+    """``load_packed`` and the file's input map (None when it was exported without one)."""
     header, tensors = packfile.read(path)
+    parts = None
+    if "input_map" in header:
+        options = dict(header["input_map"])
+        sha = options.pop("sha256", "")
+        names = [f"input_map.vocab_{j:02d}" for j in range(NUM_SPARSE)]
+        if any(n not in tensors for n in names):
+            raise ValueError(f"{path}: the header names an input map but its vocabularies are missing")
+        parts = InputMapParts(options, sha, tuple(tensors.pop(n).numpy() for n in names))
+    return _model_from(path, header, tensors), parts
+
+
+def _model_from(path: str | Path, header: dict[str, Any], tensors: dict[str, torch.Tensor]) -> DLRM:
     try:
         config = ModelConfig(**header["architecture"])
         quant = QuantConfig.from_dict(header["quant"])

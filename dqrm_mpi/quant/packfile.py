@@ -12,7 +12,8 @@ Layout (all integers little-endian)::
     offset 20+H u32       CRC-32 of bytes [0, 20+H) (magic, version, length and header)
     offset 24+H           payload: the tensors back to back, ``offset`` counted from here
 
-Tensor dtypes: "float32" (little-endian IEEE, C order) or "packed": signed ``bits``-bit
+Tensor dtypes: "float32" (little-endian IEEE, C order), "uint32" (little-endian, C order:
+the input map's vocabularies) or "packed": signed ``bits``-bit
 integers packed by ``qcore.pack`` row by row (shape = [rows, values per row]; each row
 takes ceil(values * bits / 8) bytes; INT4 two values per byte, INT2 four).  ``crc32`` is the
 CRC-32 (``zlib.crc32``) of the tensor's stored bytes: a damaged file is refused on load with
@@ -48,20 +49,23 @@ class TensorEntry:
     (shape [rows, values per row])."""
 
     name: str
-    dtype: str  # "float32" | "packed"
+    dtype: str  # "float32" | "uint32" | "packed"
     shape: tuple[int, ...]
     bits: int | None = None
 
     @property
     def stored_shape(self) -> tuple[int, ...]:
-        """Shape of the stored tensor: ``shape`` (float32) or [rows, bytes per row] (uint8)."""
-        if self.dtype == "float32":
+        """Shape of the stored tensor: ``shape`` (float32, uint32) or [rows, bytes per row] (uint8)."""
+        if self.dtype in _WORDS:
             return self.shape
         return self.shape[0], packed_row_bytes(self.shape[1], self.bits)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.stored_shape)) * (4 if self.dtype == "float32" else 1)
+        return int(np.prod(self.stored_shape)) * (4 if self.dtype in _WORDS else 1)
+
+
+_WORDS = {"float32": "<f4", "uint32": "<u4"}  # 4-byte dtypes: their stored numpy type
 
 
 def encode_header(meta: dict[str, Any], entries: list[TensorEntry], crcs: dict[str, int] | None = None) -> bytes:
@@ -93,7 +97,7 @@ def write(path: str | Path, meta: dict[str, Any], entries: list[TensorEntry],
         t = tensors[e.name]
         if tuple(t.shape) != tuple(e.stored_shape):
             raise AssertionError(f"{e.name}: shape {tuple(t.shape)}, layout says {e.stored_shape}")
-        return np.ascontiguousarray(t.numpy(), dtype="<f4" if e.dtype == "float32" else np.uint8)
+        return np.ascontiguousarray(t.numpy(), dtype=_WORDS.get(e.dtype, np.uint8))
 
     head = encode_header(meta, entries, {e.name: zlib.crc32(stored(e)) for e in entries})
 
@@ -138,21 +142,25 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
 
 
 def read(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(header, name -> tensor): float32 tensors, packed ones as uint8 [rows, bytes per row].
+    """(header, name -> tensor): float32 and uint32 tensors, packed ones as uint8 [rows, bytes
+    per row].  Each tensor is read into its own memory, once: a loaded file takes about its size.
     ValueError naming the tensor when one is truncated or fails its CRC-32."""
     header, start = read_header(path)
-    raw = np.fromfile(path, dtype=np.uint8, offset=start)
     tensors = {}
-    for e in header["tensors"]:
-        chunk = raw[e["offset"]:e["offset"] + e["nbytes"]]
-        if len(chunk) != e["nbytes"]:
-            raise ValueError(f"{path}: truncated at tensor {e['name']}")
-        if "crc32" in e and f"{zlib.crc32(chunk):08x}" != e["crc32"]:
-            raise ValueError(f"{path}: tensor {e['name']} is damaged (CRC-32 {zlib.crc32(chunk):08x}, the file "
-                             f"says {e['crc32']}): the file changed after export; export the model again")
-        entry = TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["bits"])
-        if e["dtype"] == "float32":
-            tensors[e["name"]] = torch.from_numpy(chunk.view("<f4").astype(np.float32).reshape(entry.shape))
-        else:
-            tensors[e["name"]] = torch.from_numpy(chunk.reshape(entry.stored_shape).copy())
+    with open(path, "rb") as f:
+        for e in header["tensors"]:
+            chunk = np.empty(e["nbytes"], dtype=np.uint8)
+            f.seek(start + e["offset"])
+            if f.readinto(memoryview(chunk)) != e["nbytes"]:
+                raise ValueError(f"{path}: truncated at tensor {e['name']}")
+            if "crc32" in e and f"{zlib.crc32(chunk):08x}" != e["crc32"]:
+                raise ValueError(f"{path}: tensor {e['name']} is damaged (CRC-32 {zlib.crc32(chunk):08x}, the file "
+                                 f"says {e['crc32']}): the file changed after export; export the model again")
+            entry = TensorEntry(e["name"], e["dtype"], tuple(e["shape"]), e["bits"])
+            if e["dtype"] in _WORDS:
+                native = np.dtype(_WORDS[e["dtype"]]).newbyteorder("=")
+                tensors[e["name"]] = torch.from_numpy(chunk.view(_WORDS[e["dtype"]]).astype(native, copy=False)
+                                                      .reshape(entry.shape))
+            else:
+                tensors[e["name"]] = torch.from_numpy(chunk.reshape(entry.stored_shape))
     return header, tensors

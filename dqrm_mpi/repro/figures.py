@@ -46,9 +46,11 @@ def draw(figure: Figure, runs: dict[str, RunFiles], path: Path) -> list[str]:
                 scale = 100.0 if panel == "accuracy" else 1.0
                 ax.plot([r["step"] for r in evals], [r[panel] * scale for r in evals], marker=".", label=label)
     for ax, panel in zip(axes[0], figure.panels):
-        for step in boundaries or ():
+        for epoch, step in enumerate(boundaries or (), 1):
             ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)
-        ax.set_xlabel("iteration")
+            ax.text(step, 1.0, f" end of epoch {epoch}", rotation=90, va="top", ha="right", fontsize=7,
+                    color="grey", transform=ax.get_xaxis_transform())
+        ax.set_xlabel("iteration (dashed: epoch ends)" if boundaries else "iteration")
         ax.set_ylabel(PANEL_LABELS[panel])
         ax.grid(alpha=0.3)
         if ax.lines:

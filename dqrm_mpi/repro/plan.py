@@ -63,7 +63,6 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
     Two runs whose command lines are the same apart from ``--out`` are one run (the
     first name wins).  ``train_options``: the options the installed dqrm-train accepts.
     """
-    fields = asdict(profile)
     steps: dict[str, Step] = {}
     prep_keys = []
     on_cluster = cluster_reason(profile) if profile.cluster and not hosts else None
@@ -77,13 +76,15 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
     names: dict[Run, str] = {}
     by_command: dict[tuple[str, ...], str] = {}
     blocked: dict[str, str] = {}
+    in_scope = {_train_command(run, profile, hosts) for run in specs_runs(i for i in items if profile.runs_item(i.key))
+                if run.name not in profile.skip_runs}
     for run in specs_runs(items):
         n = ranks_of(run, profile)
         name = run.name if n == 1 else f"{run.name}-np{n}"
-        flags = tuple(f.format(**fields) for f in run.flags)
-        command = (*_launcher(n, profile, hosts), "dqrm-train", *profile.train_flags(), *flags)
+        command = _train_command(run, profile, hosts)
         name = names[run] = by_command.setdefault(command, name)
-        reason = _why_not(run, n, profile, hosts, train_options)
+        reason = (f"outside the {profile.name} profile: {profile.scope_note}" if command not in in_scope
+                  else _why_not(run, n, profile, hosts, train_options))
         if reason:
             blocked.setdefault(name, reason)
         out = f"{RUNS_DIR}/{name}"
@@ -97,6 +98,12 @@ def make_plan(profile: Profile, items: tuple[Table | Figure, ...], *, raw: str |
             step = _diagnose_step(name, train, profile)
             steps[step.key] = step
     return Plan(profile, steps, names, blocked)
+
+
+def _train_command(run: Run, profile: Profile, hosts: str | None) -> tuple[str, ...]:
+    """``run``'s dqrm-train command line on ``profile`` (without --out)."""
+    flags = tuple(f.format(**asdict(profile)) for f in run.flags)
+    return (*_launcher(ranks_of(run, profile), profile, hosts), "dqrm-train", *profile.train_flags(), *flags)
 
 
 def _launcher(ranks: int, profile: Profile, hosts: str | None) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from .experiment import Drop, Figure, Metric, Table
 from .figures import draw
 from .findings import findings_markdown
 from .plan import Plan, step_run
+from .results import MetricError
 
 
 class Renderer(Cells):
@@ -79,6 +80,38 @@ class Renderer(Cells):
         return "\n".join(lines)
 
 
+def selection_markdown(r: Renderer, plan: Plan) -> str:
+    """The finished runs trained with --keep-best val: the best test AUC seen (the paper's column:
+    the model picked on the test split) beside the test metrics of the best-val model
+    (checkpoint-best.pt, picked without the test split).  "" when there are none."""
+    rows = []
+    for name in dict.fromkeys(plan.names.values()):
+        if name in plan.blocked or not r.finished([f"train:{name}"]):
+            continue
+        try:
+            summary = r.files(name).summary
+        except MetricError:
+            continue
+        chosen, best = summary.get("selected_by_val"), summary.get("best_test")
+        if not chosen or not chosen.get("test") or not best:
+            continue
+        test = chosen["test"]
+        rows.append(f"| `{name}` | {best['auc']:.4f} @{best['step']} | {summary['final']['test']['auc']:.4f} | "
+                    f"{chosen['val']['auc']:.4f} @{chosen['step']} (epoch {chosen['epoch'] + 1}) | {test['auc']:.4f} | "
+                    f"{test['accuracy'] * 100:.3f} | {test['log_loss']:.4f} | {test['auc'] - best['auc']:+.4f} |")
+    if not rows:
+        return ""
+    return "\n".join([
+        "## Model selection on the validation split", "",
+        "The paper reports the best test value seen during training, which picks the model on the test split "
+        "(the `@N` cells above). Each run here also kept the model of its best val AUC (`--keep-best val`: "
+        "`runs/NAME/checkpoint-best.pt`); its test metrics are those a user gets without looking at the test "
+        "split.", "",
+        "| run | best test AUC seen | final test AUC | best val AUC | its test AUC | its test accuracy (%) | "
+        "its test log loss | vs best test |",
+        "|---|---|---|---|---|---|---|---|", *rows, ""])
+
+
 def _table_steps(table: Table, plan: Plan) -> list[str]:
     """The steps whose outputs the table's cells read."""
     keys = []
@@ -126,6 +159,7 @@ def render(plan: Plan, out: Path, tables: tuple[Table, ...], figures: tuple[Figu
         draw(f, {label: r.files(plan.names[run]) for label, run in f.series
                  if r.finished([f"train:{plan.names[run]}"])}, out / png)
         parts.append(r.figure_markdown(f, png))
+    parts.append(selection_markdown(r, plan))
     parts.append(findings_markdown(plan, out))
     _write_text(out / "report.md", "\n".join(parts))
     return counts

@@ -15,19 +15,21 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Callable
 
 from .plan import Plan, Step, cluster_reason
 
 
 class Interrupted(Exception):
-    """Ctrl-C (SIGINT) stopped the suite in the middle of step ``key``: nothing of that step
-    counts (it has no record; a re-run redoes it)."""
+    """Ctrl-C (SIGINT) stopped the suite in the middle of ``steps``: nothing of them counts
+    (they have no record; a re-run redoes them)."""
 
-    def __init__(self, key: str, log: str) -> None:
-        super().__init__(f"interrupted during step {key} (its log: {log}); nothing of it is used: run the same "
-                         "command again to continue (finished steps are skipped, this one is redone)")
-        self.key = key
+    def __init__(self, steps: list[Step]) -> None:
+        which = ", ".join(f"{s.key} (its log: {s.log})" for s in steps) or "none (between steps)"
+        super().__init__(f"interrupted during step {which}; nothing of it is used: run the same command again "
+                         "to continue (finished steps are skipped, an interrupted one is redone)")
+        self.keys = [s.key for s in steps]
 
 
 def read_json(path: Path) -> dict | None:
@@ -59,45 +61,75 @@ def _after_stamps(out: Path, step: Step, plan: Plan) -> dict[str, str | None]:
     return {key: (read_json(out / plan.steps[key].record) or {}).get("finished") for key in step.after}
 
 
-def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] = print) -> list[str]:
-    """Run the steps ``keys`` that are not blocked or finished; returns the keys of the failed ones."""
+def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] = print, jobs: int = 1) -> list[str]:
+    """Run the steps ``keys`` that are not blocked or finished; returns the keys of the failed ones.
+
+    ``jobs``: steps run at once (each started in order as soon as the steps it needs are
+    done), every one with OMP_NUM_THREADS set to its share of the cores unless the
+    environment sets it (torch threads: dqrm-train's default follows it)."""
     failed: dict[str, str] = {}  # key -> why
     todo = [plan.steps[k] for k in keys if not plan.steps[k].blocked]
-    for i, step in enumerate(todo, 1):
-        head = f"[{i}/{len(todo)}] {step.key}"
-        if is_finished(out, step, plan):
-            echo(f"{head}: finished before, skipped")
-            continue
-        broken = [k for k in step.after if k in failed]
-        if broken:
-            cause = failed[broken[0]]
-            why = cause if cause.startswith("not run:") else f"not run: {broken[0]} failed: {cause}"
-            failed[step.key] = why
-            _fail(out, step, None, why, log=plan.steps[broken[0]].log)
-            echo(f"{head}: {why}")
-            continue
-        echo(f"{head}: {step.shell()}")
-        start = time.perf_counter()
-        try:
-            rc, error = _run(out, step)
-        except KeyboardInterrupt:
-            raise Interrupted(step.key, step.log) from None
-        seconds = time.perf_counter() - start
-        if rc == 0:
-            failure_path(out, step).unlink(missing_ok=True)
-            write_json(out / step.record, {"argv": list(step.argv), "after": _after_stamps(out, step, plan),
-                                           "finished": datetime.now(timezone.utc).isoformat(),
-                                           "seconds": round(seconds, 3)})
-            echo(f"{head}: done in {seconds:.1f} s")
-        else:
-            _fail(out, step, rc, error)
-            failed[step.key] = error
-            echo(f"{head}: FAILED (exit {rc}): {error}  [log: {step.log}]")
-    return list(failed)
+    heads = {step.key: f"[{i}/{len(todo)}] {step.key}" for i, step in enumerate(todo, 1)}
+    waiting, done = list(todo), set()
+    threads = None if jobs == 1 else str(max(1, len(os.sched_getaffinity(0)) // jobs))
+    running: dict[Future, Step] = {}
+    try:  # Ctrl-C reaches this thread (and the steps, which end): no record for what ran
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while waiting or running:
+                # the first step (in order) whose steps are done, while a job is free
+                while len(running) < jobs and (step := next(
+                        (s for s in waiting if all(k in done or k not in heads for k in s.after)), None)):
+                    waiting.remove(step)
+                    if is_finished(out, step, plan):
+                        echo(f"{heads[step.key]}: finished before, skipped")
+                        done.add(step.key)
+                        continue
+                    broken = [k for k in step.after if k in failed]
+                    if broken:
+                        cause = failed[broken[0]]
+                        why = cause if cause.startswith("not run:") else f"not run: {broken[0]} failed: {cause}"
+                        failed[step.key] = why
+                        _fail(out, step, None, why, log=plan.steps[broken[0]].log)
+                        echo(f"{heads[step.key]}: {why}")
+                        done.add(step.key)
+                        continue
+                    echo(f"{heads[step.key]}: {step.shell()}")
+                    running[pool.submit(_timed_run, out, step, threads)] = step
+                if not running:
+                    if waiting:
+                        raise AssertionError(f"{waiting[0].key} needs steps that come after it")
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: todo.index(running[f])):
+                    step = running.pop(future)
+                    rc, error, seconds = future.result()
+                    head = heads[step.key]
+                    if rc == 0:
+                        failure_path(out, step).unlink(missing_ok=True)
+                        write_json(out / step.record, {"argv": list(step.argv),
+                                                       "after": _after_stamps(out, step, plan),
+                                                       "finished": datetime.now(timezone.utc).isoformat(),
+                                                       "seconds": round(seconds, 3)})
+                        echo(f"{head}: done in {seconds:.1f} s")
+                    else:
+                        _fail(out, step, rc, error)
+                        failed[step.key] = error
+                        echo(f"{head}: FAILED (exit {rc}): {error}  [log: {step.log}]")
+                    done.add(step.key)
+    except KeyboardInterrupt:
+        raise Interrupted(list(running.values())) from None
+    return [s.key for s in todo if s.key in failed]
 
 
-def _run(out: Path, step: Step) -> tuple[int, str]:
-    """Run one step; returns (exit code, the last lines of its log when it failed)."""
+def _timed_run(out: Path, step: Step, threads: str | None) -> tuple[int, str, float]:
+    start = time.perf_counter()
+    rc, error = _run(out, step, threads)
+    return rc, error, time.perf_counter() - start
+
+
+def _run(out: Path, step: Step, threads: str | None = None) -> tuple[int, str]:
+    """Run one step (``threads``: its OMP_NUM_THREADS unless set); returns (exit code, the last
+    lines of its log when it failed)."""
     log = out / step.log
     log.parent.mkdir(parents=True, exist_ok=True)
     (out / step.record).unlink(missing_ok=True)  # unfinished until it succeeds again
@@ -108,13 +140,8 @@ def _run(out: Path, step: Step) -> tuple[int, str]:
         err.write(f"$ {step.shell()}\n")
         err.flush()
         with open(stdout_tmp, "w") if stdout_tmp else open(os.devnull, "w") as stdout:
-            try:
-                proc = subprocess.run(step.argv, cwd=out, stdin=subprocess.DEVNULL, env=_env(step),
-                                      stdout=stdout if stdout_tmp else err, stderr=err)
-            except KeyboardInterrupt:  # the step ended with the signal too: what it printed is not kept
-                if stdout_tmp:
-                    stdout_tmp.unlink(missing_ok=True)
-                raise
+            proc = subprocess.run(step.argv, cwd=out, stdin=subprocess.DEVNULL, env=_env(step, threads),
+                                  stdout=stdout if stdout_tmp else err, stderr=err)
     if proc.returncode == 0:
         if stdout_tmp:
             os.replace(stdout_tmp, out / step.stdout)
@@ -124,11 +151,14 @@ def _run(out: Path, step: Step) -> tuple[int, str]:
     return proc.returncode, last_error(log)
 
 
-def _env(step: Step) -> dict[str, str]:
+def _env(step: Step, threads: str | None = None) -> dict[str, str]:
     """The environment of a step.  MPI launches get Open MPI's yield-when-idle unless it is set:
     a profile may place more ranks than cores on one machine (4 on 2 cores), where ranks that
-    busy-poll for messages take the cores the other ranks need (3-5x slower exchanges here)."""
+    busy-poll for messages take the cores the other ranks need (3-5x slower exchanges here).
+    ``threads``: OMP_NUM_THREADS unless it is set (steps run side by side)."""
     env = dict(os.environ)
+    if threads is not None:
+        env.setdefault("OMP_NUM_THREADS", threads)
     if step.argv[0] in ("horovodrun", "mpirun"):
         env.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
     return env

@@ -126,6 +126,10 @@ FIGURES = (
            (("FP32", FP32), ("DQRM INT4", DQRM4)), ("accuracy", "auc")),
     Figure("F2b", "Training loss per iteration (smoothed): FP32 vs DQRM INT4",
            (("FP32", FP32), ("DQRM INT4", DQRM4)), ("loss",)),
+    Figure("F8", "Table 8 as curves: QAT as fine-tuning (1 FP32 epoch, then QAT) vs QAT from scratch",
+           (("FP32", FP32), ("1 FP32 epoch, then DQRM INT4", FINETUNE), ("DQRM INT4 from scratch", DQRM4)),
+           ("auc", "loss"), note="DQRM INT4 (embeddings per table, MLP per channel); the fine-tuned run trains "
+                                 "its first epoch in FP32."),
     Figure("F2c", "Naive gradient quantization (embedding and MLP gradients, no error compensation)",
            (("FP32 gradients", SPARSE), ("INT16", NAIVE[16]), ("INT8", NAIVE[8]), ("INT4", NAIVE[4])),
            ("auc", "loss")),

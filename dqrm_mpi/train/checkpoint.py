@@ -15,9 +15,10 @@ from ..quant import QATState, QuantConfig, prepare_qat
 from .config import TrainConfig
 from .checkpoint_file import CheckpointError, read_checkpoint
 from .optimizers import OptimConfig
-from .run_dir import CHECKPOINT, DAMAGED_CHECKPOINT, METRICS, PREV_CHECKPOINT, json_safe
+from .run_dir import BEST_CHECKPOINT, CHECKPOINT, DAMAGED_CHECKPOINT, METRICS, PREV_CHECKPOINT, json_safe
 
-RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CHECKPOINT, DAMAGED_CHECKPOINT)
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, BEST_CHECKPOINT, PREV_CHECKPOINT,
+             DAMAGED_CHECKPOINT)
 # Fields a resumed run must share with the checkpoint's run (the rest, e.g. lr, epochs,
 # max_steps, evaluation and compression settings, may change on resume).
 RESUME_KEYS = ("data", "preset", "embedding_dim", "bottom_mlp", "top_mlp", "batch_size", "seed", "quant")
@@ -38,7 +39,11 @@ def load_checkpoint(path: str | Path) -> tuple[DLRM, QuantConfig, QATState | Non
     """A ``dqrm-train`` checkpoint as (model in eval mode, its QuantConfig, its QATState or None),
     verified (``checkpoint_file.read_checkpoint``: CheckpointError, a ValueError, naming the
     file and what is wrong)."""
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[DLRM, QuantConfig, QATState | None]:
+    """``load_checkpoint`` of a dict ``read_checkpoint`` (``checkpoint_file``, re-exported here) returned."""
     config = ModelConfig(**ckpt["model_config"])
     quant = QuantConfig.from_dict((ckpt.get("train_config") or {}).get("quant"))
     model = DLRM(config)

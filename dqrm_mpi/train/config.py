@@ -9,6 +9,7 @@ from ..data.schema import NUM_SPARSE
 from ..model.config import PRESETS, model_config_from_preset
 from ..quant.config import QuantConfig
 from ..compression.config import CompressionConfig
+from .best_checkpoint import KEEP_BEST
 from .log_config import LogConfig
 from .optimizers import OptimConfig
 
@@ -37,7 +38,9 @@ class TrainConfig:
     checkpoint_every is in steps and checkpoint_minutes in minutes of wall time (0: off; the
     last checkpoint is always written); resume is one of RESUME_MODES (True/False read as
     yes/no).
-    keep_epoch_checkpoints also keeps the model of every epoch's end (``epoch_checkpoint.py``).
+    keep_epoch_checkpoints also keeps the model of every epoch's end (``epoch_checkpoint.py``);
+    keep_best (one of KEEP_BEST; a split among eval_splits, or none) the model of the best AUC
+    on that split (``best_checkpoint.py``).
     lr is the base learning rate of both optimizers unless ``optim`` sets their own; ``optim``
     picks the tables' and MLPs' optimizers, the batch scaling and the schedule (default: plain
     SGD at a constant ``lr``).
@@ -69,6 +72,7 @@ class TrainConfig:
     compression: CompressionConfig = field(default_factory=CompressionConfig)  # default: uncompressed
     optim: OptimConfig = field(default_factory=OptimConfig)  # default: plain SGD, constant lr
     keep_epoch_checkpoints: bool = False
+    keep_best: str = "none"
     log: LogConfig = field(default_factory=LogConfig)  # progress, metrics.jsonl windows, TensorBoard
     stall_timeout: float = 600.0  # seconds one collective may wait before the job is ended; 0: never
 
@@ -96,6 +100,10 @@ class TrainConfig:
             (self.resume in RESUME_MODES, f"resume must be one of {RESUME_MODES}, got {self.resume!r}"),
             (not (self.resume != "no" and self.overwrite), "resume and overwrite exclude each other"),
             (set(self.eval_splits) <= {"test", "val"}, f"eval_splits must be test and/or val, got {self.eval_splits}"),
+            (self.keep_best in KEEP_BEST, f"keep_best must be one of {KEEP_BEST}, got {self.keep_best!r}"),
+            (self.keep_best == "none" or self.keep_best in self.eval_splits,
+             f"keep_best {self.keep_best} selects by the {self.keep_best} split's AUC: add {self.keep_best} to "
+             f"eval_splits (now {', '.join(self.eval_splits)})"),
             (isinstance(self.quant, QuantConfig), f"quant must be a QuantConfig, got {type(self.quant).__name__}"),
             (isinstance(self.compression, CompressionConfig),
              f"compression must be a CompressionConfig, got {type(self.compression).__name__}"),

@@ -21,16 +21,17 @@ from ..locking import DirectoryLock
 from ..model import DLRM, ModelConfig, model_config_from_preset
 from ..quant.qat import QATState, prepare_qat
 from .agreement import agree_finite, shard_rows
+from .best_checkpoint import BestSelection, previous_selection
 from .checkpoint import CHECKPOINT, checkpoint_state, prepare_out_dir
 from .config import IN_MEMORY_AUTO_BYTES, TrainConfig
 from .epoch_checkpoint import keep_epoch_checkpoint
 from .evaluation import evaluate
 from .failures import RankFailure, is_peer_shutdown, peer_failed
 from .launcher_watch import LauncherWatch
+from .optimizers import OptimConfig, TrainingOptimizer
 from .preemption import CheckpointSchedule, Preempted, StopSignals
 from .report import format_summary
-from .run_dir import RunDir
-from .optimizers import OptimConfig, TrainingOptimizer
+from .run_dir import BEST_CHECKPOINT, RunDir
 from .step_timer import StepTimer
 from .training_log import TrainingLog
 from .watchdog import HEARTBEAT_DIR, StallWatchdog, WatchedCollectives
@@ -207,6 +208,7 @@ class _Training:
         self.optimizer = TrainingOptimizer(model, model.embedding_parameter_names(), config.optim, config.lr,
                                            config.batch_size, self.batches.steps_per_epoch * config.epochs)
         self.saved_step: int | None = None  # step of the last checkpoint written
+        self.evaluated_step: int | None = None  # step of the last evaluation
         self.schedule = CheckpointSchedule(backend, signals, config.checkpoint_every, config.checkpoint_minutes * 60)
         self.run = RunDir(config.out, resume_step=start_step) if backend.rank == 0 else None
         self.timer = StepTimer(device)  # where each step's time goes
@@ -214,8 +216,16 @@ class _Training:
         self.log = TrainingLog(backend, self.run, config.log, self.timer, batch_size=config.batch_size,
                                steps_per_epoch=self.batches.steps_per_epoch, total_steps=self.total_steps,
                                start_step=start_step, learning_rates=self.optimizer.learning_rates)
+        self.best = self._best_selection() if self.run and config.keep_best != "none" else None  # rank 0
         if self.run:
             self._write_config()
+
+    def _best_selection(self) -> BestSelection:
+        """--keep-best: a fresh selection, or on --resume the one checkpoint-best.pt holds."""
+        previous, problem = previous_selection(self.config.out) if self.start_step else (None, None)
+        if problem:
+            self.log.message(f"[dqrm-train] --keep-best: {problem}; the best model is selected afresh from here")
+        return BestSelection(self.config.keep_best, previous)
 
     def _write_config(self) -> None:
         config = self.config
@@ -309,12 +319,29 @@ class _Training:
         return shard_rows(self.train_reader, start + i, start + j)
 
     def evaluate(self, epoch: int) -> None:
-        """Every configured split (collective); rank 0 logs the metrics and tracks the best ones."""
+        """Every configured split (collective); rank 0 logs the metrics and tracks the best ones.
+        Nothing to do when this step is already evaluated (an --eval-every interval that ends
+        the epoch)."""
+        if self.evaluated_step == self.step:
+            return
+        self.evaluated_step = self.step
+        results = {}
         for split, reader in self.eval_readers.items():
-            result = evaluate(self.model, reader, self.backend, self.config.eval_batch_size, self.device,
-                              show_bar=self.log.eval_bars)
+            results[split] = result = evaluate(self.model, reader, self.backend, self.config.eval_batch_size,
+                                               self.device, show_bar=self.log.eval_bars)
             self.timer.lap("eval")
             self.log.evaluated(self.step, epoch, split, result)
+        if self.best is not None and self.best.consider(self.step, epoch, results):
+            self.save_best_checkpoint(epoch)
+
+    def save_best_checkpoint(self, epoch: int) -> None:
+        """Rank 0 (--keep-best): the model just evaluated as checkpoint-best.pt, with its selection."""
+        state = checkpoint_state(self.model, self.model_config.to_dict(), self.config, self.step, epoch,
+                                 self.optimizer.state_dict())
+        self.run.save_checkpoint({**state, "selected": self.best.selected}, BEST_CHECKPOINT)
+        self.log.record({"event": "best", "file": BEST_CHECKPOINT, "split": self.best.split, "step": self.step,
+                         "epoch": epoch, "auc": self.best.selected[self.best.split]["auc"]})
+        self.timer.lap("checkpoint")
 
     def checkpoint_or_stop(self, epoch: int) -> None:
         """After a step: the checkpoint the schedule asks for; on SIGUSR1/SIGTERM (agreed by
@@ -362,6 +389,7 @@ class _Training:
             "error_feedback_bytes": self.sync.error_feedback_nbytes(),  # residual memory per rank at the end
             "planted": self.meta.extra.get("planted"),
             "qat": self.qat.summary() if self.qat is not None else None,
+            **({self.best.summary_key: self.best.selected} if self.best is not None else {}),
         }
 
     def finish(self, last_epoch: int) -> dict[str, Any]:

@@ -54,6 +54,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         if m:
             lines.append(f"   {label:<10}  accuracy {m['accuracy']:.4f}  ROC AUC {format_auc(m)}  "
                          f"log loss {m['log_loss']:.4f}  ({m['rows']} rows)")
+    for split in ("val", "test"):
+        selected = summary.get(f"selected_by_{split}")
+        if selected and selected.get("test"):
+            m = selected["test"]
+            lines.append(f"   test of the best {split} AUC ({selected[split]['auc']:.4f} at step {selected['step']}, "
+                         f"checkpoint-best.pt)  accuracy {m['accuracy']:.4f}  ROC AUC {m['auc']:.4f}  "
+                         f"log loss {m['log_loss']:.4f}")
     best = (summary.get("best") or {}).get("test") or {}
     if "accuracy" in best and "auc" in best:
         lines.append(f"   best test accuracy {best['accuracy']['value']:.4f} at step {best['accuracy']['step']}, "

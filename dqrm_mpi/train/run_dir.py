@@ -21,6 +21,7 @@ CHECKPOINT = "checkpoint.pt"
 PREV_CHECKPOINT = "checkpoint-prev.pt"  # the checkpoint before checkpoint.pt
 # where --resume auto puts a checkpoint.pt it could not use (out of the rotation, for a look)
 DAMAGED_CHECKPOINT = "checkpoint-damaged.pt"
+BEST_CHECKPOINT = "checkpoint-best.pt"  # --keep-best (best_checkpoint.py)
 METRICS = "metrics.jsonl"
 
 
@@ -62,16 +63,17 @@ class RunDir:
     def log(self, record: dict[str, Any]) -> None:
         append_line(self._metrics, self._metrics_path, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode())
 
-    def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        """Write ``checkpoint.pt`` (with digests, verified by reading it back) and keep the one
-        it replaces as ``checkpoint-prev.pt`` (renamed, once the new file is complete).
-        Non-finite weights are refused (FloatingPointError naming the tensor: the previous
-        checkpoint stays)."""
-        for name, value in state["model"].items():
+    def save_checkpoint(self, state: dict[str, Any], name: str = CHECKPOINT) -> Path:
+        """Write ``name`` (``checkpoint.pt``, or ``checkpoint-best.pt``) with digests, verified by
+        reading it back; the ``checkpoint.pt`` it replaces is kept as ``checkpoint-prev.pt``
+        (renamed, once the new file is complete).  Non-finite weights are refused
+        (FloatingPointError naming the tensor: the previous checkpoint stays)."""
+        final = self.path / name
+        for tensor, value in state["model"].items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise FloatingPointError(f"step {state['step']}: {name} holds NaN/inf values; the checkpoint "
-                                         f"{self.path / CHECKPOINT} was not overwritten (lower --lr)")
-        return write_checkpoint(self.path / CHECKPOINT, state, previous=self.path / PREV_CHECKPOINT)
+                raise FloatingPointError(f"step {state['step']}: {tensor} holds NaN/inf values; the checkpoint "
+                                         f"{final} was not overwritten (lower --lr)")
+        return write_checkpoint(final, state, previous=self.path / PREV_CHECKPOINT if name == CHECKPOINT else None)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -15,9 +15,11 @@ from click.testing import CliRunner
 from data_prep.cli import cli as prep_cli
 from dqrm_mpi.cli.evaluate import main as eval_main
 from dqrm_mpi.cli.export import main as export_main
+from dqrm_mpi.cli.predict import main as predict_main
 from dqrm_mpi.cli.train import main as train_main
 
-PROGRAMS = {"dqrm-prep": prep_cli, "dqrm-train": train_main, "dqrm-export": export_main, "dqrm-eval": eval_main}
+PROGRAMS = {"dqrm-prep": prep_cli, "dqrm-train": train_main, "dqrm-export": export_main, "dqrm-eval": eval_main,
+            "dqrm-predict": predict_main}
 
 
 def _commands() -> list[tuple[str, list[str], click.Command]]:
@@ -52,7 +54,7 @@ def _help(prog: str, path: list[str]) -> str:
 def test_every_program_and_subcommand_is_covered():
     names = {" ".join([prog, *path]) for prog, path, _ in COMMANDS}
     assert names == {"dqrm-prep", "dqrm-prep criteo", "dqrm-prep synth", "dqrm-prep verify", "dqrm-prep inspect",
-                     "dqrm-train", "dqrm-export", "dqrm-eval"}
+                     "dqrm-train", "dqrm-export", "dqrm-eval", "dqrm-predict"}
 
 
 @pytest.mark.parametrize("prog, path, command", COMMANDS, ids=[" ".join([p, *s]) for p, s, _ in COMMANDS])

@@ -31,8 +31,9 @@ def test_log_options_build_the_log_config(tmp_path):
         seen["rest"] = options
 
     result = CliRunner().invoke(cmd, ["--progress", "log", "--progress-seconds", "30", "--log-every", "50",
-                                      "--tensorboard", str(tmp_path / "tb"), "--keep-epoch-checkpoints"])
+                                      "--tensorboard", str(tmp_path / "tb"), "--keep-epoch-checkpoints",
+                                      "--keep-best", "val"])
     assert result.exit_code == 0, result.output
     log = seen["log"]
     assert (log.progress, log.progress_seconds, log.log_every, log.tensorboard) == ("log", 30.0, 50, Path(tmp_path / "tb"))
-    assert seen["rest"] == {"keep_epoch_checkpoints": True}  # a TrainConfig field
+    assert seen["rest"] == {"keep_epoch_checkpoints": True, "keep_best": "val"}  # TrainConfig fields

@@ -8,7 +8,7 @@ import pytest
 
 from dqrm_mpi.repro.experiment import Drop, Export, Metric, NotMeasured, Row, Run, Table
 from dqrm_mpi.repro.plan import make_plan, specs_runs
-from dqrm_mpi.repro.profiles import PROFILES
+from dqrm_mpi.repro.profiles import PROFILES, quarter_epoch_steps
 from dqrm_mpi.repro.results import METRICS
 from dqrm_mpi.repro.specs import DQRM4, FIGURES, FP32, PERIOD, TABLES
 
@@ -28,7 +28,7 @@ REFERENCE = {
 }
 # item 9: accuracy and loss per epoch with boundaries; naive gradient quantization; MLP vs embedding gradients
 FIGURE_PANELS = {"F1a": {"accuracy", "auc"}, "F1cd": {"loss"}, "F2a": {"accuracy", "auc"}, "F2b": {"loss"},
-                 "F2c": {"auc", "loss"}, "F2d": {"auc", "loss"}}
+                 "F2c": {"auc", "loss"}, "F2d": {"auc", "loss"}, "F8": {"auc", "loss"}}
 
 
 def _metrics(cell):
@@ -176,3 +176,21 @@ def test_a_run_stopped_part_way_fills_no_cell(tmp_path):
     write_json(tmp_path / step.record, {"argv": list(step.argv), "after": {k: None for k in step.after}})
     cell = Cells(plan, tmp_path).metric(Metric(FP32, "best_auc"))
     assert (cell.status, cell.number) == ("ok", 0.6)
+
+
+def test_medium_runs_the_scale_findings_on_one_rank_and_leaves_communication_to_small():
+    plan = make_plan(PROFILES["medium"], TABLES + FIGURES, train_options=frozenset({"--emb-exchange"}))
+    run_here = set(plan.names.values()) - set(plan.blocked)
+    assert run_here == {"fp32", "emb16", "emb8", "emb4", "dqrm4", "emb4-mlp4-matrix", "dqrm4-period1",
+                        "dqrm4-finetune"}
+    assert all("communication experiments run with the small profile" in why for why in plan.blocked.values())
+    assert plan.steps["prep:0"].argv[:7] == ("dqrm-prep", "synth", "raw.txt", "--rows", "10000000", "--profile",
+                                             "criteo-like")
+    fp32 = " ".join(plan.steps["train:fp32"].argv)
+    assert ("--preset kaggle --batch-size 128 --lr 0.1 --epochs 4 --eval-every 16741 --eval-splits test "
+            "--eval-splits val" in fp32 and "--keep-best val" in fp32 and "--keep-epoch-checkpoints" in fp32)
+    assert "diagnose:fp32" in plan.steps and not plan.steps["diagnose:fp32"].blocked
+    # a quarter of an epoch: 8,571,429 training rows (the Kaggle split of 10 M) / 128 = 66,964 steps = 4 x 16,741
+    assert quarter_epoch_steps(10_000_000, 128) == 16_741
+    with pytest.raises(ValueError, match="do not divide by 4"):
+        quarter_epoch_steps(10_000_000, 100)
