@@ -202,12 +202,17 @@ def main() -> None:
         results[int4.name] = result(args.work / "runs" / int4.name, int4,
                                     train(data, args.work / "runs" / int4.name, int4, args.epochs, None, log))
         baseline = results["a-b128"]["per_epoch"]
+        at_4096 = [r for r in runs if r.batch == 4096]
+
+        def best_at_epoch(i: int) -> Run:  # the recipe a user would pick after i + 1 epochs: best val AUC
+            return max(at_4096, key=lambda r: results[r.name]["per_epoch"][i]["val_auc"])
+
         report["target"] = {
-            "best_recipe_at_4096": best.recipe,
+            "best_recipe_at_4096_by_best_val_seen": best.recipe,
             "per_epoch": [{"epoch": e["epoch"], "b128_a_test_auc": e["test_auc"],
-                           "b4096_best_test_auc": results[best.name]["per_epoch"][i]["test_auc"],
-                           "gap": e["test_auc"] - results[best.name]["per_epoch"][i]["test_auc"],
-                           "within_0.003": e["test_auc"] - results[best.name]["per_epoch"][i]["test_auc"] <= 0.003}
+                           "b4096_best_recipe": (r := best_at_epoch(i)).recipe,
+                           "b4096_best_test_auc": (auc := results[r.name]["per_epoch"][i]["test_auc"]),
+                           "gap": e["test_auc"] - auc, "within_0.003": e["test_auc"] - auc <= 0.003}
                           for i, e in enumerate(baseline)],
             "int4_vs_fp32_at_4096": [{"epoch": e["epoch"], "fp32": results[best.name]["per_epoch"][i]["test_auc"],
                                       "int4": e["test_auc"],

@@ -110,8 +110,8 @@ def predict(large_batch: dict, parts: dict, margin: float, step_ratio: float) ->
 def markdown(pred: dict) -> str:
     one = next(g for g in pred["grid"] if g["nodes"] == 1)["fastest"]
     lines = [f"Predicted wall time to test AUC {pred['target_test_auc']:.4f} (batch-128 SGD's best - "
-             f"{pred['margin']}); per cell the fastest run (recipe-global batch) and its time; one node: "
-             f"{one['run']} {one['seconds'] / 60:.1f} min" if one else "one node: not reached", "",
+             f"{pred['margin']}); per cell the fastest run (recipe-global batch), its seconds and its speed-up "
+             f"over one node ({one['run']}, {one['seconds']:.1f} s)" if one else "one node: not reached", "",
              "| link | exchange | " + " | ".join(f"{n} nodes" for n in NODES[1:]) + " |",
              "|---|---|" + "---|" * (len(NODES) - 1)]
     for gbit in GBITS:
@@ -120,7 +120,8 @@ def markdown(pred: dict) -> str:
             for n in NODES[1:]:
                 g = next(x for x in pred["grid"] if (x["gbit"], x["scheme"], x["nodes"]) == (gbit, scheme, n))
                 f = g["fastest"]
-                cells.append(f"{f['run']} {f['seconds'] / 60:.1f} min" if f else "not reached")
+                cells.append((f"{f['run']} {f['seconds']:.1f} s" + (f" ({one['seconds'] / f['seconds']:.1f}x)"
+                                                                      if one else "")) if f else "not reached")
             lines.append(f"| {gbit} Gbit/s | {scheme} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -133,17 +134,17 @@ def plot(pred: dict, path: Path) -> None:
     one = next(g for g in pred["grid"] if g["nodes"] == 1)["fastest"]
     for ax, gbit in zip(axes, GBITS):
         for scheme in sm.SCHEMES:
-            pts = [(g["nodes"], g["fastest"]["seconds"] / 60) for g in pred["grid"]
+            pts = [(g["nodes"], g["fastest"]["seconds"]) for g in pred["grid"]
                    if g["gbit"] == gbit and g["scheme"] == scheme and g["fastest"]]
             ax.plot([n for n, _ in pts], [m for _, m in pts], marker="o", label=scheme)
         if one:
-            ax.axhline(one["seconds"] / 60, color="grey", ls="--", lw=1, label="1 node")
+            ax.axhline(one["seconds"], color="grey", ls="--", lw=1, label="1 node")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(f"{gbit} Gbit/s")
         ax.set_xlabel("nodes (one rank each)")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("minutes to target AUC (model)")
+    axes[0].set_ylabel("seconds to target AUC (model)")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Time to test AUC {pred['target_test_auc']:.4f}: measured AUC per sample x modelled step time",
                  fontsize=10)
