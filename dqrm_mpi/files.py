@@ -46,12 +46,19 @@ def check_space(path: str | os.PathLike, needed: int) -> None:
         raise DiskFullError(path, needed, free)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], needed: int) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], needed: int,
+                 before_replace: Callable[[], None] | None = None) -> None:
     """Write ``path`` by calling ``write(f)`` on a temporary file beside it, then rename it into
     place: a reader sees the old file or the new one, never part of one.  ``needed`` (bytes,
     an estimate is fine) is checked against the free space first and named if the disk fills
-    up anyway; on any failure the temporary file is removed and ``path`` is left as it was."""
+    up anyway; on any failure the temporary file is removed and ``path`` is left as it was.
+    ``before_replace()`` runs once the temporary file is complete, just before the rename (to
+    keep the old file under another name).  A directory that does not exist is named as given
+    (FileNotFoundError), not through the temporary name."""
     path = Path(path)
+    if not path.parent.is_dir():
+        problem = "is not a directory" if path.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"{path}: the directory {path.parent} {problem}")
     check_space(path, needed)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -59,6 +66,8 @@ def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None], nee
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_replace is not None:
+            before_replace()
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)

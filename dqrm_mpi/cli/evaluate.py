@@ -41,6 +41,7 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
     from ..train.checkpoint import load_checkpoint
     from ..train.evaluation import predict
     from ..train.metrics import binary_metrics
+    from ..train.run_dir import json_safe
 
     if threads:
         torch.set_num_threads(threads)
@@ -57,8 +58,11 @@ def main(model: str, data: str, split: str, batch_size: int, predictions: str | 
         raise click.ClickException(str(e)) from None
     if predictions:
         np.save(predictions, prob)
-    click.echo(json.dumps({"model": model, "source": source, "split": split, **metrics,
-                           "model_bytes": size, "model_mb": size / 2**20}))
+    if metrics.get("auc_undefined"):
+        click.echo(f"dqrm-eval: --split {split}: ROC AUC is undefined ({metrics['auc_undefined']}); "
+                   "written as null", err=True)
+    click.echo(json.dumps(json_safe({"model": model, "source": source, "split": split, **metrics,
+                                     "model_bytes": size, "model_mb": size / 2**20}), allow_nan=False))
 
 
 def check_cardinalities(model_cards: list[int], data_cards: list[int], model: str, data: str) -> None:

@@ -56,7 +56,7 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
         hosts: str | None, jobs: int) -> None:
     """Run PROFILE's experiments (skipping finished runs) and write the report into OUT."""
     from ..repro.report import render
-    from ..repro.runner import execute, is_finished, write_batch_script, write_json
+    from ..repro.runner import Interrupted, execute, is_finished, write_batch_script, write_json
 
     keys = [k.strip() for item in only for k in item.split(",") if k.strip()]
     unknown = [k for k in keys if k not in {i.key for i in ITEMS}]
@@ -88,7 +88,11 @@ def run(profile: str, out: Path, only: tuple[str, ...], dry_run: bool, np_: int 
         click.echo(f"{profile} runs on a cluster: wrote {script} (sbatch it from {out}, or run it inside an "
                    f"allocation; then `dqrm-repro report {out}`)")
     start = time.perf_counter()
-    failed = execute(plan, out, todo, echo=click.echo, jobs=jobs)
+    try:
+        failed = execute(plan, out, todo, echo=click.echo, jobs=jobs)
+    except Interrupted as e:
+        click.echo(f"dqrm-repro: {e}", err=True)
+        sys.exit(130)
     counts = render(plan, out, TABLES, FIGURES)
     click.echo(f"wrote {out / 'report.md'} ({_counts(counts)}) in {time.perf_counter() - start:.0f} s")
     if failed:

@@ -21,6 +21,17 @@ from typing import Callable
 from .plan import Plan, Step, cluster_reason
 
 
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) stopped the suite in the middle of ``steps``: nothing of them counts
+    (they have no record; a re-run redoes them)."""
+
+    def __init__(self, steps: list[Step]) -> None:
+        which = ", ".join(f"{s.key} (its log: {s.log})" for s in steps) or "none (between steps)"
+        super().__init__(f"interrupted during step {which}; nothing of it is used: run the same command again "
+                         "to continue (finished steps are skipped, an interrupted one is redone)")
+        self.keys = [s.key for s in steps]
+
+
 def read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -61,48 +72,52 @@ def execute(plan: Plan, out: Path, keys: list[str], echo: Callable[[str], None] 
     heads = {step.key: f"[{i}/{len(todo)}] {step.key}" for i, step in enumerate(todo, 1)}
     waiting, done = list(todo), set()
     threads = None if jobs == 1 else str(max(1, len(os.sched_getaffinity(0)) // jobs))
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        running: dict[Future, Step] = {}
-        while waiting or running:
-            # the first step (in order) whose steps are done, while a job is free
-            while len(running) < jobs and (step := next(
-                    (s for s in waiting if all(k in done or k not in heads for k in s.after)), None)):
-                waiting.remove(step)
-                if is_finished(out, step, plan):
-                    echo(f"{heads[step.key]}: finished before, skipped")
+    running: dict[Future, Step] = {}
+    try:  # Ctrl-C reaches this thread (and the steps, which end): no record for what ran
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            while waiting or running:
+                # the first step (in order) whose steps are done, while a job is free
+                while len(running) < jobs and (step := next(
+                        (s for s in waiting if all(k in done or k not in heads for k in s.after)), None)):
+                    waiting.remove(step)
+                    if is_finished(out, step, plan):
+                        echo(f"{heads[step.key]}: finished before, skipped")
+                        done.add(step.key)
+                        continue
+                    broken = [k for k in step.after if k in failed]
+                    if broken:
+                        cause = failed[broken[0]]
+                        why = cause if cause.startswith("not run:") else f"not run: {broken[0]} failed: {cause}"
+                        failed[step.key] = why
+                        _fail(out, step, None, why, log=plan.steps[broken[0]].log)
+                        echo(f"{heads[step.key]}: {why}")
+                        done.add(step.key)
+                        continue
+                    echo(f"{heads[step.key]}: {step.shell()}")
+                    running[pool.submit(_timed_run, out, step, threads)] = step
+                if not running:
+                    if waiting:
+                        raise AssertionError(f"{waiting[0].key} needs steps that come after it")
+                    break
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=lambda f: todo.index(running[f])):
+                    step = running.pop(future)
+                    rc, error, seconds = future.result()
+                    head = heads[step.key]
+                    if rc == 0:
+                        failure_path(out, step).unlink(missing_ok=True)
+                        write_json(out / step.record, {"argv": list(step.argv),
+                                                       "after": _after_stamps(out, step, plan),
+                                                       "finished": datetime.now(timezone.utc).isoformat(),
+                                                       "seconds": round(seconds, 3)})
+                        echo(f"{head}: done in {seconds:.1f} s")
+                    else:
+                        _fail(out, step, rc, error)
+                        failed[step.key] = error
+                        echo(f"{head}: FAILED (exit {rc}): {error}  [log: {step.log}]")
                     done.add(step.key)
-                    continue
-                broken = [k for k in step.after if k in failed]
-                if broken:
-                    cause = failed[broken[0]]
-                    why = cause if cause.startswith("not run:") else f"not run: {broken[0]} failed: {cause}"
-                    failed[step.key] = why
-                    _fail(out, step, None, why, log=plan.steps[broken[0]].log)
-                    echo(f"{heads[step.key]}: {why}")
-                    done.add(step.key)
-                    continue
-                echo(f"{heads[step.key]}: {step.shell()}")
-                running[pool.submit(_timed_run, out, step, threads)] = step
-            if not running:
-                if waiting:
-                    raise AssertionError(f"{waiting[0].key} needs steps that come after it")
-                break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in sorted(finished, key=lambda f: todo.index(running[f])):
-                step = running.pop(future)
-                rc, error, seconds = future.result()
-                head = heads[step.key]
-                if rc == 0:
-                    failure_path(out, step).unlink(missing_ok=True)
-                    write_json(out / step.record, {"argv": list(step.argv), "after": _after_stamps(out, step, plan),
-                                                   "finished": datetime.now(timezone.utc).isoformat(),
-                                                   "seconds": round(seconds, 3)})
-                    echo(f"{head}: done in {seconds:.1f} s")
-                else:
-                    _fail(out, step, rc, error)
-                    failed[step.key] = error
-                    echo(f"{head}: FAILED (exit {rc}): {error}  [log: {step.log}]")
-                done.add(step.key)
+    except KeyboardInterrupt:
+        raise Interrupted(list(running.values())) from None
     return [s.key for s in todo if s.key in failed]
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .metrics import format_auc
 from .step_timer import TRAIN_PARTS
 
 
@@ -51,7 +52,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     for label, m in (("final test", summary["final"].get("test")), ("best test", summary.get("best_test")),
                      ("final val", summary["final"].get("val"))):
         if m:
-            lines.append(f"   {label:<10}  accuracy {m['accuracy']:.4f}  ROC AUC {m['auc']:.4f}  "
+            lines.append(f"   {label:<10}  accuracy {m['accuracy']:.4f}  ROC AUC {format_auc(m)}  "
                          f"log loss {m['log_loss']:.4f}  ({m['rows']} rows)")
     for split in ("val", "test"):
         selected = summary.get(f"selected_by_{split}")

@@ -1,4 +1,5 @@
-"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt.
+"""The run directory: config.json, metrics.jsonl, summary.json, checkpoint.pt (and
+checkpoint-prev.pt, the one before).
 
 Every file is written whole or not at all (JSON and checkpoint through a temporary name,
 metrics one whole line at a time), readable like any file the user creates, and a full
@@ -13,9 +14,13 @@ from typing import Any
 
 import torch
 
-from ..files import append_line, write_atomic, write_atomic_bytes
+from ..files import append_line, write_atomic_bytes
+from .checkpoint_file import write_checkpoint
 
 CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint-prev.pt"  # the checkpoint before checkpoint.pt
+# where --resume auto puts a checkpoint.pt it could not use (out of the rotation, for a look)
+DAMAGED_CHECKPOINT = "checkpoint-damaged.pt"
 BEST_CHECKPOINT = "checkpoint-best.pt"  # --keep-best (best_checkpoint.py)
 METRICS = "metrics.jsonl"
 
@@ -59,16 +64,16 @@ class RunDir:
         append_line(self._metrics, self._metrics_path, (json.dumps(json_safe(record), sort_keys=True) + "\n").encode())
 
     def save_checkpoint(self, state: dict[str, Any], name: str = CHECKPOINT) -> Path:
-        """Write ``name`` (``checkpoint.pt``) in place of the previous one, refusing non-finite
-        weights (FloatingPointError naming the tensor: the previous checkpoint stays)."""
+        """Write ``name`` (``checkpoint.pt``, or ``checkpoint-best.pt``) with digests, verified by
+        reading it back; the ``checkpoint.pt`` it replaces is kept as ``checkpoint-prev.pt``
+        (renamed, once the new file is complete).  Non-finite weights are refused
+        (FloatingPointError naming the tensor: the previous checkpoint stays)."""
         final = self.path / name
         for tensor, value in state["model"].items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise FloatingPointError(f"step {state['step']}: {tensor} holds NaN/inf values; the checkpoint "
                                          f"{final} was not overwritten (lower --lr)")
-        needed = sum(v.numel() * v.element_size() for v in state["model"].values()) + 1_000_000
-        write_atomic(final, lambda f: torch.save(state, f), needed)
-        return final
+        return write_checkpoint(final, state, previous=self.path / PREV_CHECKPOINT if name == CHECKPOINT else None)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from ..comm.collectives import Collectives
 from ..comm.overhead import CommOverheadLog, CommWindow
 from .log_config import LogConfig
+from .metrics import format_auc
 from .progress import Progress
 from .run_dir import RunDir
 from .step_timer import TRAIN_PARTS, StepTimer
@@ -173,7 +174,7 @@ class TrainingLog:
         if self.tensorboard:
             self.tensorboard.evaluation(step, split, result)
         self.message(f"[dqrm-train] step {step} epoch {epoch} {split}: acc {result['accuracy']:.4f} "
-                     f"auc {result['auc']:.4f} logloss {result['log_loss']:.4f}")
+                     f"auc {format_auc(result)} logloss {result['log_loss']:.4f}")
 
     def summary_fields(self) -> dict[str, Any]:
         """summary.json's training and communication fields (rank 0's view; comm: every rank's).

@@ -25,9 +25,9 @@ def on_ranks(np_: int, args: list[str]) -> list[str]:
     return [HOROVODRUN, "-np", str(np_), "-H", f"localhost:{np_}", *args]
 
 
-def run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run to the end; the caller asserts on returncode, stdout and stderr."""
-    return subprocess.run(args, env=mpi_env(), capture_output=True, text=True, timeout=timeout)
+def run(args: list[str], timeout: int = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run to the end (in ``cwd``); the caller asserts on returncode, stdout and stderr."""
+    return subprocess.run(args, env=mpi_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen:

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from dqrm_mpi.model import DLRM, model_config_from_preset
 from dqrm_mpi.train.run_dir import CHECKPOINT, RunDir, read_metrics
 
-from ..conftest import VENV_BIN, mpi_env, run_cmd
+from ..conftest import SMALL_CARDINALITIES, VENV_BIN, mpi_env, run_cmd
 from .conftest import run, start, train_args
 
 
@@ -91,11 +92,18 @@ def test_disk_full_names_the_path_and_leaves_no_partial_file(small_dataset, tmp_
     assert list(tiny_fs.iterdir()) == [out]
 
 
+def _tiny_state(step: int) -> dict:
+    config = model_config_from_preset("tiny", SMALL_CARDINALITIES)
+    return {"model": DLRM(config).state_dict(), "model_config": config.to_dict(), "step": step}
+
+
 def test_checkpoint_with_non_finite_weights_keeps_the_previous_one(tmp_path):
     run_dir = RunDir(tmp_path)
-    run_dir.save_checkpoint({"model": {"w": torch.ones(3)}, "step": 1})
-    with pytest.raises(FloatingPointError, match="step 2: w holds NaN/inf values"):
-        run_dir.save_checkpoint({"model": {"w": torch.tensor([1.0, float("inf"), 0.0])}, "step": 2})
+    run_dir.save_checkpoint(_tiny_state(1))
+    bad = _tiny_state(2)
+    bad["model"]["top.layers.0.bias"][1] = float("inf")
+    with pytest.raises(FloatingPointError, match="step 2: top.layers.0.bias holds NaN/inf values"):
+        run_dir.save_checkpoint(bad)
     run_dir.close()
     assert torch.load(tmp_path / CHECKPOINT)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT, "metrics.jsonl"]

@@ -161,7 +161,7 @@ def test_help_and_clear_errors(fp32_run, int4_run, tmp_path):
     assert r.exit_code == 2 and "--pretrain-epochs (1) must be below --epochs (1)" in r.output
     (tmp_path / "junk").write_bytes(b"not a model")
     r = runner.invoke(eval_cli.main, [str(tmp_path / "junk"), "--data", str(tmp_path)])
-    assert r.exit_code != 0 and "not a dqrm-train checkpoint" in r.output
+    assert r.exit_code != 0 and "not a checkpoint (no dqrm-train header)" in r.output
     r = runner.invoke(export_cli.main, [str(fp32_run[0] / "checkpoint.pt"), str(tmp_path / "y"), "--bits", "4",
                                         "--mlp-quant", "none"])
     assert r.exit_code != 0 and "disagree" in r.output
