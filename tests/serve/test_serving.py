@@ -31,6 +31,7 @@ from dqrm_mpi.model import DLRM
 from dqrm_mpi.model.config import model_config_from_preset
 from dqrm_mpi.quant import QuantConfig, prepare_qat
 from dqrm_mpi.quant.packed import load_packed_with_map, packed_size
+from dqrm_mpi.train.checkpoint_file import read_checkpoint, write_checkpoint
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 KAGGLE = DATA / "criteo_kaggle_train_head1999.tsv"
@@ -72,8 +73,8 @@ def checkpoint(kaggle, tmp_path_factory) -> Path:
         torch.nn.functional.binary_cross_entropy_with_logits(logits, (torch.rand(64) < 0.25).float()).backward()
         opt.step()
     path = tmp_path_factory.mktemp("run") / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "model_config": config.to_dict(),
-                "train_config": {"quant": QUANT.to_dict(), "data": str(ds)}, "step": 3, "epoch": 0}, path)
+    write_checkpoint(path, {"model": model.state_dict(), "model_config": config.to_dict(),
+                            "train_config": {"quant": QUANT.to_dict(), "data": str(ds)}, "step": 3, "epoch": 0})
     return path
 
 
@@ -230,9 +231,9 @@ def test_bad_input_is_named_and_nothing_is_written(case, packed, kaggle, tmp_pat
 def test_predict_needs_a_model_with_its_input_map(checkpoint, kaggle, tmp_path):
     bare = tmp_path / "bare" / "checkpoint.pt"  # recorded dataset gone: exported without a map
     bare.parent.mkdir()
-    ck = torch.load(checkpoint, weights_only=True)
+    ck = read_checkpoint(checkpoint)
     ck["train_config"]["data"] = str(tmp_path / "gone")
-    torch.save(ck, bare)
+    write_checkpoint(bare, {k: v for k, v in ck.items() if k not in ("header", "digest")})
     _ok(export_main, [str(bare), str(tmp_path / "bare.dqrm")])
     out = _fails(predict_main, [str(tmp_path / "bare.dqrm"), str(KAGGLE), "--out", str(tmp_path / "s.txt")])
     assert "has no input map" in out and "--data" in out and not (tmp_path / "s.txt").exists()
