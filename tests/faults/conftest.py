@@ -3,8 +3,10 @@ completion without failing the test (their exit code and output are what is test
 processes started in their own session for signal tests."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import h5py
@@ -46,3 +48,14 @@ def write_rows(shard: Path, name: str, rows: slice, value) -> None:
     """Overwrite ``name`` (dense, sparse or label) of rows ``rows`` of an HDF5 shard in place."""
     with h5py.File(shard, "r+") as f:
         f[name][rows] = value
+
+
+def process_gone(pid: int, deadline: float) -> bool:
+    """Whether process ``pid`` has ended by ``deadline`` (time.monotonic()), polled every 0.2 s."""
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False

@@ -14,7 +14,7 @@ from dqrm_mpi.train.run_dir import read_metrics
 from dqrm_mpi.train.watchdog import HEARTBEAT_DIR
 
 from ..conftest import VENV_BIN, run_cmd
-from .conftest import on_ranks, start, train_args
+from .conftest import on_ranks, process_gone, start, train_args
 
 REPRO = str(VENV_BIN / "dqrm-repro")
 
@@ -31,16 +31,6 @@ def _pid_of_rank_1_after_a_checkpoint(out, job, deadline: float) -> int:
     raise AssertionError(f"the run did not get to its first checkpoint (exit {job.poll()})")
 
 
-def _gone(pid: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.2)
-    return False
-
-
 def test_sigkill_of_rank_1_ends_the_job_naming_it_and_out_resumes(small_dataset, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     # the stall watchdog only writes the heartbeats (the pids); its timeout is far off
@@ -54,7 +44,7 @@ def test_sigkill_of_rank_1_ends_the_job_naming_it_and_out_resumes(small_dataset,
         text = log.read_text()
         assert job.returncode != 0, text[-3000:]
         assert "process rank 1" in text and "exited on signal 9 (Killed)" in text, text[-3000:]
-        assert _gone(rank0, time.monotonic() + 60), "rank 0 outlived the job"
+        assert process_gone(rank0, time.monotonic() + 60), "rank 0 outlived the job"
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import torch
 from dqrm_mpi.train.run_dir import read_metrics
 from dqrm_mpi.train.watchdog import EXIT_STALLED, HEARTBEAT_DIR
 
-from .conftest import on_ranks, run, start, train_args, write_rows
+from .conftest import on_ranks, process_gone, run, start, train_args, write_rows
 
 ROW = 1234  # of train/part-00001.h5: in rank 1's share of step 30 of epoch 0 (seed 0, batch 400)
 
@@ -78,16 +78,6 @@ def _heartbeats(out: Path, size: int, proc, deadline: float) -> list[dict]:
     raise AssertionError(f"the run did not get going (exit {proc.poll()})")
 
 
-def _gone(pid: int, deadline: float) -> bool:
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def test_stopped_rank_ends_the_job_naming_it(small_dataset, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
     job = start(on_ranks(2, train_args(small_dataset, out, "--epochs", "1000", "--stall-timeout", "12")), log)
@@ -104,7 +94,7 @@ def test_stopped_rank_ends_the_job_naming_it(small_dataset, tmp_path):
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-        if stopped and not _gone(stopped, time.monotonic() + 1):
+        if stopped and not process_gone(stopped, time.monotonic() + 1):
             os.kill(stopped, signal.SIGKILL)
 
 
@@ -117,10 +107,10 @@ def test_sigterm_to_horovodrun_ends_every_rank(small_dataset, tmp_path):
         job.send_signal(signal.SIGTERM)  # horovodrun's own process only: not its process group
         job.wait(timeout=60)
         deadline = time.monotonic() + 120
-        assert all(_gone(b["pid"], deadline) for b in beats), log.read_text()[-3000:]
+        assert all(process_gone(b["pid"], deadline) for b in beats), log.read_text()[-3000:]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
         for b in beats:
-            if not _gone(b["pid"], time.monotonic() + 0.1):
+            if not process_gone(b["pid"], time.monotonic() + 0.1):
                 os.kill(b["pid"], signal.SIGKILL)
